@@ -1,0 +1,98 @@
+"""Fixtures for tests against the real local control plane.
+
+``control_plane`` (session): one cluster with three simulated nodes for the whole run.
+``namespace`` (per test): a fresh namespace, deleted afterwards.
+``s3`` (session): an S3 server on loopback.
+When a test fails, the tails of every component's log are attached to its report and
+the full logs are copied to ``.e2e-logs/`` for reading after the run.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from e2e.cluster import ControlPlane, NodeSpec
+from e2e.s3server import S3Server
+
+NODE_NAMES = ("kvc-node-1", "kvc-node-2", "kvc-node-3")
+LOGS_KEPT_IN = Path(".e2e-logs")
+_planes: list[ControlPlane] = []
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # pytest tears fixtures down on KeyboardInterrupt only; treat SIGTERM the same so a
+    # stopped CI job or `timeout` leaves no process or directory behind.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _planes:
+        report.sections.append(("control plane logs", _planes[-1].log_tails()))
+        item.session.config.stash.setdefault(_failed_key, []).append(item.nodeid)
+
+
+_failed_key = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture(scope="session")
+def control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
+    plane = ControlPlane()
+    _planes.append(plane)
+    try:
+        plane.start()
+        plane.add_nodes([NodeSpec(name, labels={"kvc.test/zone": f"zone-{i}"}) for i, name in enumerate(NODE_NAMES)])
+        yield plane
+    finally:
+        failed = request.config.stash.get(_failed_key, [])
+        keep = LOGS_KEPT_IN / time.strftime("%Y%m%d-%H%M%S") if failed else None
+        plane.stop(keep_logs_in=keep)
+        _planes.remove(plane)
+
+
+@pytest.fixture(scope="session")
+def api(control_plane: ControlPlane) -> Any:
+    return control_plane.api_client()
+
+
+@pytest.fixture
+def namespace(control_plane: ControlPlane, api: Any) -> Iterator[str]:
+    core = client.CoreV1Api(api)
+    name = f"kvc-e2e-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name, "labels": {"kvc.test/e2e": "true"}}})
+    # Pods are refused until the ServiceAccount controller has created `default`.
+    deadline = time.monotonic() + 30
+    while not core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no default ServiceAccount in {name} after 30s")
+        time.sleep(0.1)
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3") / "s3.log").start()
+    yield server
+    server.stop()

@@ -1,0 +1,93 @@
+"""An S3 server on loopback for e2e tests and the demo (moto's standalone server).
+
+It runs as its own process so tests can stop and restart it mid-transfer.  Objects
+live in that process's memory: a restart empties the server, so tests that restart it
+re-seed what they need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from e2e.cluster import ControlPlaneError, die_with_parent, free_port, tail
+
+# moto accepts any credentials; these make the intent obvious in logs and Secrets.
+ACCESS_KEY_ID = "kvc-test-access-key"
+SECRET_ACCESS_KEY = "kvc-test-secret-key"
+REGION = "us-east-1"
+
+
+class S3Server:
+    def __init__(self, log_path: Path, port: int | None = None, detached: bool = False) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.detached = detached
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> S3Server:
+        log = self.log_path.open("ab")
+        env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
+        self._popen = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=None if self.detached else die_with_parent,  # noqa: PLW1509 - only prctl
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._popen.poll() is not None:
+                raise ControlPlaneError(f"S3 server exited with {self._popen.returncode}:\n{tail(self.log_path)}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=2):  # noqa: S310
+                    return self
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.1)
+        self.stop()
+        raise ControlPlaneError(f"S3 server not answering on {self.endpoint_url} after {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self._popen and self._popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._popen.pid, signal.SIGTERM)
+            try:
+                self._popen.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._popen.pid, signal.SIGKILL)
+                self._popen.wait()
+        self._popen = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen else None
+
+    def client(self) -> Any:
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=ACCESS_KEY_ID,
+            aws_secret_access_key=SECRET_ACCESS_KEY,
+            region_name=REGION,
+        )

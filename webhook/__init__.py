@@ -1,0 +1,1 @@
+"""The mutating admission webhook that wires annotated Pods, TFJobs and PyTorchJobs to KVC volumes."""
