@@ -7,10 +7,9 @@ loopback ports, in a private working directory.  Simulated nodes are Node object
 kwok keeps Ready; their pods are bound by the real scheduler and marked Running by kwok.
 
 Teardown stops every process and removes the working directory, also after a failed
-start.  Children die with the harness (``PR_SET_PDEATHSIG``) unless the control plane
-is started ``detached`` (the demo), where ``stop_detached`` ends them later from the
-state file.  Working directories whose owner died without cleaning up are reaped by
-the next start.
+start.  Children die with the harness process (``PR_SET_PDEATHSIG``), so even a
+SIGKILLed harness leaves no process; the working directories of such harnesses are
+removed by the next start.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -65,6 +65,7 @@ class NodeSpec:
 
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    internal_ip: str = ""
     taints: Sequence[Mapping[str, str]] = ()
     cpu: str = "32"
     memory: str = "128Gi"
@@ -93,7 +94,14 @@ class NodeSpec:
                 "annotations": {KWOK_NODE_ANNOTATION: "fake"},
             },
             "spec": {"taints": [dict(t) for t in self.taints]},
-            "status": {"capacity": resources, "allocatable": resources},
+            "status": {
+                "capacity": resources,
+                "allocatable": resources,
+                "addresses": [
+                    {"type": "InternalIP", "address": self.internal_ip},
+                    {"type": "Hostname", "address": self.name},
+                ],
+            },
         }
 
 
@@ -110,18 +118,22 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs; a zombie (exited, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def reap_stale_workdirs(root: Path | None = None) -> list[Path]:
-    """Remove working directories (and processes) left by harnesses that were SIGKILLed."""
+    """Remove working directories left by harnesses that were SIGKILLed."""
     root = root or Path(tempfile.gettempdir())
     reaped = []
     for directory in root.glob(f"{WORKDIR_PREFIX}*"):
@@ -130,34 +142,31 @@ def reap_stale_workdirs(root: Path | None = None) -> list[Path]:
             pid = int(owner.read_text())
         except (OSError, ValueError):
             continue
-        if _pid_alive(pid):
+        if pid_alive(pid):
             continue
-        _kill_recorded(directory)
+        # Its components died with it (PR_SET_PDEATHSIG); only the files are left.
         shutil.rmtree(directory, ignore_errors=True)
         reaped.append(directory)
     return reaped
 
 
-def _kill_recorded(workdir: Path, grace: float = 10) -> None:
-    """Stop the process groups recorded in a working directory's state file: TERM, then KILL."""
-    try:
-        state = json.loads((workdir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return
-    groups = list(state.get("pids", {}).values())
-    for pid in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
+def terminate_group(pid: int, grace: float = 3) -> None:
+    """SIGTERM a process group, then SIGKILL it if its leader is still running after ``grace``.
+
+    Everything here runs on throw-away data, so a short grace is enough: it lets a component
+    flush its log, not drain connections (kube-apiserver would wait a minute for that).
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_pid_alive(pid) for pid in groups):
-        time.sleep(0.1)
-    for pid in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+    while time.monotonic() < deadline and pid_alive(pid):
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 class _Process:
-    def __init__(self, name: str, argv: list[str], log_path: Path, detached: bool) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
         self.name = name
         self.log_path = log_path
         self._log = log_path.open("ab")
@@ -169,7 +178,7 @@ class _Process:
             # Own process group: a Ctrl-C in the terminal reaches the harness, which then
             # stops the components in order, instead of all of them at once.
             start_new_session=True,
-            preexec_fn=None if detached else die_with_parent,  # noqa: PLW1509 - only prctl
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl
         )
 
     @property
@@ -181,16 +190,10 @@ class _Process:
         if code is not None:
             raise ControlPlaneError(f"{self.name} exited with code {code}:\n{tail(self.log_path)}")
 
-    def stop(self, timeout: float = 10) -> None:
+    def stop(self) -> None:
         if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout)
+            terminate_group(self.popen.pid)
+        self.popen.wait()  # reap it: no zombie left behind
         self._log.close()
 
 
@@ -209,8 +212,7 @@ def tail(path: Path, lines: int = 40) -> str:
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok on loopback."""
 
-    def __init__(self, detached: bool = False, workdir: Path | None = None, bin_dir: Path | None = None) -> None:
-        self.detached = detached
+    def __init__(self, workdir: Path | None = None, bin_dir: Path | None = None) -> None:
         self.bin_dir = bin_dir or build.bin_dir()
         self._given_workdir = workdir
         self.workdir = Path()
@@ -218,6 +220,7 @@ class ControlPlane:
         self.processes: dict[str, _Process] = {}
         self.ca: pki.CertKeyPair | None = None
         self.server = ""
+        self._nodes_added = 0
 
     # ------------------------------------------------------------------ paths
     @property
@@ -247,9 +250,7 @@ class ControlPlane:
             self.workdir.mkdir(parents=True, exist_ok=True)
         else:
             self.workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
-        # The demo outlives the `make demo` process: it is owned by nobody until `demo-down`.
-        if not self.detached:
-            (self.workdir / _OWNER_FILE).write_text(str(os.getpid()))
+        (self.workdir / _OWNER_FILE).write_text(str(os.getpid()))
         self.logs_dir.mkdir(exist_ok=True)
         try:
             self._write_pki()
@@ -303,7 +304,7 @@ class ControlPlane:
 
     # ------------------------------------------------------------------ components
     def _spawn(self, name: str, argv: list[str]) -> _Process:
-        process = _Process(name, argv, self.logs_dir / f"{name}.log", self.detached)
+        process = _Process(name, argv, self.logs_dir / f"{name}.log")
         self.processes[name] = process
         return process
 
@@ -323,6 +324,7 @@ class ControlPlane:
             ["127.0.0.1", KUBERNETES_SERVICE_IP],
         )
         admin = pki.new_client_cert(self.ca, "kvc-testenv-admin", ("system:masters",))
+        front_proxy = pki.new_client_cert(self.ca, "front-proxy-client")
         sa_key, sa_pub = pki.new_signing_key()
         files = {
             "ca.crt": self.ca.cert_pem,
@@ -331,6 +333,8 @@ class ControlPlane:
             "apiserver.key": serving.key_pem,
             "admin.crt": admin.cert_pem,
             "admin.key": admin.key_pem,
+            "front-proxy.crt": front_proxy.cert_pem,
+            "front-proxy.key": front_proxy.key_pem,
             "sa.key": sa_key,
             "sa.pub": sa_pub,
         }
@@ -374,12 +378,24 @@ class ControlPlane:
                 f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
+                # The `kubernetes` Service cannot point at a loopback address, and nothing
+                # here reaches the API server through it: skip maintaining its endpoints.
+                "--endpoint-reconciler-type=none",
                 f"--secure-port={port}",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
                 f"--tls-cert-file={self._pki('apiserver.crt')}",
                 f"--tls-private-key-file={self._pki('apiserver.key')}",
                 f"--client-ca-file={self._pki('ca.crt')}",
                 "--authorization-mode=RBAC",
+                # Request-header (front proxy) authentication, as kubeadm configures it: the
+                # controller-manager and scheduler read this CA to authenticate their clients.
+                f"--requestheader-client-ca-file={self._pki('ca.crt')}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={self._pki('front-proxy.crt')}",
+                f"--proxy-client-key-file={self._pki('front-proxy.key')}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
@@ -512,7 +528,9 @@ class ControlPlane:
         """Register simulated nodes and wait until they are Ready and schedulable."""
         client = self.core_v1()
         for node in nodes:
-            client.create_node(node.manifest())
+            self._nodes_added += 1
+            ip = node.internal_ip or f"10.200.{self._nodes_added // 250}.{self._nodes_added % 250 + 1}"
+            client.create_node(dataclasses.replace(node, internal_ip=ip).manifest())
         self.wait_nodes_ready([node.name for node in nodes], timeout)
 
     def wait_nodes_ready(self, names: Sequence[str], timeout: float = 60) -> None:
@@ -553,15 +571,6 @@ class ControlPlane:
             check=check,
             timeout=120,
         )
-
-
-def stop_detached(workdir: Path) -> bool:
-    """Stop a control plane started with ``detached=True`` and remove its directory."""
-    if not workdir.exists():
-        return False
-    _kill_recorded(workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
-    return True
 
 
 @contextlib.contextmanager

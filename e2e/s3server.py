@@ -29,10 +29,9 @@ REGION = "us-east-1"
 
 
 class S3Server:
-    def __init__(self, log_path: Path, port: int | None = None, detached: bool = False) -> None:
+    def __init__(self, log_path: Path, port: int | None = None) -> None:
         self.port = port or free_port()
         self.log_path = log_path
-        self.detached = detached
         self._popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -49,7 +48,7 @@ class S3Server:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
-            preexec_fn=None if self.detached else die_with_parent,  # noqa: PLW1509 - only prctl
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl
         )
         log.close()
         deadline = time.monotonic() + timeout

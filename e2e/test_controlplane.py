@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import ssl
 import subprocess
@@ -24,7 +23,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from certs import pki
-from e2e.cluster import ControlPlane, reap_stale_workdirs
+from e2e.cluster import ControlPlane, pid_alive, reap_stale_workdirs
 from e2e.s3server import S3Server
 
 T = TypeVar("T")
@@ -429,11 +428,12 @@ def test_failing_webhook_with_fail_policy_rejects_the_pod(api: Any, namespace: s
             try:
                 core.create_namespaced_pod(namespace, pod_manifest("refused"), dry_run="All")
             except ApiException as exc:
-                return str(exc.body)
+                return str(json.loads(exc.body)["message"])
             return None
 
         message = wait_for(rejected, what="the dead webhook to reject pods")
         assert 'failed calling webhook "dead.kvc.test"' in message
+        assert "connection refused" in message
     finally:
         admission.delete_mutating_webhook_configuration(name)
 
@@ -467,18 +467,6 @@ time.sleep(600)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (dead, not yet reaped by its parent) counts as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.usefixtures("control_plane")  # runs beside the session's control plane
 def test_components_die_with_a_killed_owner_and_the_next_start_reaps_its_directory() -> None:
     owner = subprocess.Popen(
@@ -496,7 +484,7 @@ def test_components_die_with_a_killed_owner_and_the_next_start_reaps_its_directo
     workdir = Path(state["workdir"])
     assert len(state["pids"]) == 5
     wait_for(
-        lambda: not any(_alive(pid) for pid in state["pids"]), timeout=15, what="components to die with their owner"
+        lambda: not any(pid_alive(pid) for pid in state["pids"]), timeout=15, what="components to die with their owner"
     )
     assert workdir.exists()  # a SIGKILLed owner cannot clean up after itself ...
     assert workdir in reap_stale_workdirs(workdir.parent)  # ... so the next harness does
@@ -512,6 +500,6 @@ def test_second_control_plane_runs_beside_the_first_and_stop_leaves_nothing(cont
         workdir = second.workdir
     finally:
         second.stop()
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(pid_alive(pid) for pid in pids)
     assert not workdir.exists()
     control_plane.check_alive()  # the first one was not disturbed

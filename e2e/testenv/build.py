@@ -353,7 +353,7 @@ def build(versions: Versions) -> Path:
             ldflags="-s -w",
             env=env,
             what=f"etcd {versions.etcd}",
-            rename={"v3": "etcd"},  # `go build` names a binary after the last element of its path
+            rename={"server": "etcd"},  # `go build` names it after the module path, minus the major version
         )
     if "kwok" in missing:
         directory = _check_lockfile("kwok", "sigs.k8s.io/kwok", versions.kwok)
