@@ -96,3 +96,19 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server = S3Server(tmp_path_factory.mktemp("s3") / "s3.log").start()
     yield server
     server.stop()
+
+
+CRD_DIR = Path(__file__).resolve().parent.parent / "deploy" / "crd"
+
+
+@pytest.fixture(scope="session")
+def kvc_crds(control_plane: ControlPlane) -> None:
+    """KVC's CRDs from deploy/crd, applied with kustomize as an admin would, and Established."""
+    control_plane.kubectl("apply", "--server-side", "-k", str(CRD_DIR))
+    control_plane.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/volumemanagers.kvc.kubeflow.org",
+        "crd/volumenodes.kvc.kubeflow.org",
+    )
