@@ -96,12 +96,12 @@ INVALID: list[tuple[str, Any, str]] = [
     (
         "bad label key",
         [nfs(labels={"bad key!": "x"})],
-        'spec.volumeConfigs[0].labels: Invalid value: label keys must be valid Kubernetes label keys',
+        "spec.volumeConfigs[0].labels: Invalid value: label keys must be valid Kubernetes label keys",
     ),
     (
         "bad label value",
         [nfs(labels={"team": "-vision"})],
-        'spec.volumeConfigs[0].labels: Invalid value: label values must be at most 63 characters',
+        "spec.volumeConfigs[0].labels: Invalid value: label values must be at most 63 characters",
     ),
     (
         "affinity operator",
@@ -216,8 +216,8 @@ def test_volumenode_is_cluster_scoped_with_a_status_subresource(api: Any) -> Non
         created["status"] = {"replicas": [{"name": "ns.vm.data-abc", "phase": "Ready", "bytes": 10}]}
         updated = custom.replace_cluster_custom_object_status(GROUP, VERSION, "volumenodes", "crd-test-node", created)
         assert updated["status"]["replicas"][0]["phase"] == "Ready"
+        updated["status"]["replicas"][0]["phase"] = "Done"
         with pytest.raises(ApiException) as excinfo:
-            updated["status"]["replicas"][0]["phase"] = "Done"
             custom.replace_cluster_custom_object_status(GROUP, VERSION, "volumenodes", "crd-test-node", updated)
         assert 'status.replicas[0].phase: Unsupported value: "Done"' in json.loads(excinfo.value.body)["message"]
     finally:
