@@ -165,8 +165,10 @@ def terminate_group(pid: int, grace: float = 3) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-class _Process:
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+class Component:
+    """A process of the harness: logs to a file, dies with the harness, stopped as a group."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.log_path = log_path
         self._log = log_path.open("ab")
@@ -175,6 +177,7 @@ class _Process:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=None if env is None else {**os.environ, **env},
             # Own process group: a Ctrl-C in the terminal reaches the harness, which then
             # stops the components in order, instead of all of them at once.
             start_new_session=True,
@@ -194,6 +197,13 @@ class _Process:
         if self.popen.poll() is None:
             terminate_group(self.popen.pid)
         self.popen.wait()  # reap it: no zombie left behind
+        self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
         self._log.close()
 
 
@@ -217,7 +227,7 @@ class ControlPlane:
         self._given_workdir = workdir
         self.workdir = Path()
         self.ports: dict[str, int] = {}
-        self.processes: dict[str, _Process] = {}
+        self.processes: dict[str, Component] = {}
         self.ca: pki.CertKeyPair | None = None
         self.server = ""
         self._nodes_added = 0
@@ -303,8 +313,12 @@ class ControlPlane:
         (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
     # ------------------------------------------------------------------ components
-    def _spawn(self, name: str, argv: list[str]) -> _Process:
-        process = _Process(name, argv, self.logs_dir / f"{name}.log")
+    def spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Component:
+        """Start a process that logs beside the components and is stopped with them."""
+        previous = self.processes.pop(name, None)
+        if previous is not None:
+            previous.stop()
+        process = Component(name, argv, self.logs_dir / f"{name}.log", env)
         self.processes[name] = process
         return process
 
@@ -349,7 +363,7 @@ class ControlPlane:
     def _start_etcd(self) -> None:
         client, peer = free_port(), free_port()
         self.ports.update(etcd=client, etcd_peer=peer)
-        process = self._spawn(
+        process = self.spawn(
             "etcd",
             [
                 self.binary("etcd"),
@@ -365,13 +379,13 @@ class ControlPlane:
                 "--log-level=warn",
             ],
         )
-        self._wait(f"http://127.0.0.1:{client}/health", process, "etcd", accept=lambda body: '"true"' in body)
+        self.wait_healthy(f"http://127.0.0.1:{client}/health", process, "etcd", accept=lambda body: '"true"' in body)
 
     def _start_apiserver(self) -> None:
         port = free_port()
         self.ports["apiserver"] = port
         self.server = f"https://127.0.0.1:{port}"
-        process = self._spawn(
+        process = self.spawn(
             "kube-apiserver",
             [
                 self.binary("kube-apiserver"),
@@ -405,7 +419,7 @@ class ControlPlane:
                 "--v=1",
             ],
         )
-        self._wait(f"{self.server}/readyz", process, "kube-apiserver", timeout=90)
+        self.wait_healthy(f"{self.server}/readyz", process, "kube-apiserver", timeout=90)
         self._write_kubeconfig()
 
     def _write_kubeconfig(self) -> None:
@@ -449,7 +463,7 @@ class ControlPlane:
     def _start_controller_manager(self) -> None:
         port = free_port()
         self.ports["kube-controller-manager"] = port
-        process = self._spawn(
+        process = self.spawn(
             "kube-controller-manager",
             [
                 self.binary("kube-controller-manager"),
@@ -467,18 +481,18 @@ class ControlPlane:
                 "--node-monitor-grace-period=40s",
             ],
         )
-        self._wait(f"https://127.0.0.1:{port}/healthz", process, "kube-controller-manager")
+        self.wait_healthy(f"https://127.0.0.1:{port}/healthz", process, "kube-controller-manager")
 
     def _start_scheduler(self) -> None:
         port = free_port()
         self.ports["kube-scheduler"] = port
-        process = self._spawn("kube-scheduler", [self.binary("kube-scheduler"), *self._component_args(port)])
-        self._wait(f"https://127.0.0.1:{port}/healthz", process, "kube-scheduler")
+        process = self.spawn("kube-scheduler", [self.binary("kube-scheduler"), *self._component_args(port)])
+        self.wait_healthy(f"https://127.0.0.1:{port}/healthz", process, "kube-scheduler")
 
     def _start_kwok(self) -> None:
         port = free_port()
         self.ports["kwok"] = port
-        process = self._spawn(
+        process = self.spawn(
             "kwok",
             [
                 self.binary("kwok"),
@@ -489,12 +503,12 @@ class ControlPlane:
                 "--node-lease-duration-seconds=40",
             ],
         )
-        self._wait(f"http://127.0.0.1:{port}/healthz", process, "kwok")
+        self.wait_healthy(f"http://127.0.0.1:{port}/healthz", process, "kwok")
 
-    def _wait(
+    def wait_healthy(
         self,
         url: str,
-        process: _Process,
+        process: Component,
         what: str,
         timeout: float = 60,
         accept: Callable[[str], bool] = lambda body: True,

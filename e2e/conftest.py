@@ -20,6 +20,7 @@ import pytest
 from kubernetes import client
 
 from e2e.cluster import ControlPlane, NodeSpec
+from e2e.kvc import KvcController
 from e2e.s3server import S3Server
 
 NODE_NAMES = ("kvc-node-1", "kvc-node-2", "kvc-node-3")
@@ -112,3 +113,18 @@ def kvc_crds(control_plane: ControlPlane) -> None:
         "crd/volumemanagers.kvc.kubeflow.org",
         "crd/volumenodes.kvc.kubeflow.org",
     )
+
+
+@pytest.fixture(scope="session")
+def controller_process(control_plane: ControlPlane, kvc_crds: None) -> Iterator[KvcController]:
+    running = KvcController(control_plane).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def controller(controller_process: KvcController) -> KvcController:
+    """The running controller; restarted first if an earlier test stopped or killed it."""
+    if not controller_process.running:
+        controller_process.start()
+    return controller_process

@@ -1,0 +1,52 @@
+"""KVC's own processes in e2e tests: the controller (later the webhook and agents), run
+from this source tree against the local control plane, as local processes."""
+
+from __future__ import annotations
+
+import sys
+
+from e2e.cluster import Component, ControlPlane, free_port
+
+
+class KvcController:
+    """`kvc run controller` against the control plane; can be killed and restarted."""
+
+    NAME = "kvc-controller"
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+        self.component: Component | None = None
+
+    def start(self) -> KvcController:
+        port = free_port()
+        self.component = self.plane.spawn(
+            self.NAME,
+            [
+                sys.executable,
+                "-m",
+                "kvc",
+                "run",
+                "controller",
+                f"--liveness-endpoint=http://127.0.0.1:{port}/healthz",
+            ],
+            env={"KUBECONFIG": str(self.plane.kubeconfig), "PYTHONUNBUFFERED": "1"},
+        )
+        self.plane.wait_healthy(f"http://127.0.0.1:{port}/healthz", self.component, self.NAME, timeout=60)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the controller, as a crash or an OOM kill would."""
+        if self.component is not None:
+            self.component.kill()
+            self.plane.processes.pop(self.NAME, None)
+            self.component = None
+
+    def stop(self) -> None:
+        if self.component is not None:
+            self.component.stop()
+            self.plane.processes.pop(self.NAME, None)
+            self.component = None
+
+    @property
+    def running(self) -> bool:
+        return self.component is not None and self.component.popen.poll() is None

@@ -1,0 +1,5 @@
+"""`python -m kvc` is the `kvc` command."""
+
+from kvc.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""KVC's API: resource names, labels and annotations, and the VolumeManager models."""

@@ -1,0 +1,87 @@
+"""kopf handlers for VolumeManagers: thin wrappers over ``reconcile`` and ``status``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from kubernetes import client
+
+from kvc import kube
+from kvc.api import names
+from kvc.api.models import State
+from kvc.controller import reconcile, status
+from kvc.sources.registry import load_registry
+
+logger = logging.getLogger(__name__)
+
+# How often every VolumeManager is re-checked, to notice what no watch tells us about
+# (a claim binding, a deleted PV). Quick enough that Ready shows within seconds.
+RESYNC_SECONDS = 2.0
+
+VMGR: tuple[str, str, str] = (names.GROUP, names.VERSION, names.VOLUMEMANAGER_PLURAL)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = names.FINALIZER
+    # The CRD's structural schema prunes unknown status fields: keep kopf's state in annotations.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=names.GROUP, key="last-handled-configuration"
+    )
+    # Our own events describe what happens; kopf's become events only when a handler fails.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 8
+    memo.core = client.CoreV1Api(kube.api_client())
+    memo.registry = load_registry()
+    logger.info("source types: %s", ", ".join(sorted(memo.registry.sources)))
+
+
+def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    result = reconcile.reconcile(body, memo.core, memo.registry)
+    old = dict(body.get("status") or {})
+    new = status.aggregate(
+        result.volumes,
+        generation=body["metadata"].get("generation", 0),
+        previous_conditions=old.get("conditions") or [],
+        notes=result.notes,
+    )
+    for event in status.transitions(old.get("volumes") or [], result.volumes):
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    if old.get("state") != new["state"]:
+        kind = "Warning" if new["state"] == State.FAILED else "Normal"
+        kopf.event(body, type=kind, reason=new["state"], message=new["message"])
+    if status.status_changed(old, new):
+        patch.status.update(new)
+
+
+@kopf.on.create(*VMGR)
+def volumemanager_create(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(body, patch, memo)
+
+
+@kopf.on.update(*VMGR, field="spec")
+def volumemanager_update(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(body, patch, memo)
+
+
+@kopf.on.resume(*VMGR)
+def volumemanager_resume(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(body, patch, memo)
+
+
+@kopf.timer(*VMGR, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+def volumemanager_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(body, patch, memo)
+
+
+@kopf.on.delete(*VMGR)
+def volumemanager_delete(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    patch.status["state"] = State.DELETING.value
+    remaining = reconcile.delete(body, memo.core, memo.registry)
+    patch.status["message"] = "; ".join(remaining) or "removing the volumes' resources"
+    if remaining:
+        raise kopf.TemporaryError("; ".join(remaining), delay=5)

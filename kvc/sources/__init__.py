@@ -1,0 +1,1 @@
+"""Source types: one module per type, each a plugin behind ``kvc.sources.base.Source``."""

@@ -1,0 +1,111 @@
+"""The interface every source type implements, and what the controller hands it.
+
+Controller side: ``validate`` (pure), ``provision`` (create or adopt what the volume
+needs, report its status) and ``cleanup`` (remove what no volume needs any more).  A
+new type is a subclass registered under the ``kvc.sources`` entry point group; the core
+never changes for it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from kvc.api import names
+from kvc.api.models import VolumeConfig, VolumeStatus
+
+
+@dataclass(frozen=True)
+class VolumeManagerRef:
+    """The VolumeManager a volume belongs to."""
+
+    namespace: str
+    name: str
+    uid: str
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": names.API_VERSION,
+            "kind": names.VOLUMEMANAGER_KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    def labels(self, volume_id: str | None = None) -> dict[str, str]:
+        """Labels that mark an object as KVC's, for this VolumeManager (and volume)."""
+        labels = {
+            names.LABEL_MANAGED_BY: names.MANAGED_BY,
+            names.LABEL_VOLUMEMANAGER: names.bounded_name(self.name),
+            names.LABEL_VOLUMEMANAGER_NAMESPACE: self.namespace,
+            names.LABEL_VOLUMEMANAGER_UID: self.uid,
+        }
+        if volume_id is not None:
+            labels[names.LABEL_VOLUME_ID] = volume_id
+        return labels
+
+    def selector(self, volume_id: str | None = None) -> str:
+        """A label selector for the objects KVC made for this VolumeManager (and volume)."""
+        selected = {names.LABEL_VOLUMEMANAGER_UID: self.uid}
+        if volume_id is not None:
+            selected[names.LABEL_VOLUME_ID] = volume_id
+        return ",".join(f"{key}={value}" for key, value in selected.items())
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """Cluster access for a source type, scoped to one VolumeManager."""
+
+    owner: VolumeManagerRef
+    core: Any  # kubernetes.client.CoreV1Api
+
+
+class Source(abc.ABC):
+    """A source type: validates its options, provisions volumes and cleans up after them."""
+
+    source_type: ClassVar[str]
+    access_modes: ClassVar[frozenset[str]]
+    # Node-local types copy data onto nodes (replicas); the others mount shared storage.
+    node_local: ClassVar[bool] = False
+
+    def validate(self, config: VolumeConfig) -> list[str]:
+        """Problems with the volume's settings, each naming the field and the fix; [] if none."""
+        problems = []
+        if config.access_mode not in self.access_modes:
+            allowed = " or ".join(sorted(self.access_modes))
+            problems.append(
+                f"accessMode {config.access_mode} is not supported by {self.source_type} volumes: use {allowed}"
+            )
+        return problems + self.validate_options(config)
+
+    @abc.abstractmethod
+    def validate_options(self, config: VolumeConfig) -> list[str]:
+        """Problems with ``config.options`` (and other type-specific fields)."""
+
+    @abc.abstractmethod
+    def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
+        """Create or adopt what the volume needs (idempotent) and report its status."""
+
+    def cleanup(
+        self, ctx: SourceContext, current: Mapping[str, VolumeConfig | None], deleting: bool = False
+    ) -> list[str]:
+        """Remove what this type made for volumes that are gone or whose source changed.
+
+        ``current`` maps the ids of the spec's volumes to their config, or to None when the
+        config is invalid (its existing resources are then kept as they are); ``deleting``
+        means the whole VolumeManager is going. Returns what could not be removed yet, as
+        messages; [] when everything is clean.
+        """
+        return []
+
+
+def required_options(config: VolumeConfig, fields: Mapping[str, str]) -> list[str]:
+    """One problem per missing option; ``fields`` maps each option to what it holds."""
+    return [
+        f"options.{field} is required for {config.source_type} volumes: {meaning}"
+        for field, meaning in fields.items()
+        if not config.options.get(field, "").strip()
+    ]

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import pytest
+
+from kvc.api import names
+from kvc.api.models import VolumeConfig, VolumePhase
+from kvc.sources.base import VolumeManagerRef
+from kvc.sources.nfs import NFSSource, build_claim, build_persistent_volume, claim_status, object_names, source_hash
+
+OWNER = VolumeManagerRef(namespace="team-a", name="datasets", uid="1234-uid")
+
+
+def config(**fields: object) -> VolumeConfig:
+    base: dict[str, object] = {
+        "id": "shared",
+        "sourceType": "NFS",
+        "accessMode": "ReadWriteMany",
+        "capacity": "5Gi",
+        "labels": {"team": "vision"},
+        "options": {"server": "10.0.0.5", "path": "/exports/data"},
+    }
+    base.update(fields)
+    return VolumeConfig.model_validate(base)
+
+
+def test_pv_is_pre_bound_retained_labelled_and_has_no_owner_reference() -> None:
+    pv = build_persistent_volume(
+        OWNER, config(options={"server": "10.0.0.5", "path": "/x", "mountOptions": "hard, nfsvers=4.1"})
+    )
+    volume_name, claim_name = object_names(
+        OWNER, config(options={"server": "10.0.0.5", "path": "/x", "mountOptions": "hard, nfsvers=4.1"})
+    )
+    assert pv["metadata"]["name"] == volume_name
+    assert "ownerReferences" not in pv["metadata"]
+    spec = pv["spec"]
+    assert spec["claimRef"] == {"namespace": "team-a", "name": claim_name}
+    assert spec["persistentVolumeReclaimPolicy"] == "Retain"
+    assert spec["storageClassName"] == names.NFS_STORAGE_CLASS
+    assert spec["nfs"] == {"server": "10.0.0.5", "path": "/x", "readOnly": False}
+    assert spec["mountOptions"] == ["hard", "nfsvers=4.1"]
+    labels = pv["metadata"]["labels"]
+    assert labels["team"] == "vision"
+    assert labels[names.LABEL_VOLUMEMANAGER_UID] == "1234-uid"
+    assert labels[names.LABEL_VOLUME_ID] == "shared"
+
+
+def test_claim_is_owned_by_the_volumemanager_and_names_its_pv() -> None:
+    claim = build_claim(OWNER, config())
+    volume_name, claim_name = object_names(OWNER, config())
+    assert claim["metadata"]["name"] == claim_name
+    assert claim["metadata"]["namespace"] == "team-a"
+    (owner,) = claim["metadata"]["ownerReferences"]
+    assert owner["kind"] == "VolumeManager"
+    assert owner["uid"] == "1234-uid"
+    assert owner["controller"] is True
+    assert claim["spec"]["volumeName"] == volume_name
+    assert claim["spec"]["resources"] == {"requests": {"storage": "5Gi"}}
+
+
+def test_capacity_defaults_for_pv_and_claim() -> None:
+    cfg = config(capacity=None)
+    assert build_persistent_volume(OWNER, cfg)["spec"]["capacity"] == {"storage": "1Gi"}
+    assert build_claim(OWNER, cfg)["spec"]["resources"]["requests"]["storage"] == "1Gi"
+
+
+def test_read_only_many_mounts_read_only() -> None:
+    cfg = config(accessMode="ReadOnlyMany")
+    assert build_persistent_volume(OWNER, cfg)["spec"]["nfs"]["readOnly"] is True
+    assert claim_status(cfg, OWNER, "Bound").volume_source == {
+        "persistentVolumeClaim": {"claimName": object_names(OWNER, cfg)[1], "readOnly": True}
+    }
+
+
+def test_a_new_source_means_new_names_and_the_same_source_the_same_names() -> None:
+    assert object_names(OWNER, config()) == object_names(OWNER, config())
+    moved = config(options={"server": "10.0.0.5", "path": "/exports/v2"})
+    assert source_hash(moved) != source_hash(config())
+    assert set(object_names(OWNER, moved)).isdisjoint(object_names(OWNER, config()))
+
+
+def test_names_fit_kubernetes_limits_for_long_namespaces_and_names() -> None:
+    owner = VolumeManagerRef(namespace="n" * 63, name="v" * 253, uid="u")
+    volume_name, claim_name = object_names(owner, config(id="i" * 63))
+    assert len(volume_name) <= 253
+    assert len(claim_name) <= 63
+
+
+@pytest.mark.parametrize(
+    ("phase", "expected", "fragment"),
+    [
+        ("Bound", VolumePhase.READY, "bound to 10.0.0.5:/exports/data"),
+        ("Pending", VolumePhase.PROVISIONING, "the claim is Pending"),
+        (None, VolumePhase.PROVISIONING, "the claim is being created"),
+        ("Lost", VolumePhase.FAILED, "lost its PersistentVolume"),
+    ],
+)
+def test_claim_phase_maps_to_volume_phase(phase: str | None, expected: VolumePhase, fragment: str) -> None:
+    status = claim_status(config(), OWNER, phase)
+    assert status.phase == expected
+    assert fragment in status.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"options": {"path": "/x"}}, "options.server is required for NFS volumes"),
+        ({"options": {"server": "nfs"}}, "options.path is required for NFS volumes"),
+        ({"options": {"server": "  ", "path": "/x"}}, "options.server is required"),
+        ({"options": {"server": "nfs", "path": "x"}}, "options.path must be an absolute export path"),
+        ({"options": {"server": "nfs://host", "path": "/x"}}, "options.server must be a host name or IP address"),
+        ({"accessMode": "ReadWriteOnce"}, "accessMode ReadWriteOnce is not supported by NFS volumes"),
+    ],
+)
+def test_validation_names_the_field_and_the_fix(fields: dict[str, object], problem: str) -> None:
+    problems = NFSSource().validate(config(**fields))
+    assert any(problem in p for p in problems), problems
+
+
+def test_a_valid_config_has_no_problems() -> None:
+    assert NFSSource().validate(config()) == []
