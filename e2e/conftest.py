@@ -4,11 +4,13 @@
 ``namespace`` (per test): a fresh namespace, deleted afterwards.
 ``s3`` (session): an S3 server on loopback.
 When a test fails, the tails of every component's log are attached to its report and
-the full logs are copied to ``.e2e-logs/`` for reading after the run.
+the full logs are copied to ``.e2e-logs/`` for reading after the run (always, with
+KVC_E2E_KEEP_LOGS=1).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import uuid
@@ -67,7 +69,8 @@ def control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
         yield plane
     finally:
         failed = request.config.stash.get(_failed_key, [])
-        keep = LOGS_KEPT_IN / time.strftime("%Y%m%d-%H%M%S") if failed else None
+        wanted = failed or os.environ.get("KVC_E2E_KEEP_LOGS")
+        keep = LOGS_KEPT_IN / time.strftime("%Y%m%d-%H%M%S") if wanted else None
         plane.stop(keep_logs_in=keep)
         _planes.remove(plane)
 

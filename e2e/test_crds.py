@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,3 +223,14 @@ def test_volumenode_is_cluster_scoped_with_a_status_subresource(api: Any) -> Non
         assert 'status.replicas[0].phase: Unsupported value: "Done"' in json.loads(excinfo.value.body)["message"]
     finally:
         custom.delete_cluster_custom_object(GROUP, VERSION, "volumenodes", "crd-test-node")
+
+
+@pytest.mark.usefixtures("kvc_crds")
+def test_samples_are_accepted_by_the_api_server(control_plane: ControlPlane, namespace: str) -> None:
+    samples = Path(__file__).resolve().parent.parent / "deploy" / "samples"
+    result = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-k", str(samples))
+    applied = sorted(line.split()[0] for line in result.stdout.splitlines())
+    assert applied == [
+        "volumemanager.kvc.kubeflow.org/scratch",
+        "volumemanager.kvc.kubeflow.org/shared-datasets",
+    ]
