@@ -1,0 +1,197 @@
+"""The agent's S3 fetcher against a real S3 server on loopback (no Kubernetes needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
+from kvc.agent.files import MANIFEST, ReplicaDir
+from kvc.sources.s3_fetch import FetchError, Progress, fetch, make_client
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+@pytest.fixture
+def bucket(s3: S3Server) -> tuple[Any, str]:
+    client = s3.client()
+    name = f"fetch-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=name)
+    return client, name
+
+
+@pytest.fixture
+def agent_client(s3: S3Server) -> Any:
+    return make_client(s3.endpoint_url, "us-east-1", ACCESS_KEY_ID, SECRET_ACCESS_KEY, workers=8)
+
+
+def seed(client: Any, bucket: str, objects: dict[str, bytes]) -> None:
+    for key, body in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def test_prefix_is_copied_with_nested_keys_and_published_atomically(
+    bucket: tuple[Any, str], agent_client: Any, tmp_path: Path
+) -> None:
+    client, name = bucket
+    objects = {f"data/train/{i:03d}.bin": os.urandom(1000 + i) for i in range(120)}
+    objects["data/labels.csv"] = b"a,b\n1,2\n"
+    objects["data/"] = b""  # a "folder" marker: no file
+    objects["other/ignored.txt"] = b"not under the prefix"
+    seed(client, name, objects)
+    replica = ReplicaDir(tmp_path / "vol")
+    progress = Progress()
+    manifest = fetch(agent_client, f"s3://{name}/data/", replica, progress)
+    assert replica.complete
+    assert not replica.staging.exists()
+    expected = {
+        k.removeprefix("data/"): hashlib.sha256(v).hexdigest()
+        for k, v in objects.items()
+        if k.startswith("data/") and k != "data/"
+    }
+    assert tree_digest(replica.final) == expected
+    assert progress.files == 121
+    assert (
+        progress.bytes
+        == progress.total_bytes
+        == manifest.total_bytes
+        == sum(len(v) for k, v in objects.items() if k.startswith("data/"))
+    )
+    assert replica.verify() == []
+
+
+def test_single_object_lands_under_its_base_name(bucket: tuple[Any, str], agent_client: Any, tmp_path: Path) -> None:
+    client, name = bucket
+    seed(client, name, {"models/bert/model.bin": b"weights" * 1000})
+    replica = ReplicaDir(tmp_path / "model")
+    fetch(agent_client, f"s3://{name}/models/bert/model.bin", replica, Progress())
+    assert (replica.final / "model.bin").read_bytes() == b"weights" * 1000
+
+
+def test_malicious_keys_never_write_outside_the_replica(
+    bucket: tuple[Any, str], agent_client: Any, tmp_path: Path
+) -> None:
+    client, name = bucket
+    seed(
+        client,
+        name,
+        {
+            "set/ok.txt": b"fine",
+            "set/../escape.txt": b"evil",
+            "set/a/../../escape2.txt": b"evil",
+            "set//abs.txt": b"absolute once the prefix is cut",
+        },
+    )
+    root = tmp_path / "node"
+    replica = ReplicaDir(root / "vol")
+    manifest = fetch(agent_client, f"s3://{name}/set/", replica, Progress())
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["node/vol/.kvc-manifest.json", "node/vol/ok.txt"]
+    assert sorted(manifest.skipped) == ["set/../escape.txt", "set//abs.txt", "set/a/../../escape2.txt"]
+
+
+def test_a_bucket_of_only_unsafe_keys_fails_clearly(bucket: tuple[Any, str], agent_client: Any, tmp_path: Path) -> None:
+    client, name = bucket
+    seed(client, name, {"/etc/passwd": b"evil", "../up.txt": b"evil"})
+    replica = ReplicaDir(tmp_path / "vol")
+    with pytest.raises(FetchError, match="every key would escape the volume's directory"):
+        fetch(agent_client, f"s3://{name}/", replica, Progress())
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_symlink_planted_in_staging_is_not_followed(bucket: tuple[Any, str], agent_client: Any, tmp_path: Path) -> None:
+    client, name = bucket
+    seed(client, name, {"p/sub/file.txt": b"data", "p/top.txt": b"top"})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    replica = ReplicaDir(tmp_path / "vol")
+    replica.prepare()
+    (replica.staging / "sub").symlink_to(outside)
+    manifest = fetch(agent_client, f"s3://{name}/p/", replica, Progress())
+    assert list(outside.iterdir()) == []
+    assert manifest.skipped == ["p/sub/file.txt"]
+
+
+def test_a_partial_file_is_resumed_with_a_range_request(
+    bucket: tuple[Any, str], agent_client: Any, tmp_path: Path
+) -> None:
+    client, name = bucket
+    body = os.urandom(3 * 1024 * 1024 + 17)
+    seed(client, name, {"big/blob.bin": body})
+    replica = ReplicaDir(tmp_path / "vol")
+    replica.prepare()
+    half = len(body) // 2
+    (replica.staging / "blob.bin").write_bytes(body[:half])  # what a killed agent left
+    ranges: list[str] = []
+    agent_client.meta.events.register(
+        "before-send.s3.GetObject", lambda request, **_: ranges.append(request.headers.get("Range").decode())
+    )
+    progress = Progress()
+    fetch(agent_client, f"s3://{name}/big/", replica, progress)
+    assert (replica.final / "blob.bin").read_bytes() == body
+    assert ranges == [f"bytes={half}-"]
+
+
+def test_a_corrupted_file_of_the_right_size_is_fetched_again(
+    bucket: tuple[Any, str], agent_client: Any, tmp_path: Path
+) -> None:
+    client, name = bucket
+    body = os.urandom(50_000)
+    seed(client, name, {"c/file.bin": body})
+    replica = ReplicaDir(tmp_path / "vol")
+    replica.prepare()
+    (replica.staging / "file.bin").write_bytes(bytes(len(body)))
+    fetch(agent_client, f"s3://{name}/c/", replica, Progress())
+    assert (replica.final / "file.bin").read_bytes() == body
+
+
+def test_files_removed_from_the_source_are_removed_from_staging(
+    bucket: tuple[Any, str], agent_client: Any, tmp_path: Path
+) -> None:
+    client, name = bucket
+    seed(client, name, {"d/keep.txt": b"keep"})
+    replica = ReplicaDir(tmp_path / "vol")
+    replica.prepare()
+    (replica.staging / "stale.txt").write_bytes(b"from an older listing")
+    fetch(agent_client, f"s3://{name}/d/", replica, Progress())
+    assert sorted(p.name for p in replica.final.iterdir()) == [MANIFEST, "keep.txt"]
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("s3://kvc-no-such-bucket-x/data/", "bucket kvc-no-such-bucket-x does not exist"),
+        ("s3://{bucket}/missing/key.bin", "object s3://{bucket}/missing/key.bin not found"),
+        ("s3://{bucket}/empty-prefix/", "no objects under s3://{bucket}/empty-prefix/"),
+    ],
+)
+def test_missing_data_is_a_clear_error_and_nothing_is_published(
+    bucket: tuple[Any, str], agent_client: Any, tmp_path: Path, url: str, message: str
+) -> None:
+    _, name = bucket
+    replica = ReplicaDir(tmp_path / "vol")
+    with pytest.raises(FetchError) as excinfo:
+        fetch(agent_client, url.format(bucket=name), replica, Progress())
+    assert str(excinfo.value) == message.format(bucket=name)
+    assert not replica.complete
+
+
+def test_verify_notices_deleted_and_truncated_files(bucket: tuple[Any, str], agent_client: Any, tmp_path: Path) -> None:
+    client, name = bucket
+    seed(client, name, {"v/a.bin": b"a" * 100, "v/b.bin": b"b" * 100})
+    replica = ReplicaDir(tmp_path / "vol")
+    fetch(agent_client, f"s3://{name}/v/", replica, Progress())
+    (replica.final / "a.bin").unlink()
+    (replica.final / "b.bin").write_bytes(b"b" * 10)
+    assert replica.verify() == ["a.bin is missing", "b.bin has 10 bytes, expected 100"]

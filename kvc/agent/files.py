@@ -1,0 +1,152 @@
+"""A replica's files on a node: safe paths, a staging directory, a manifest, atomic publish.
+
+Data is written into ``<dir>.partial`` and becomes visible at ``<dir>`` only once every
+file is complete and verified, by one ``rename``: a reader (or a restarted agent) never
+sees half a replica as complete.  A restarted agent finds the staging directory and
+resumes from what is already there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+MANIFEST = ".kvc-manifest.json"
+STAGING_SUFFIX = ".partial"
+
+
+class UnsafePathError(ValueError):
+    """A source path that would land outside the replica's directory."""
+
+
+def safe_relative(name: str) -> PurePosixPath:
+    """Validate a source-provided relative path (an object key, an archive member).
+
+    Rejects absolute paths, ``..`` components, NUL bytes and empty names; ``.`` and empty
+    components (``a//b``) are dropped.
+    """
+    if "\x00" in name:
+        raise UnsafePathError(f"{name!r}: NUL byte in path")
+    if name.startswith("/"):
+        raise UnsafePathError(f"{name!r}: absolute path")
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if not parts:
+        raise UnsafePathError(f"{name!r}: empty path")
+    if ".." in parts:
+        raise UnsafePathError(f"{name!r}: '..' would leave the volume's directory")
+    if parts[-1] == MANIFEST:
+        raise UnsafePathError(f"{name!r}: reserved name")
+    return PurePosixPath(*parts)
+
+
+def safe_join(root: Path, name: str) -> Path:
+    """``root / name``, guaranteed to stay under ``root`` even with symlinks on disk."""
+    relative = safe_relative(name)
+    current = root
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise UnsafePathError(f"{name!r}: {current.relative_to(root)} is a symlink")
+    resolved_root = root.resolve()
+    if resolved_root not in current.resolve().parents and current.resolve() != resolved_root:
+        raise UnsafePathError(f"{name!r}: resolves outside the volume's directory")
+    return current
+
+
+@dataclass
+class ManifestFile:
+    path: str
+    size: int
+    etag: str | None = None
+
+
+@dataclass
+class Manifest:
+    source: str
+    files: list[ManifestFile] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def dump(self) -> str:
+        return json.dumps({"source": self.source, "files": [asdict(f) for f in self.files], "skipped": self.skipped})
+
+    @classmethod
+    def load(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        return cls(
+            source=data["source"],
+            files=[ManifestFile(**f) for f in data.get("files", [])],
+            skipped=list(data.get("skipped", [])),
+        )
+
+
+class ReplicaDir:
+    """The directory of one replica on this node, and its staging twin."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.staging = final.with_name(final.name + STAGING_SUFFIX)
+
+    @property
+    def complete(self) -> bool:
+        return (self.final / MANIFEST).is_file()
+
+    def manifest(self) -> Manifest | None:
+        try:
+            return Manifest.load((self.final / MANIFEST).read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def prepare(self) -> Path:
+        """The staging directory, created if needed (kept across restarts to resume)."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        return self.staging
+
+    def publish(self, manifest: Manifest) -> None:
+        """Make the staged data visible at its final path in one rename."""
+        manifest_path = self.staging / MANIFEST
+        manifest_path.write_text(manifest.dump())
+        with open(manifest_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        if self.final.exists():  # an earlier, now invalid copy (e.g. failed verification)
+            shutil.rmtree(self.final)
+        os.rename(self.staging, self.final)
+
+    def verify(self) -> list[str]:
+        """Problems with the published data (missing or resized files); [] if intact."""
+        manifest = self.manifest()
+        if manifest is None:
+            return ["manifest missing or unreadable"]
+        problems = []
+        for entry in manifest.files:
+            path = self.final / entry.path
+            try:
+                size = path.stat().st_size
+            except OSError:
+                problems.append(f"{entry.path} is missing")
+                continue
+            if size != entry.size:
+                problems.append(f"{entry.path} has {size} bytes, expected {entry.size}")
+        return problems
+
+    def remove(self) -> None:
+        for directory in (self.final, self.staging):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def remove_unexpected(staging: Path, expected: Sequence[PurePosixPath]) -> None:
+    """Delete files in a staging directory that the source no longer lists."""
+    keep = {staging / path for path in expected}
+    for path in sorted(staging.rglob("*"), reverse=True):
+        if path.is_file() or path.is_symlink():
+            if path not in keep:
+                path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
