@@ -22,7 +22,7 @@ import pytest
 from kubernetes import client
 
 from e2e.cluster import ControlPlane, NodeSpec
-from e2e.kvc import KvcController
+from e2e.kvc import KvcAgent, KvcController
 from e2e.s3server import S3Server
 
 NODE_NAMES = ("kvc-node-1", "kvc-node-2", "kvc-node-3")
@@ -131,3 +131,20 @@ def controller(controller_process: KvcController) -> KvcController:
     if not controller_process.running:
         controller_process.start()
     return controller_process
+
+
+@pytest.fixture(scope="session")
+def agent_processes(control_plane: ControlPlane, kvc_crds: None) -> Iterator[dict[str, KvcAgent]]:
+    agents = {node: KvcAgent(control_plane, node).start() for node in NODE_NAMES}
+    yield agents
+    for agent in agents.values():
+        agent.stop()
+
+
+@pytest.fixture
+def agents(agent_processes: dict[str, KvcAgent]) -> dict[str, KvcAgent]:
+    """One running agent per simulated node; restarted first if an earlier test stopped one."""
+    for agent in agent_processes.values():
+        if not agent.running:
+            agent.start()
+    return agent_processes

@@ -4,6 +4,7 @@ from this source tree against the local control plane, as local processes."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from e2e.cluster import Component, ControlPlane, free_port
 
@@ -45,6 +46,64 @@ class KvcController:
         if self.component is not None:
             self.component.stop()
             self.plane.processes.pop(self.NAME, None)
+            self.component = None
+
+    @property
+    def running(self) -> bool:
+        return self.component is not None and self.component.popen.poll() is None
+
+
+NODE_DATA_ROOT = "/var/lib/kvc"
+
+
+class KvcAgent:
+    """`kvc run agent` for one simulated node, with a data root of its own."""
+
+    def __init__(self, plane: ControlPlane, node: str, heartbeat: float = 2.0) -> None:
+        self.plane = plane
+        self.node = node
+        self.heartbeat = heartbeat
+        self.data_root = plane.workdir / "nodes" / node
+        self.component: Component | None = None
+
+    @property
+    def name(self) -> str:
+        return f"kvc-agent-{self.node}"
+
+    def start(self) -> KvcAgent:
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        self.component = self.plane.spawn(
+            self.name,
+            [
+                sys.executable,
+                "-m",
+                "kvc",
+                "run",
+                "agent",
+                f"--node={self.node}",
+                f"--data-root={self.data_root}",
+                f"--node-data-root={NODE_DATA_ROOT}",
+                f"--heartbeat={self.heartbeat}",
+                "--verify-interval=5",
+            ],
+            env={"KUBECONFIG": str(self.plane.kubeconfig), "PYTHONUNBUFFERED": "1"},
+        )
+        return self
+
+    def local(self, node_path: str) -> Path:
+        """Where this node keeps the data of a node path."""
+        return self.data_root / Path(node_path).relative_to(NODE_DATA_ROOT)
+
+    def kill(self) -> None:
+        if self.component is not None:
+            self.component.kill()
+            self.plane.processes.pop(self.name, None)
+            self.component = None
+
+    def stop(self) -> None:
+        if self.component is not None:
+            self.component.stop()
+            self.plane.processes.pop(self.name, None)
             self.component = None
 
     @property

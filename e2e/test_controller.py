@@ -5,29 +5,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 from e2e.cluster import ControlPlane
+from e2e.helpers import VolumeManagers, wait_for
 from e2e.kvc import KvcController
 from kvc.api import names
-
-GROUP, VERSION, PLURAL = names.GROUP, names.VERSION, names.VOLUMEMANAGER_PLURAL
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition", interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 def nfs_volume(volume_id: str = "shared", **options: str) -> dict[str, Any]:
@@ -39,80 +24,6 @@ def nfs_volume(volume_id: str = "shared", **options: str) -> dict[str, Any]:
         "labels": {"team": "vision", "kind": "dataset"},
         "options": {"server": "nfs.example.com", "path": f"/exports/{volume_id}", **options},
     }
-
-
-class VolumeManagers:
-    """Create, read and wait on VolumeManagers in one namespace."""
-
-    def __init__(self, api: Any, namespace: str) -> None:
-        self.custom = client.CustomObjectsApi(api)
-        self.core = client.CoreV1Api(api)
-        self.namespace = namespace
-
-    def create(self, name: str, volumes: list[dict[str, Any]]) -> dict[str, Any]:
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "VolumeManager",
-            "metadata": {"name": name},
-            "spec": {"volumeConfigs": volumes},
-        }
-        result: dict[str, Any] = self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, body
-        )
-        return result
-
-    def get(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-        return result
-
-    def set_volumes(self, name: str, volumes: list[dict[str, Any]]) -> None:
-        self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": {"volumeConfigs": volumes}}
-        )
-
-    def delete(self, name: str) -> None:
-        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-
-    def exists(self, name: str) -> bool:
-        try:
-            self.get(name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
-
-    def wait_state(self, name: str, state: str, timeout: float = 60) -> dict[str, Any]:
-        def reached() -> dict[str, Any] | None:
-            vm = self.get(name)
-            status = vm.get("status") or {}
-            current = status.get("observedGeneration") == vm["metadata"]["generation"]
-            return vm if current and status.get("state") == state else None
-
-        result: dict[str, Any] = wait_for(reached, timeout, f"{self.namespace}/{name} to be {state}")
-        return result
-
-    def volume(self, name: str, volume_id: str) -> dict[str, Any]:
-        for volume in self.get(name).get("status", {}).get("volumes", []):
-            if volume["id"] == volume_id:
-                return dict(volume)
-        raise AssertionError(f"no status for volume {volume_id}")
-
-    def claims(self, name: str) -> list[Any]:
-        uid = self.get(name)["metadata"]["uid"]
-        selector = f"{names.LABEL_VOLUMEMANAGER_UID}={uid}"
-        return list(self.core.list_namespaced_persistent_volume_claim(self.namespace, label_selector=selector).items)
-
-    def volumes_of(self, uid: str) -> list[Any]:
-        selector = f"{names.LABEL_VOLUMEMANAGER_UID}={uid}"
-        return list(self.core.list_persistent_volume(label_selector=selector).items)
-
-    def events(self, name: str) -> list[Any]:
-        return list(
-            self.core.list_namespaced_event(
-                self.namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=VolumeManager"
-            ).items
-        )
 
 
 @pytest.fixture
@@ -277,13 +188,13 @@ def test_bad_volumes_fail_with_messages_naming_the_field_and_good_ones_are_unaff
             "options.claimName is required for PVC volumes: the name of a PersistentVolumeClaim in this namespace"
         ),
         "bad-claim": "options.claimName 'Not_A_Name' is not a valid PersistentVolumeClaim name",
-        "ceph": "unknown sourceType 'Ceph': known types are NFS, PVC",
+        "ceph": "unknown sourceType 'Ceph': known types are NFS, PVC, S3",
     }
     for volume_id, message in expected.items():
         assert by_id[volume_id]["phase"] == "Failed", volume_id
         assert by_id[volume_id]["message"] == message
     # The valid volume next to them is provisioned and usable all the same.
-    wait_for(lambda: vms.volume("mixed", "good")["phase"] == "Ready", what="good volume Ready")
+    wait_for(lambda: vms.volume("mixed", "good").get("phase") == "Ready", what="good volume Ready")
     assert len(_live(vms.claims("mixed"))) == 1
     assert "ceph: unknown sourceType 'Ceph'" in vms.get("mixed")["status"]["message"]
     warnings = [e for e in vms.events("mixed") if e.type == "Warning" and e.reason == "VolumeFailed"]

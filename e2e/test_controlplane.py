@@ -11,9 +11,8 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,20 +23,10 @@ from kubernetes.client.rest import ApiException
 
 from certs import pki
 from e2e.cluster import ControlPlane, pid_alive, reap_stale_workdirs
+from e2e.helpers import wait_for
 from e2e.s3server import S3Server
 
 T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T | None], timeout: float = 30, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def pod_manifest(name: str, **spec: Any) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import pytest
 
 from e2e.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 from kvc.agent.files import MANIFEST, ReplicaDir
-from kvc.sources.s3_fetch import FetchError, Progress, fetch, make_client
+from kvc.sources.progress import Progress
+from kvc.sources.s3_fetch import FetchError, fetch, make_client
 
 
 def tree_digest(root: Path) -> dict[str, str]:

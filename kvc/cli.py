@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from pathlib import Path
 
 import click
 
@@ -38,11 +41,53 @@ def run() -> None:
     metavar="URL",
     help="Serve a liveness probe, e.g. http://0.0.0.0:8080/healthz.",
 )
-def run_controller(namespaces: tuple[str, ...], liveness_endpoint: str | None) -> None:
+@click.option(
+    "--node-data-root",
+    default="/var/lib/kvc",
+    show_default=True,
+    help="Node path under which every agent keeps its data (the hostPath workloads mount).",
+)
+def run_controller(namespaces: tuple[str, ...], liveness_endpoint: str | None, node_data_root: str) -> None:
     """The VolumeManager controller."""
     from kvc.controller import run as run_kopf  # noqa: PLC0415 - imports kopf only for this command
 
-    run_kopf(namespaces, liveness_endpoint)
+    run_kopf(namespaces, liveness_endpoint, node_data_root)
+
+
+@run.command("agent")
+@click.option("--node", required=True, envvar="NODE_NAME", help="This node's name (from the downward API).")
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/var/lib/kvc"),
+    show_default=True,
+    help="Local directory holding this node's data.",
+)
+@click.option(
+    "--node-data-root",
+    default="/var/lib/kvc",
+    show_default=True,
+    help="The node path that --data-root stands for (differs only when simulating nodes).",
+)
+@click.option("--heartbeat", default=10.0, show_default=True, help="Seconds between status reports.")
+@click.option("--verify-interval", default=60.0, show_default=True, help="Seconds between checks of Ready data.")
+def run_agent(node: str, data_root: Path, node_data_root: str, heartbeat: float, verify_interval: float) -> None:
+    """The node agent: fetches the replicas assigned to this node."""
+    from kvc import kube  # noqa: PLC0415
+    from kvc.agent.agent import Agent  # noqa: PLC0415
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    agent = Agent(
+        node,
+        data_root,
+        kube.api_client(),
+        node_data_root=node_data_root,
+        heartbeat_seconds=heartbeat,
+        verify_seconds=verify_interval,
+    )
+    agent.run(stop)
 
 
 def main() -> None:

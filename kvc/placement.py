@@ -49,9 +49,12 @@ class Placement:
     def shortfall_message(self, replicas: int) -> str:
         if not self.shortfall:
             return ""
-        why = ", ".join(f"{count} {reason}" for reason, count in sorted(self.reasons.items()))
         placed = replicas - self.shortfall
-        return f"only {placed} of {replicas} replicas can be placed: not enough eligible nodes ({why or 'no nodes'})"
+        message = f"only {placed} of {replicas} replicas can be placed: {placed} eligible nodes"
+        if self.reasons:
+            why = ", ".join(f"{count} {reason}" for reason, count in sorted(self.reasons.items()))
+            message += f"; other nodes are {why}"
+        return message
 
 
 def _compare(value: str | None, values: list[str], greater: bool) -> bool:

@@ -9,7 +9,9 @@ import kopf
 logger = logging.getLogger(__name__)
 
 
-def run(namespaces: tuple[str, ...] = (), liveness_endpoint: str | None = None) -> None:
+def run(
+    namespaces: tuple[str, ...] = (), liveness_endpoint: str | None = None, node_data_root: str = "/var/lib/kvc"
+) -> None:
     """Run the controller until interrupted (``kvc run controller``)."""
     from kvc.controller import handlers  # noqa: F401, PLC0415 - registers the handlers with kopf
 
@@ -18,4 +20,5 @@ def run(namespaces: tuple[str, ...] = (), liveness_endpoint: str | None = None) 
         namespaces=namespaces,
         standalone=True,
         liveness_endpoint=liveness_endpoint,
+        memo=kopf.Memo(node_data_root=node_data_root),
     )

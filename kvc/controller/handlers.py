@@ -9,9 +9,11 @@ import kopf
 from kubernetes import client
 
 from kvc import kube
+from kvc.agent.agent import DEFAULT_NODE_DATA_ROOT
 from kvc.api import names
 from kvc.api.models import State
 from kvc.controller import reconcile, status
+from kvc.sources.base import SourceContext
 from kvc.sources.registry import load_registry
 
 logger = logging.getLogger(__name__)
@@ -35,13 +37,22 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 8
-    memo.core = client.CoreV1Api(kube.api_client())
+    api = kube.api_client()
+    memo.core = client.CoreV1Api(api)
+    memo.custom = client.CustomObjectsApi(api)
     memo.registry = load_registry()
+    memo.setdefault("node_data_root", DEFAULT_NODE_DATA_ROOT)
     logger.info("source types: %s", ", ".join(sorted(memo.registry.sources)))
 
 
+def _context(body: kopf.Body, memo: kopf.Memo) -> SourceContext:
+    return SourceContext(
+        owner=reconcile.owner_of(body), core=memo.core, custom=memo.custom, node_data_root=memo.node_data_root
+    )
+
+
 def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
-    result = reconcile.reconcile(body, memo.core, memo.registry)
+    result = reconcile.reconcile(body, _context(body, memo), memo.registry)
     old = dict(body.get("status") or {})
     new = status.aggregate(
         result.volumes,
@@ -81,7 +92,7 @@ def volumemanager_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
 @kopf.on.delete(*VMGR)
 def volumemanager_delete(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     patch.status["state"] = State.DELETING.value
-    remaining = reconcile.delete(body, memo.core, memo.registry)
+    remaining = reconcile.delete(_context(body, memo), memo.registry)
     patch.status["message"] = "; ".join(remaining) or "removing the volumes' resources"
     if remaining:
         raise kopf.TemporaryError("; ".join(remaining), delay=5)

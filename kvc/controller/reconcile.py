@@ -53,9 +53,8 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def reconcile(body: Mapping[str, Any], core: Any, registry: SourceRegistry) -> ReconcileResult:
-    owner = owner_of(body)
-    ctx = SourceContext(owner=owner, core=core)
+def reconcile(body: Mapping[str, Any], ctx: SourceContext, registry: SourceRegistry) -> ReconcileResult:
+    owner = ctx.owner
     result = ReconcileResult(volumes=[])
     current: dict[str, VolumeConfig | None] = {}
     for raw in (body.get("spec") or {}).get("volumeConfigs") or []:
@@ -97,9 +96,8 @@ def reconcile(body: Mapping[str, Any], core: Any, registry: SourceRegistry) -> R
     return result
 
 
-def delete(body: Mapping[str, Any], core: Any, registry: SourceRegistry) -> list[str]:
+def delete(ctx: SourceContext, registry: SourceRegistry) -> list[str]:
     """Remove everything KVC made for a VolumeManager that is being deleted; returns what remains."""
-    ctx = SourceContext(owner=owner_of(body), core=core)
     remaining = []
     for source in registry.sources.values():
         remaining += source.cleanup(ctx, {}, deleting=True)

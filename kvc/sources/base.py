@@ -9,12 +9,15 @@ never changes for it.
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from kvc.agent.files import Manifest, ReplicaDir
 from kvc.api import names
 from kvc.api.models import VolumeConfig, VolumeStatus
+from kvc.sources.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,20 @@ class SourceContext:
 
     owner: VolumeManagerRef
     core: Any  # kubernetes.client.CoreV1Api
+    custom: Any = None  # kubernetes.client.CustomObjectsApi
+    # Node path under which every agent keeps its data (one for the whole cluster).
+    node_data_root: str = "/var/lib/kvc"
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """What an agent hands a node-local source type to bring one replica onto its node."""
+
+    options: Mapping[str, str]
+    credentials: Mapping[str, str]  # the credentials Secret's data; never logged
+    replica: ReplicaDir
+    progress: Progress
+    stop: threading.Event
 
 
 class Source(abc.ABC):
@@ -100,6 +117,10 @@ class Source(abc.ABC):
         messages; [] when everything is clean.
         """
         return []
+
+    def fetch(self, request: FetchRequest) -> Manifest:
+        """Agent side of node-local types: fetch, verify and publish one replica."""
+        raise NotImplementedError(f"{self.source_type} volumes are not fetched onto nodes")
 
 
 def required_options(config: VolumeConfig, fields: Mapping[str, str]) -> list[str]:

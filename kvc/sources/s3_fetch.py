@@ -22,6 +22,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from kvc.agent.files import Manifest, ManifestFile, ReplicaDir, UnsafePathError, remove_unexpected, safe_join
+from kvc.sources.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -66,24 +67,6 @@ class S3Object:
         """The object's MD5 when its ETag is one (not for multipart uploads or SSE-KMS)."""
         etag = (self.etag or "").strip('"')
         return etag if len(etag) == 32 and "-" not in etag else None
-
-
-class Progress:
-    """Bytes and files done so far, shared by the download threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.bytes = 0
-        self.files = 0
-        self.total_bytes = 0
-
-    def add(self, count: int) -> None:
-        with self._lock:
-            self.bytes += count
-
-    def file_done(self) -> None:
-        with self._lock:
-            self.files += 1
 
 
 def make_client(

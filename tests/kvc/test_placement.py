@@ -148,7 +148,7 @@ def test_shortfall_message_names_the_reasons() -> None:
     result = place(VolumeRequest(replicas=3), cluster)
     assert result.nodes == ("a",)
     assert result.shortfall_message(3) == (
-        "only 1 of 3 replicas can be placed: not enough eligible nodes (1 not Ready, 1 without a live KVC agent)"
+        "only 1 of 3 replicas can be placed: 1 eligible nodes; other nodes are 1 not Ready, 1 without a live KVC agent"
     )
 
 

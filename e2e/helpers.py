@@ -1,0 +1,100 @@
+"""Helpers shared by the e2e tests: waiting, and VolumeManagers in a test namespace."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from kvc.api import names
+
+GROUP, VERSION, PLURAL = names.GROUP, names.VERSION, names.VOLUMEMANAGER_PLURAL
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition", interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+class VolumeManagers:
+    """Create, read and wait on VolumeManagers in one namespace."""
+
+    def __init__(self, api: Any, namespace: str) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.namespace = namespace
+
+    def create(self, name: str, volumes: list[dict[str, Any]]) -> dict[str, Any]:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "VolumeManager",
+            "metadata": {"name": name},
+            "spec": {"volumeConfigs": volumes},
+        }
+        result: dict[str, Any] = self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, body
+        )
+        return result
+
+    def get(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        return result
+
+    def set_volumes(self, name: str, volumes: list[dict[str, Any]]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": {"volumeConfigs": volumes}}
+        )
+
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.get(name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def wait_state(self, name: str, state: str, timeout: float = 60) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            vm = self.get(name)
+            status = vm.get("status") or {}
+            current = status.get("observedGeneration") == vm["metadata"]["generation"]
+            return vm if current and status.get("state") == state else None
+
+        result: dict[str, Any] = wait_for(reached, timeout, f"{self.namespace}/{name} to be {state}")
+        return result
+
+    def volume(self, name: str, volume_id: str) -> dict[str, Any]:
+        """The volume's status entry; {} until the controller has reported it."""
+        for volume in self.get(name).get("status", {}).get("volumes", []):
+            if volume["id"] == volume_id:
+                return dict(volume)
+        return {}  # not reported yet
+
+    def claims(self, name: str) -> list[Any]:
+        uid = self.get(name)["metadata"]["uid"]
+        selector = f"{names.LABEL_VOLUMEMANAGER_UID}={uid}"
+        return list(self.core.list_namespaced_persistent_volume_claim(self.namespace, label_selector=selector).items)
+
+    def volumes_of(self, uid: str) -> list[Any]:
+        selector = f"{names.LABEL_VOLUMEMANAGER_UID}={uid}"
+        return list(self.core.list_persistent_volume(label_selector=selector).items)
+
+    def events(self, name: str) -> list[Any]:
+        return list(
+            self.core.list_namespaced_event(
+                self.namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=VolumeManager"
+            ).items
+        )

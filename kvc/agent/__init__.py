@@ -1,0 +1,1 @@
+"""The node agent (``agent.Agent``) and the on-disk form of replicas (``files``)."""

@@ -1,0 +1,357 @@
+"""The node agent: holds the replicas its node is assigned, and reports on them.
+
+It watches only its own VolumeNode (named after the node), fetches each assigned replica
+into the node's data root with the replica's source type, verifies it, reports
+per-replica progress, disk and a heartbeat in the VolumeNode's status, re-fetches data
+that was removed or damaged, and deletes data that is no longer assigned.
+
+Node paths in the VolumeNode (``/var/lib/kvc/...``) are mapped onto ``data_root``, so
+several simulated nodes can share one machine without sharing data.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kubernetes import client, watch
+from kubernetes.client.rest import ApiException
+
+from kvc import __version__
+from kvc.agent.files import MANIFEST, Manifest, ReplicaDir
+from kvc.api import names
+from kvc.sources.base import FetchRequest, Source
+from kvc.sources.progress import Progress
+from kvc.sources.registry import SourceRegistry, load_registry
+from kvc.sources.s3_fetch import FetchError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NODE_DATA_ROOT = "/var/lib/kvc"
+STATE_FILE = ".kvc-agent-state.json"
+RETRY_BASE_SECONDS = 5.0
+RETRY_MAX_SECONDS = 300.0
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class _Replica:
+    name: str
+    spec: dict[str, Any]
+    local: Path
+    phase: str = "Pending"
+    message: str = "waiting to start"
+    progress: Progress = field(default_factory=Progress)
+    stop: threading.Event = field(default_factory=threading.Event)
+    future: Future[Manifest] | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    verified_at: float = 0.0
+    verified_time: str | None = None
+
+    def report(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "phase": self.phase,
+            "message": self.message,
+            "bytes": self.progress.bytes,
+            "totalBytes": self.progress.total_bytes,
+            "files": self.progress.files,
+        }
+        if self.verified_time:
+            entry["verifiedTime"] = self.verified_time
+        return entry
+
+
+class Agent:
+    def __init__(
+        self,
+        node: str,
+        data_root: Path,
+        api_client: Any,
+        *,
+        node_data_root: str = DEFAULT_NODE_DATA_ROOT,
+        heartbeat_seconds: float = 10.0,
+        verify_seconds: float = 60.0,
+        parallel_replicas: int = 2,
+        registry: SourceRegistry | None = None,
+    ) -> None:
+        self.node = node
+        self.data_root = data_root.resolve()
+        self.node_data_root = PurePosixPath(node_data_root)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.verify_seconds = verify_seconds
+        self.registry = registry or load_registry()
+        self._pool = ThreadPoolExecutor(max_workers=parallel_replicas, thread_name_prefix="replica")
+        self._replicas: dict[str, _Replica] = {}
+        self._desired: dict[str, dict[str, Any]] | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, stop: threading.Event) -> None:
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        self._ensure_volumenode()
+        watcher = threading.Thread(target=self._watch, args=(stop,), name="watch", daemon=True)
+        watcher.start()
+        next_report = 0.0
+        try:
+            while not stop.is_set():
+                self._sync()
+                if time.monotonic() >= next_report or self._wake.is_set():
+                    self._report()
+                    next_report = time.monotonic() + self.heartbeat_seconds
+                self._wake.wait(1.0)
+                self._wake.clear()
+        finally:
+            for replica in self._replicas.values():
+                replica.stop.set()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _ensure_volumenode(self) -> None:
+        body = {
+            "apiVersion": names.API_VERSION,
+            "kind": names.VOLUMENODE_KIND,
+            "metadata": {"name": self.node, "labels": {names.LABEL_MANAGED_BY: names.MANAGED_BY}},
+            "spec": {"replicas": []},
+        }
+        try:
+            self.custom.create_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, body)
+            logger.info("created VolumeNode %s", self.node)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def _watch(self, stop: threading.Event) -> None:
+        """Follow this node's VolumeNode only; every change wakes the main loop."""
+        while not stop.is_set():
+            try:
+                for event in watch.Watch().stream(
+                    self.custom.list_cluster_custom_object,
+                    names.GROUP,
+                    names.VERSION,
+                    names.VOLUMENODE_PLURAL,
+                    field_selector=f"metadata.name={self.node}",
+                    timeout_seconds=60,
+                ):
+                    obj = event["object"]
+                    if event["type"] == "DELETED":
+                        self._ensure_volumenode()
+                        desired: dict[str, dict[str, Any]] = {}
+                    else:
+                        desired = {r["name"]: r for r in (obj.get("spec") or {}).get("replicas") or []}
+                    with self._lock:
+                        self._desired = desired
+                    self._wake.set()
+                    if stop.is_set():
+                        return
+            except Exception as exc:  # the API server restarts, connections drop: watch again
+                logger.warning("watch of VolumeNode %s ended (%s); restarting", self.node, type(exc).__name__)
+                stop.wait(1.0)
+
+    # ------------------------------------------------------------------ replicas
+    def local_path(self, node_path: str) -> Path:
+        """Where a node path lives on this machine; refuses paths outside the data root."""
+        path = PurePosixPath(node_path)
+        if not path.is_absolute() or ".." in path.parts or self.node_data_root not in path.parents:
+            raise ValueError(f"replica path {node_path} is outside the node's data root {self.node_data_root}")
+        return self.data_root.joinpath(*path.relative_to(self.node_data_root).parts)
+
+    def _sync(self) -> None:
+        with self._lock:
+            desired = self._desired
+        if desired is None:
+            return  # no word from the API server yet: change nothing on disk
+        for name, spec in desired.items():
+            replica = self._replicas.get(name)
+            if replica is None:
+                try:
+                    local = self.local_path(spec["path"])
+                except (ValueError, KeyError) as exc:
+                    self._replicas[name] = _Replica(
+                        name, spec, Path(), phase="Failed", message=str(exc), retry_at=float("inf")
+                    )
+                    continue
+                replica = self._replicas[name] = _Replica(name, spec, local)
+                self._save_state()
+            self._advance(replica)
+        for name in [n for n in self._replicas if n not in desired]:
+            self._forget(self._replicas.pop(name))
+        self._remove_unknown(set(desired))
+
+    def _advance(self, replica: _Replica) -> None:
+        """One step for one replica: collect a finished fetch, verify, or start a fetch."""
+        if replica.future is not None:
+            if replica.future.done():
+                self._collect(replica, replica.future)
+            return
+        if self._usable(replica) or time.monotonic() < replica.retry_at:
+            return
+        source = self.registry.get(str(replica.spec.get("sourceType")))
+        if source is None or not source.node_local:
+            replica.phase = "Failed"
+            replica.message = self.registry.unknown_message(str(replica.spec.get("sourceType")))
+            replica.retry_at = time.monotonic() + RETRY_MAX_SECONDS
+            return
+        replica.phase, replica.message = "Downloading", "downloading"
+        replica.progress = Progress()
+        replica.stop = threading.Event()
+        replica.future = self._pool.submit(self._fetch, source, replica)
+
+    def _fetch(self, source: Source, replica: _Replica) -> Manifest:
+        """Runs in a worker thread: read the credentials, then let the source type fetch."""
+        request = FetchRequest(
+            options=dict(replica.spec.get("options") or {}),
+            credentials=self._credentials(replica.spec),
+            replica=ReplicaDir(replica.local),
+            progress=replica.progress,
+            stop=replica.stop,
+        )
+        return source.fetch(request)
+
+    def _collect(self, replica: _Replica, future: Future[Manifest]) -> None:
+        replica.future = None
+        error = future.exception()
+        if error is None:
+            self._mark_ready(replica)
+        else:
+            replica.failures += 1
+            delay = min(RETRY_BASE_SECONDS * 2 ** (replica.failures - 1), RETRY_MAX_SECONDS)
+            replica.retry_at = time.monotonic() + delay
+            replica.phase = "Failed"
+            known = isinstance(error, (FetchError, ValueError))
+            reason = str(error) if known else f"{type(error).__name__}: {error}"
+            replica.message = f"{reason} (attempt {replica.failures}; retrying in {delay:.0f}s)"
+            logger.warning("replica %s failed: %s", replica.name, replica.message)
+        self._wake.set()
+
+    def _mark_ready(self, replica: _Replica) -> None:
+        manifest = ReplicaDir(replica.local).manifest()
+        replica.phase, replica.failures = "Ready", 0
+        replica.progress.total_bytes = replica.progress.bytes = manifest.total_bytes if manifest else 0
+        replica.progress.files = len(manifest.files) if manifest else 0
+        replica.message = f"{replica.progress.files} files, {replica.progress.bytes} bytes, verified"
+        replica.verified_at, replica.verified_time = time.monotonic(), _now()
+
+    def _usable(self, replica: _Replica) -> bool:
+        """Whether the replica's published data is intact (checked every verify_seconds)."""
+        directory = ReplicaDir(replica.local)
+        if replica.phase == "Ready" and time.monotonic() - replica.verified_at < self.verify_seconds:
+            return True
+        if not directory.complete:
+            return False
+        problems = directory.verify()
+        if not problems:
+            if replica.phase == "Ready":
+                replica.verified_at, replica.verified_time = time.monotonic(), _now()
+            else:  # found complete on disk, e.g. after an agent restart
+                self._mark_ready(replica)
+            return True
+        logger.warning("replica %s changed on disk: %s; fetching again", replica.name, "; ".join(problems))
+        replica.phase = "Pending"
+        replica.message = f"data changed on disk ({problems[0]}): fetching again"
+        # Keep what is intact: the fetch resumes from it and checks every file again.
+        if not directory.staging.exists():
+            directory.final.rename(directory.staging)
+        (directory.staging / MANIFEST).unlink(missing_ok=True)
+        return False
+
+    def _credentials(self, spec: dict[str, Any]) -> dict[str, str]:
+        ref = spec.get("credentialsSecret") or {}
+        if not ref.get("name"):
+            return {}
+        try:
+            secret = self.core.read_namespaced_secret(ref["name"], ref["namespace"])
+        except ApiException as exc:
+            if exc.status == 404:
+                raise FetchError(
+                    f"credentials Secret {ref['name']} not found in namespace {ref['namespace']}"
+                ) from None
+            raise FetchError(
+                f"cannot read credentials Secret {ref['namespace']}/{ref['name']}: API answered {exc.status}"
+            ) from None
+        return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
+
+    def _forget(self, replica: _Replica) -> None:
+        replica.stop.set()
+        if replica.future is not None:
+            replica.future.cancel()
+        if replica.local != Path():
+            logger.info("deleting replica %s at %s (no longer assigned)", replica.name, replica.local)
+            ReplicaDir(replica.local).remove()
+            self._prune_empty_parents(replica.local)
+        self._save_state()
+
+    def _prune_empty_parents(self, path: Path) -> None:
+        parent = path.parent
+        while parent != self.data_root and self.data_root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                return
+            parent = parent.parent
+
+    def _state_path(self) -> Path:
+        return self.data_root / STATE_FILE
+
+    def _save_state(self) -> None:
+        known = {name: str(r.local) for name, r in self._replicas.items() if r.local != Path()}
+        previous = self._load_state()
+        # Keep entries of replicas whose data still exists until they are removed.
+        merged = {**{k: v for k, v in previous.items() if Path(v).exists()}, **known}
+        temporary = self._state_path().with_suffix(".tmp")
+        temporary.write_text(json.dumps(merged))
+        temporary.replace(self._state_path())
+
+    def _load_state(self) -> dict[str, str]:
+        try:
+            loaded = json.loads(self._state_path().read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+
+    def _remove_unknown(self, desired: set[str]) -> None:
+        """Delete data of replicas unassigned while the agent was down (found in its state file)."""
+        state = self._load_state()
+        stale = {name: path for name, path in state.items() if name not in desired and name not in self._replicas}
+        for name, path in stale.items():
+            local = Path(path)
+            if self.data_root in local.parents:
+                logger.info("deleting replica %s at %s (unassigned while the agent was down)", name, local)
+                ReplicaDir(local).remove()
+                self._prune_empty_parents(local)
+        if stale:
+            self._save_state()
+
+    # ------------------------------------------------------------------ report
+    def _report(self) -> None:
+        usage = shutil.disk_usage(self.data_root)
+        replicas = [r.report() for r in sorted(self._replicas.values(), key=lambda r: r.name)]
+        status = {
+            "heartbeatTime": _now(),
+            "agentVersion": __version__,
+            "dataRoot": str(self.node_data_root),
+            "disk": {"capacity": str(usage.total), "free": str(usage.free)},
+            "summary": {"replicas": len(replicas), "ready": sum(1 for r in replicas if r["phase"] == "Ready")},
+            "replicas": replicas,
+        }
+        try:
+            self.custom.patch_cluster_custom_object_status(
+                names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, self.node, {"status": status}
+            )
+        except ApiException as exc:
+            logger.warning("reporting status of VolumeNode %s failed: %s", self.node, exc.reason)

@@ -1,0 +1,356 @@
+"""Controller side of node-local source types (S3, HTTP): replicas on nodes.
+
+For each volume: choose nodes (``kvc.placement``), write the assignments into those
+nodes' VolumeNode objects, read the agents' reports back, label a node for the volume
+only once its replica is Ready (and unlabel it before its data is deleted), and build
+the volume's status: a hostPath, the node affinity that finds the data, progress.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from kvc.api import names
+from kvc.api.models import VolumeConfig, VolumePhase, VolumeStatus
+from kvc.api.units import parse_quantity
+from kvc.placement import NodeInfo, VolumeRequest, place
+from kvc.sources.base import SourceContext, VolumeManagerRef
+
+logger = logging.getLogger(__name__)
+
+# An agent that has not reported for this long is considered gone: its replicas are
+# placed elsewhere (the VolumeNode heartbeat is written every 10 s).
+AGENT_GRACE_SECONDS = 45.0
+DATA_LABEL_PREFIX = f"data.{names.GROUP}"
+
+
+# --------------------------------------------------------------------------- names (pure)
+
+
+def replica_key(owner: VolumeManagerRef, volume_id: str, digest: str) -> str:
+    return f"{owner.namespace}.{owner.name}.{volume_id}-{digest}"
+
+
+def node_path(root: str, owner: VolumeManagerRef, volume_id: str, digest: str) -> str:
+    return f"{root.rstrip('/')}/{owner.namespace}/{owner.name}/{volume_id}-{digest}"
+
+
+def data_label(owner: VolumeManagerRef, volume_id: str, digest: str) -> str:
+    """The node label meaning "this node holds this data", valid for any namespace/name/id."""
+    readable = names.bounded_name(owner.namespace, owner.name, volume_id, max_length=52)
+    return f"{DATA_LABEL_PREFIX}/{readable}-{names.short_hash(owner.uid, volume_id, digest)}"
+
+
+def node_affinity(label: str) -> dict[str, Any]:
+    return {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": label, "operator": "Exists"}]}]
+        }
+    }
+
+
+# --------------------------------------------------------------------------- cluster view
+
+
+def _parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+
+
+@dataclass
+class ClusterView:
+    """Nodes and VolumeNodes as one reconcile pass sees them."""
+
+    nodes: dict[str, Any]  # name -> V1Node
+    volumenodes: dict[str, dict[str, Any]]  # name -> VolumeNode object
+    now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+    @classmethod
+    def load(cls, ctx: SourceContext) -> ClusterView:
+        nodes = {n.metadata.name: n for n in ctx.core.list_node().items}
+        listed = ctx.custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL)
+        return cls(nodes, {v["metadata"]["name"]: v for v in listed.get("items", [])})
+
+    def node_ready(self, name: str) -> bool:
+        node = self.nodes.get(name)
+        if node is None or node.spec.unschedulable:
+            return False
+        return any(c.type == "Ready" and c.status == "True" for c in (node.status.conditions or []))
+
+    def agent_alive(self, name: str) -> bool:
+        heartbeat = _parse_time(((self.volumenodes.get(name) or {}).get("status") or {}).get("heartbeatTime"))
+        return heartbeat is not None and (self.now - heartbeat).total_seconds() < AGENT_GRACE_SECONDS
+
+    def healthy(self, name: str) -> bool:
+        return self.node_ready(name) and self.agent_alive(name)
+
+    def assigned(self, key: str) -> list[str]:
+        return sorted(
+            name
+            for name, vnode in self.volumenodes.items()
+            if any(r.get("name") == key for r in (vnode.get("spec") or {}).get("replicas") or [])
+        )
+
+    def report(self, node: str, key: str) -> dict[str, Any]:
+        for entry in ((self.volumenodes.get(node) or {}).get("status") or {}).get("replicas") or []:
+            if entry.get("name") == key:
+                return dict(entry)
+        return {}
+
+    def node_infos(self) -> list[NodeInfo]:
+        infos = []
+        for name, node in self.nodes.items():
+            vnode = self.volumenodes.get(name) or {}
+            status = vnode.get("status") or {}
+            try:
+                free = int(((status.get("disk") or {}).get("free")) or "")
+            except ValueError:
+                free = None
+            infos.append(
+                NodeInfo(
+                    name=name,
+                    labels=node.metadata.labels or {},
+                    taints=[{"key": t.key, "value": t.value, "effect": t.effect} for t in node.spec.taints or []],
+                    ready=self.node_ready(name),
+                    agent_alive=self.agent_alive(name),
+                    free_bytes=free,
+                    replicas=len((vnode.get("spec") or {}).get("replicas") or []),
+                    assigned_bytes=sum(int(r.get("totalBytes") or 0) for r in status.get("replicas") or []),
+                )
+            )
+        return infos
+
+    def entries_of(self, owner: VolumeManagerRef) -> list[tuple[str, dict[str, Any]]]:
+        """(node, replica entry) for every replica of this VolumeManager on any node."""
+        found = []
+        for name, vnode in self.volumenodes.items():
+            for entry in (vnode.get("spec") or {}).get("replicas") or []:
+                if (entry.get("volumeManager") or {}).get("uid") == owner.uid:
+                    found.append((name, entry))
+        return found
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def _update_replicas(
+    ctx: SourceContext, node: str, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+) -> None:
+    """Read-modify-write of a VolumeNode's spec.replicas, retried on conflicts.
+
+    Many VolumeManagers share a VolumeNode and are reconciled in parallel: the
+    resourceVersion check makes sure no one's assignment is lost.
+    """
+    for _ in range(10):
+        try:
+            vnode = ctx.custom.get_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, node)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        replicas = list((vnode.get("spec") or {}).get("replicas") or [])
+        updated = change(replicas)
+        if updated == replicas:
+            return
+        vnode.setdefault("spec", {})["replicas"] = updated
+        try:
+            ctx.custom.replace_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, node, vnode)
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    raise RuntimeError(f"VolumeNode {node} kept changing; will retry")
+
+
+def assign(ctx: SourceContext, node: str, entry: dict[str, Any]) -> None:
+    def add(replicas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        others = [r for r in replicas if r.get("name") != entry["name"]]
+        return [*others, entry]
+
+    _update_replicas(ctx, node, add)
+
+
+def unassign(ctx: SourceContext, node: str, keys: Iterable[str]) -> None:
+    drop = set(keys)
+    _update_replicas(ctx, node, lambda replicas: [r for r in replicas if r.get("name") not in drop])
+
+
+def set_label(ctx: SourceContext, view: ClusterView, node: str, label: str, present: bool) -> None:
+    current = view.nodes.get(node)
+    if current is None:
+        return
+    has = label in (current.metadata.labels or {})
+    if has == present:
+        return
+    try:
+        ctx.core.patch_node(node, {"metadata": {"labels": {label: "true" if present else None}}})
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def pods_using_path(ctx: SourceContext, node: str, path: str) -> list[str]:
+    """Running pods of the VolumeManager's namespace on ``node`` that mount ``path``."""
+    pods = ctx.core.list_namespaced_pod(ctx.owner.namespace, field_selector=f"spec.nodeName={node}").items
+    users = []
+    for pod in pods:
+        if pod.status and pod.status.phase in ("Succeeded", "Failed"):
+            continue
+        for volume in pod.spec.volumes or []:
+            if volume.host_path is not None and volume.host_path.path == path:
+                users.append(pod.metadata.name)
+    return users
+
+
+# --------------------------------------------------------------------------- provision
+
+
+@dataclass(frozen=True)
+class Replica:
+    """What a node-local type provisions: the assignment the agents receive."""
+
+    digest: str
+    options: Mapping[str, str]  # for the agent; never credentials
+    credentials_secret: str | None
+
+
+def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> VolumeStatus:
+    owner = ctx.owner
+    view = ClusterView.load(ctx)
+    key = replica_key(owner, config.id, replica.digest)
+    path = node_path(ctx.node_data_root, owner, config.id, replica.digest)
+    label = data_label(owner, config.id, replica.digest)
+    assigned = view.assigned(key)
+    ready_first = sorted(assigned, key=lambda n: (view.report(n, key).get("phase") != "Ready", n))
+    healthy = [n for n in ready_first if view.healthy(n)]
+    request = VolumeRequest(
+        replicas=config.replicas,
+        capacity_bytes=parse_quantity(config.capacity) if config.capacity else 0,
+        node_affinity=config.node_affinity,
+        tolerations=config.tolerations,
+    )
+    placement = place(request, view.node_infos(), current=healthy)
+    entry = {
+        "name": key,
+        "volumeManager": {"namespace": owner.namespace, "name": owner.name, "uid": owner.uid},
+        "volumeId": config.id,
+        "sourceType": config.source_type,
+        "sourceHash": replica.digest,
+        "path": path,
+        "options": dict(replica.options),
+    }
+    if replica.credentials_secret:
+        entry["credentialsSecret"] = {"namespace": owner.namespace, "name": replica.credentials_secret}
+    for node in placement.added:
+        logger.info("assigning %s to node %s", key, node)
+        assign(ctx, node, entry)
+    for node in assigned:
+        if node in placement.nodes:
+            continue
+        # Lost (node or agent gone) or no longer needed: unlabel first, then release the data.
+        set_label(ctx, view, node, label, present=False)
+        if view.healthy(node) and pods_using_path(ctx, node, path):
+            continue  # an extra replica still in use stays until its pods are gone
+        logger.info("releasing %s from node %s", key, node)
+        unassign(ctx, node, [key])
+    nodes_status = []
+    ready = 0
+    for node in placement.nodes:
+        report = view.report(node, key) if node not in placement.added else {}
+        phase = report.get("phase", "Pending")
+        is_ready = phase == "Ready"
+        ready += is_ready
+        set_label(ctx, view, node, label, present=is_ready)
+        nodes_status.append(
+            {
+                "name": node,
+                "phase": phase,
+                "bytes": int(report.get("bytes") or 0),
+                "totalBytes": int(report.get("totalBytes") or 0),
+                "message": report.get("message", "assigned; waiting for the node's agent"),
+            }
+        )
+    return _status(
+        config,
+        shortfall=placement.shortfall_message(config.replicas),
+        ready=ready,
+        nodes=nodes_status,
+        path=path,
+        label=label,
+    )
+
+
+def _status(
+    config: VolumeConfig, *, shortfall: str, ready: int, nodes: list[dict[str, Any]], path: str, label: str
+) -> VolumeStatus:
+    desired = config.replicas
+    failed = [n for n in nodes if n["phase"] == "Failed"]
+    if shortfall:
+        phase, message = VolumePhase.DEGRADED, f"{ready}/{desired} replicas ready; {shortfall}"
+    elif ready >= desired:
+        phase, message = VolumePhase.READY, f"{ready}/{desired} replicas ready"
+    elif failed and not ready:
+        phase, message = VolumePhase.FAILED, f"{failed[0]['name']}: {failed[0]['message']}"
+    else:
+        done = sum(n["bytes"] for n in nodes)
+        total = sum(n["totalBytes"] for n in nodes)
+        progress = f", {done}/{total} bytes" if total else ""
+        phase, message = VolumePhase.PROVISIONING, f"{ready}/{desired} replicas ready{progress}"
+        if failed:
+            message += f"; {failed[0]['name']}: {failed[0]['message']}"
+    return VolumeStatus(
+        id=config.id,
+        sourceType=config.source_type,
+        phase=phase,
+        message=message,
+        volumeSource={"hostPath": {"path": path, "type": "Directory"}},
+        nodeAffinity=node_affinity(label),
+        replicas={"desired": desired, "ready": ready},
+        nodes=nodes,
+    )
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def cleanup(
+    ctx: SourceContext,
+    source_type: str,
+    current: Mapping[str, str | None],
+    deleting: bool,
+) -> list[str]:
+    """Release replicas of this VolumeManager that no current volume needs.
+
+    ``current`` maps this type's volume ids to their current source digest (None: the
+    config is invalid, keep what exists). Labels go first, then the assignment; data still
+    mounted by a running pod on a healthy node is kept until the pod is gone.
+    """
+    view = ClusterView.load(ctx)
+    kept = []
+    stale: dict[str, list[str]] = {}
+    for node, entry in view.entries_of(ctx.owner):
+        if entry.get("sourceType") != source_type:
+            continue
+        volume_id = str(entry.get("volumeId"))
+        if not deleting and volume_id in current and current[volume_id] in (None, entry.get("sourceHash")):
+            continue
+        set_label(ctx, view, node, data_label(ctx.owner, volume_id, str(entry.get("sourceHash"))), present=False)
+        users = pods_using_path(ctx, node, str(entry.get("path"))) if view.healthy(node) else []
+        if users:
+            kept.append(f"old data of {volume_id} on {node} is kept until pod(s) {', '.join(sorted(users)[:5])} stop")
+            continue
+        stale.setdefault(node, []).append(str(entry["name"]))
+    for node, keys in stale.items():
+        logger.info("releasing %s from node %s", ", ".join(keys), node)
+        unassign(ctx, node, keys)
+    return kept

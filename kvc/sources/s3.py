@@ -1,0 +1,126 @@
+"""S3: copies of an object or a prefix on ``replicas`` nodes, mounted as a hostPath."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from urllib.parse import urlparse
+
+from kvc.agent.files import Manifest
+from kvc.api import names
+from kvc.api.models import AccessMode, VolumeConfig, VolumeStatus
+from kvc.api.units import parse_duration
+from kvc.sources import _nodelocal, s3_fetch
+from kvc.sources.base import FetchRequest, Source, SourceContext, required_options
+
+ACCESS_KEY_FIELD = "awsAccessKeyID"
+SECRET_KEY_FIELD = "awsSecretAccessKey"  # noqa: S105 - the name of a key in the user's Secret
+# Options the agent needs; anything else stays with the controller.
+_AGENT_OPTIONS = ("sourceURL", "endpointURL", "region", "timeoutForDataDownload")
+# Options from the original KVC that this version does not implement yet: refusing them is
+# better than ignoring them silently.
+_NOT_YET = ("distributionStrategy", "dataPath", "unpack")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def source_digest(config: VolumeConfig) -> str:
+    """New data at a new path whenever what is fetched changes."""
+    return names.short_hash(
+        config.options.get("sourceURL", "").strip(),
+        config.options.get("endpointURL", "").strip(),
+    )
+
+
+class S3Source(Source):
+    source_type = "S3"
+    node_local = True
+    access_modes = frozenset(
+        {AccessMode.READ_WRITE_ONCE.value, AccessMode.READ_ONLY_MANY.value, AccessMode.READ_WRITE_MANY.value}
+    )
+
+    def validate_options(self, config: VolumeConfig) -> list[str]:
+        options = config.options
+        problems = required_options(
+            config,
+            {
+                "sourceURL": "s3://bucket/key for one object, or s3://bucket/prefix/ for every object under it",
+                "awsCredentialsSecretName": (
+                    f"a Secret in this namespace with keys {ACCESS_KEY_FIELD} and {SECRET_KEY_FIELD}"
+                ),
+            },
+        )
+        url = options.get("sourceURL", "").strip()
+        if url:
+            try:
+                s3_fetch.parse_url(url)
+            except ValueError as exc:
+                problems.append(f"options.{exc}")
+        endpoint = options.get("endpointURL", "").strip()
+        if endpoint:
+            parsed = urlparse(endpoint)
+            if parsed.scheme not in ("https", "http") or not parsed.hostname:
+                problems.append(f"options.endpointURL must be an https:// URL, not {endpoint!r}")
+            elif parsed.scheme == "http" and not _loopback(parsed.hostname):
+                problems.append(
+                    "options.endpointURL uses plaintext http: credentials and data would cross the network "
+                    "unencrypted; use https"
+                )
+        timeout = options.get("timeoutForDataDownload", "").strip()
+        if timeout:
+            try:
+                parse_duration(timeout)
+            except ValueError as exc:
+                problems.append(f"options.timeoutForDataDownload: {exc}")
+        for option in _NOT_YET:
+            if option in options:
+                problems.append(f"options.{option} is not supported by this version of KVC; remove it")
+        return problems
+
+    def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
+        replica = _nodelocal.Replica(
+            digest=source_digest(config),
+            options={k: v for k, v in config.options.items() if k in _AGENT_OPTIONS},
+            credentials_secret=config.options.get("awsCredentialsSecretName", "").strip() or None,
+        )
+        return _nodelocal.provision(ctx, config, replica)
+
+    def cleanup(
+        self, ctx: SourceContext, current: Mapping[str, VolumeConfig | None], deleting: bool = False
+    ) -> list[str]:
+        digests = {
+            volume_id: (source_digest(config) if config is not None else None)
+            for volume_id, config in current.items()
+            if config is None or config.source_type == self.source_type
+        }
+        return _nodelocal.cleanup(ctx, self.source_type, digests, deleting)
+
+    def fetch(self, request: FetchRequest) -> Manifest:
+        options = request.options
+        access_key = request.credentials.get(ACCESS_KEY_FIELD)
+        secret_key = request.credentials.get(SECRET_KEY_FIELD)
+        if not access_key or not secret_key:
+            raise s3_fetch.FetchError(
+                f"the credentials Secret needs both {ACCESS_KEY_FIELD} and {SECRET_KEY_FIELD} keys"
+            )
+        workers = 16
+        client = s3_fetch.make_client(
+            options.get("endpointURL"), options.get("region"), access_key, secret_key, workers
+        )
+        timeout = options.get("timeoutForDataDownload")
+        return s3_fetch.fetch(
+            client,
+            options["sourceURL"].strip(),
+            request.replica,
+            request.progress,
+            workers=workers,
+            timeout=parse_duration(timeout) if timeout else None,
+            stop=request.stop,
+        )
