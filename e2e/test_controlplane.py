@@ -22,7 +22,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from certs import pki
-from e2e.cluster import ControlPlane, pid_alive, reap_stale_workdirs
+from e2e.cluster import ControlPlane, NodeSpec, pid_alive, reap_stale_workdirs
 from e2e.helpers import wait_for
 from e2e.s3server import S3Server
 
@@ -492,3 +492,28 @@ def test_second_control_plane_runs_beside_the_first_and_stop_leaves_nothing(cont
     assert not any(pid_alive(pid) for pid in pids)
     assert not workdir.exists()
     control_plane.check_alive()  # the first one was not disturbed
+
+
+def test_simulated_nodes_carry_their_labels_taints_and_capacity(control_plane: ControlPlane, namespace: str) -> None:
+    name = f"kvc-gpu-{uuid.uuid4().hex[:5]}"
+    taint = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+    control_plane.add_nodes([NodeSpec(name, labels={"accelerator": "a100"}, taints=[taint], cpu="4", pods="20")])
+    core = control_plane.core_v1()
+    try:
+        node = core.read_node(name)
+        assert node.metadata.labels["accelerator"] == "a100"
+        assert [(t.key, t.value, t.effect) for t in node.spec.taints] == [("nvidia.com/gpu", "present", "NoSchedule")]
+        assert node.status.allocatable["cpu"] == "4"
+        assert node.status.allocatable["pods"] == "20"
+        selector = {"accelerator": "a100"}
+        core.create_namespaced_pod(namespace, pod_manifest("intolerant", nodeSelector=selector))
+        tolerated = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        core.create_namespaced_pod(namespace, pod_manifest("tolerant", nodeSelector=selector, tolerations=tolerated))
+        running = wait_for(
+            lambda: (p := core.read_namespaced_pod("tolerant", namespace)).status.phase == "Running" and p,
+            what="tolerating pod Running",
+        )
+        assert running.spec.node_name == name
+        assert core.read_namespaced_pod("intolerant", namespace).spec.node_name is None  # the taint keeps it off
+    finally:
+        core.delete_node(name)
