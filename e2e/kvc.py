@@ -8,6 +8,8 @@ from pathlib import Path
 
 from e2e.cluster import Component, ControlPlane, free_port
 
+AGENT_GRACE_SECONDS = 10.0
+
 
 class KvcController:
     """`kvc run controller` against the control plane; can be killed and restarted."""
@@ -29,6 +31,8 @@ class KvcController:
                 "run",
                 "controller",
                 f"--liveness-endpoint=http://127.0.0.1:{port}/healthz",
+                # Agents here heartbeat every 2 s: notice a dead one quickly.
+                f"--agent-grace={AGENT_GRACE_SECONDS}",
             ],
             env={"KUBECONFIG": str(self.plane.kubeconfig), "PYTHONUNBUFFERED": "1"},
         )

@@ -273,3 +273,184 @@ def test_missing_credentials_secret_is_reported_by_the_agent(
         lambda: (v := vms.volume("nocreds", "cifar")).get("phase") == "Failed" and v, timeout=60, what="Failed"
     )
     assert f"credentials Secret aws-creds not found in namespace {vms.namespace}" in volume["message"]
+
+
+# --------------------------------------------------------------------------- healing and failures
+
+
+def _partial_download(agents: dict[str, KvcAgent], namespace: str) -> tuple[str, Path] | None:
+    """(node, staging directory) of a replica of ``namespace`` being downloaded right now."""
+    for node, agent in agents.items():
+        for staging in (agent.data_root / namespace).glob("*/*.partial"):
+            if any(p.is_file() and p.stat().st_size > 0 for p in staging.rglob("*")):
+                return node, staging
+    return None
+
+
+def _wait_heartbeat(api: Any, node: str) -> None:
+    custom = client.CustomObjectsApi(api)
+
+    def beating() -> bool:
+        try:
+            vnode = custom.get_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, node)
+        except client.exceptions.ApiException:
+            return False
+        return bool((vnode.get("status") or {}).get("heartbeatTime"))
+
+    wait_for(beating, timeout=30, what=f"agent of {node} to report")
+
+
+def _holders(vms: VolumeManagers, name: str) -> list[str]:
+    return sorted(n["name"] for n in vms.volume(name, "cifar").get("nodes", []) if n["phase"] == "Ready")
+
+
+def test_a_replica_whose_agent_stops_is_placed_elsewhere_and_its_label_removed(
+    vms: VolumeManagers,
+    s3: S3Server,
+    dataset: tuple[str, dict[str, str]],
+    credentials: str,
+    agents: dict[str, KvcAgent],
+    api: Any,
+) -> None:
+    bucket, expected = dataset
+    vms.create("healing", [s3_volume(s3, bucket, replicas=2)])
+    volume = vms.wait_state("healing", "Running", timeout=120)["status"]["volumes"][0]
+    label = volume["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
+        "matchExpressions"
+    ][0]["key"]
+    before = _holders(vms, "healing")
+    lost = before[0]
+    agents[lost].kill()
+    # The agent's silence makes the replica lost: Degraded or Provisioning while it moves.
+    wait_for(
+        lambda: vms.volume("healing", "cifar").get("phase") in ("Provisioning", "Degraded"),
+        timeout=60,
+        what="not Ready",
+    )
+    assert lost not in labelled_nodes(api, label)
+
+    def replaced() -> list[str] | None:
+        holders = _holders(vms, "healing")
+        return holders if len(holders) == 2 and lost not in holders else None
+
+    after = wait_for(replaced, timeout=120, what="re-placed")
+    assert vms.volume("healing", "cifar")["phase"] == "Ready"
+    assert labelled_nodes(api, label) == after
+    (new,) = set(after) - set(before)
+    assert tree(agents[new].local(volume["volumeSource"]["hostPath"]["path"])) == expected
+
+
+def test_a_deleted_node_loses_its_replica_to_another_node(
+    vms: VolumeManagers,
+    s3: S3Server,
+    dataset: tuple[str, dict[str, str]],
+    credentials: str,
+    control_plane: ControlPlane,
+    api: Any,
+) -> None:
+    bucket, _ = dataset
+    name = f"kvc-doomed-{uuid.uuid4().hex[:5]}"
+    control_plane.add_nodes([NodeSpec(name, labels={"kvc.test/doomed": "yes"})])
+    doomed = KvcAgent(control_plane, name).start()
+    _wait_heartbeat(api, name)
+    preferred = {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "preference": {"matchExpressions": [{"key": "kvc.test/doomed", "operator": "Exists"}]}}
+        ]
+    }
+    try:
+        vms.create("moving", [{**s3_volume(s3, bucket, replicas=1), "nodeAffinity": preferred}])
+        vms.wait_state("moving", "Running", timeout=120)
+        assert _holders(vms, "moving") == [name]
+        doomed.kill()
+        client.CoreV1Api(api).delete_node(name)
+
+        def moved() -> list[str] | None:
+            holders = _holders(vms, "moving")
+            return holders if holders and name not in holders else None
+
+        holders = wait_for(moved, timeout=120, what="re-placed")
+        assert len(holders) == 1
+    finally:
+        doomed.stop()
+
+
+def test_agent_killed_mid_transfer_resumes_and_is_never_ready_early(
+    vms: VolumeManagers,
+    s3: S3Server,
+    credentials: str,
+    agents: dict[str, KvcAgent],
+) -> None:
+    s3_client = s3.client()
+    bucket = f"big-{uuid.uuid4().hex[:8]}"
+    s3_client.create_bucket(Bucket=bucket)
+    body = os.urandom(200 * 1024 * 1024)
+    s3_client.put_object(Bucket=bucket, Key="cifar/weights.bin", Body=body)
+    vms.create("resumed", [s3_volume(s3, bucket, replicas=1)])
+    node, staging = wait_for(
+        lambda: _partial_download(agents, vms.namespace), timeout=60, interval=0.01, what="a partial download"
+    )
+    agents[node].kill()
+    partial = staging / "weights.bin"
+    local = staging.with_name(staging.name.removesuffix(".partial"))
+    assert not local.exists()  # nothing published while incomplete
+    assert 0 < partial.stat().st_size < len(body)
+    assert vms.volume("resumed", "cifar").get("phase") != "Ready"
+    agents[node].start()
+    vms.wait_state("resumed", "Running", timeout=120)
+    assert (local / "weights.bin").read_bytes() == body
+    path = vms.volume("resumed", "cifar")["volumeSource"]["hostPath"]["path"]
+    assert agents[node].local(path) == local
+    assert _holders(vms, "resumed") == [node]
+    component = agents[node].component
+    assert component is not None
+    assert "Traceback" not in component.log_path.read_text()
+
+
+def test_missing_bucket_and_key_are_reported_in_the_volume_status(
+    vms: VolumeManagers, s3: S3Server, credentials: str
+) -> None:
+    vms.create(
+        "missing",
+        [
+            {**s3_volume(s3, "kvc-no-such-bucket", "nobucket", replicas=1)},
+            {
+                **s3_volume(s3, "kvc-no-such-bucket", "nokey", replicas=1),
+                "options": {
+                    "sourceURL": "s3://kvc-no-such-bucket/x.bin",
+                    "endpointURL": s3.endpoint_url,
+                    "awsCredentialsSecretName": "aws-creds",
+                },
+            },
+        ],
+    )
+    failed = wait_for(
+        lambda: all(vms.volume("missing", i).get("phase") == "Failed" for i in ("nobucket", "nokey")),
+        timeout=60,
+        what="both volumes Failed",
+    )
+    assert failed
+    assert "bucket kvc-no-such-bucket does not exist" in vms.volume("missing", "nobucket")["message"]
+    assert vms.get("missing")["status"]["state"] == "Failed"
+
+
+def test_s3_server_restart_mid_transfer_is_retried_and_completes(
+    vms: VolumeManagers, s3: S3Server, credentials: str, agents: dict[str, KvcAgent]
+) -> None:
+    s3_client = s3.client()
+    bucket = f"flaky-{uuid.uuid4().hex[:8]}"
+    s3_client.create_bucket(Bucket=bucket)
+    objects = {f"cifar/part-{i:02d}.bin": os.urandom(8 * 1024 * 1024) for i in range(24)}
+    for key, body in objects.items():
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    vms.create("flaky", [s3_volume(s3, bucket, replicas=1)])
+    wait_for(lambda: _partial_download(agents, vms.namespace), timeout=60, interval=0.01, what="a transfer in progress")
+    s3.stop()
+    s3.start()  # moto keeps objects in memory: the restarted server is empty until re-seeded
+    s3_client = s3.client()
+    s3_client.create_bucket(Bucket=bucket)
+    for key, body in objects.items():
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    vm = vms.wait_state("flaky", "Running", timeout=180)
+    node = vm["status"]["volumes"][0]["nodes"][0]
+    assert node["bytes"] == node["totalBytes"] == 24 * 8 * 1024 * 1024

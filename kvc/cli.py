@@ -47,11 +47,19 @@ def run() -> None:
     show_default=True,
     help="Node path under which every agent keeps its data (the hostPath workloads mount).",
 )
-def run_controller(namespaces: tuple[str, ...], liveness_endpoint: str | None, node_data_root: str) -> None:
+@click.option(
+    "--agent-grace",
+    default=45.0,
+    show_default=True,
+    help="Seconds without a heartbeat after which a node's agent is gone and its replicas move.",
+)
+def run_controller(
+    namespaces: tuple[str, ...], liveness_endpoint: str | None, node_data_root: str, agent_grace: float
+) -> None:
     """The VolumeManager controller."""
     from kvc.controller import run as run_kopf  # noqa: PLC0415 - imports kopf only for this command
 
-    run_kopf(namespaces, liveness_endpoint, node_data_root)
+    run_kopf(namespaces, liveness_endpoint, node_data_root, agent_grace)
 
 
 @run.command("agent")

@@ -10,7 +10,10 @@ logger = logging.getLogger(__name__)
 
 
 def run(
-    namespaces: tuple[str, ...] = (), liveness_endpoint: str | None = None, node_data_root: str = "/var/lib/kvc"
+    namespaces: tuple[str, ...] = (),
+    liveness_endpoint: str | None = None,
+    node_data_root: str = "/var/lib/kvc",
+    agent_grace_seconds: float = 45.0,
 ) -> None:
     """Run the controller until interrupted (``kvc run controller``)."""
     from kvc.controller import handlers  # noqa: F401, PLC0415 - registers the handlers with kopf
@@ -20,5 +23,5 @@ def run(
         namespaces=namespaces,
         standalone=True,
         liveness_endpoint=liveness_endpoint,
-        memo=kopf.Memo(node_data_root=node_data_root),
+        memo=kopf.Memo(node_data_root=node_data_root, agent_grace_seconds=agent_grace_seconds),
     )

@@ -42,12 +42,17 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.custom = client.CustomObjectsApi(api)
     memo.registry = load_registry()
     memo.setdefault("node_data_root", DEFAULT_NODE_DATA_ROOT)
+    memo.setdefault("agent_grace_seconds", 45.0)
     logger.info("source types: %s", ", ".join(sorted(memo.registry.sources)))
 
 
 def _context(body: kopf.Body, memo: kopf.Memo) -> SourceContext:
     return SourceContext(
-        owner=reconcile.owner_of(body), core=memo.core, custom=memo.custom, node_data_root=memo.node_data_root
+        owner=reconcile.owner_of(body),
+        core=memo.core,
+        custom=memo.custom,
+        node_data_root=memo.node_data_root,
+        agent_grace_seconds=memo.agent_grace_seconds,
     )
 
 

@@ -24,9 +24,6 @@ from kvc.sources.base import SourceContext, VolumeManagerRef
 
 logger = logging.getLogger(__name__)
 
-# An agent that has not reported for this long is considered gone: its replicas are
-# placed elsewhere (the VolumeNode heartbeat is written every 10 s).
-AGENT_GRACE_SECONDS = 45.0
 DATA_LABEL_PREFIX = f"data.{names.GROUP}"
 
 
@@ -73,13 +70,15 @@ class ClusterView:
 
     nodes: dict[str, Any]  # name -> V1Node
     volumenodes: dict[str, dict[str, Any]]  # name -> VolumeNode object
+    agent_grace_seconds: float = 45.0
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     @classmethod
     def load(cls, ctx: SourceContext) -> ClusterView:
         nodes = {n.metadata.name: n for n in ctx.core.list_node().items}
         listed = ctx.custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL)
-        return cls(nodes, {v["metadata"]["name"]: v for v in listed.get("items", [])})
+        volumenodes = {v["metadata"]["name"]: v for v in listed.get("items", [])}
+        return cls(nodes, volumenodes, ctx.agent_grace_seconds)
 
     def node_ready(self, name: str) -> bool:
         node = self.nodes.get(name)
@@ -89,7 +88,7 @@ class ClusterView:
 
     def agent_alive(self, name: str) -> bool:
         heartbeat = _parse_time(((self.volumenodes.get(name) or {}).get("status") or {}).get("heartbeatTime"))
-        return heartbeat is not None and (self.now - heartbeat).total_seconds() < AGENT_GRACE_SECONDS
+        return heartbeat is not None and (self.now - heartbeat).total_seconds() < self.agent_grace_seconds
 
     def healthy(self, name: str) -> bool:
         return self.node_ready(name) and self.agent_alive(name)

@@ -67,6 +67,8 @@ class SourceContext:
     custom: Any = None  # kubernetes.client.CustomObjectsApi
     # Node path under which every agent keeps its data (one for the whole cluster).
     node_data_root: str = "/var/lib/kvc"
+    # An agent silent for longer is gone: its replicas are placed elsewhere.
+    agent_grace_seconds: float = 45.0
 
 
 @dataclass(frozen=True)
