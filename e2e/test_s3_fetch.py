@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import tarfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -196,3 +198,24 @@ def test_verify_notices_deleted_and_truncated_files(bucket: tuple[Any, str], age
     (replica.final / "a.bin").unlink()
     (replica.final / "b.bin").write_bytes(b"b" * 10)
     assert replica.verify() == ["a.bin is missing", "b.bin has 10 bytes, expected 100"]
+
+
+def test_archives_are_unpacked_safely_and_removed(bucket: tuple[Any, str], agent_client: Any, tmp_path: Path) -> None:
+    client, name = bucket
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for member, data in {"cifar/train/x.bin": b"x" * 1000, "../../escape.txt": b"evil"}.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    seed(client, name, {"archives/part-1.tar.gz": buffer.getvalue()})
+    replica = ReplicaDir(tmp_path / "node" / "vol")
+    manifest = fetch(agent_client, f"s3://{name}/archives/", replica, Progress(), unpack="tar.gz")
+    assert (replica.final / "cifar/train/x.bin").read_bytes() == b"x" * 1000
+    assert [f.path for f in manifest.files] == ["cifar/train/x.bin"]
+    assert manifest.skipped == ["part-1.tar.gz:../../escape.txt"]
+    assert not (replica.final / ".kvc-download").exists()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "node/vol/.kvc-manifest.json",
+        "node/vol/cifar/train/x.bin",
+    ]

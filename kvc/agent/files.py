@@ -17,6 +17,8 @@ from pathlib import Path, PurePosixPath
 
 MANIFEST = ".kvc-manifest.json"
 STAGING_SUFFIX = ".partial"
+# Archives to unpack are downloaded here, inside the staging directory, then removed.
+DOWNLOADS = ".kvc-download"
 
 
 class UnsafePathError(ValueError):
@@ -38,7 +40,7 @@ def safe_relative(name: str) -> PurePosixPath:
         raise UnsafePathError(f"{name!r}: empty path")
     if ".." in parts:
         raise UnsafePathError(f"{name!r}: '..' would leave the volume's directory")
-    if parts[-1] == MANIFEST:
+    if parts[-1] == MANIFEST or parts[0] == DOWNLOADS:
         raise UnsafePathError(f"{name!r}: reserved name")
     return PurePosixPath(*parts)
 
@@ -104,6 +106,10 @@ class ReplicaDir:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    @property
+    def downloads(self) -> Path:
+        return self.staging / DOWNLOADS
+
     def prepare(self) -> Path:
         """The staging directory, created if needed (kept across restarts to resume)."""
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -139,6 +145,15 @@ class ReplicaDir:
     def remove(self) -> None:
         for directory in (self.final, self.staging):
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def files_under(root: Path) -> list[ManifestFile]:
+    """Every regular file under ``root`` (but the manifest), with its size."""
+    return [
+        ManifestFile(str(path.relative_to(root)), path.stat().st_size)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and not path.is_symlink() and path.name != MANIFEST
+    ]
 
 
 def remove_unexpected(staging: Path, expected: Sequence[PurePosixPath]) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from urllib.parse import urlparse
 
 from kvc.agent.files import Manifest
+from kvc.agent.unpack import KINDS
 from kvc.api import names
 from kvc.api.models import AccessMode, VolumeConfig, VolumeStatus
 from kvc.api.units import parse_duration
@@ -16,10 +17,10 @@ from kvc.sources.base import FetchRequest, Source, SourceContext, required_optio
 ACCESS_KEY_FIELD = "awsAccessKeyID"
 SECRET_KEY_FIELD = "awsSecretAccessKey"  # noqa: S105 - the name of a key in the user's Secret
 # Options the agent needs; anything else stays with the controller.
-_AGENT_OPTIONS = ("sourceURL", "endpointURL", "region", "timeoutForDataDownload")
+_AGENT_OPTIONS = ("sourceURL", "endpointURL", "region", "timeoutForDataDownload", "unpack")
 # Options from the original KVC that this version does not implement yet: refusing them is
 # better than ignoring them silently.
-_NOT_YET = ("distributionStrategy", "dataPath", "unpack")
+_NOT_YET = ("distributionStrategy", "dataPath")
 
 
 def _loopback(host: str) -> bool:
@@ -31,11 +32,19 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def validate_unpack(options: Mapping[str, str]) -> list[str]:
+    kind = options.get("unpack", "").strip()
+    if kind and kind not in KINDS:
+        return [f"options.unpack must be one of {', '.join(KINDS)}, not {kind!r}"]
+    return []
+
+
 def source_digest(config: VolumeConfig) -> str:
     """New data at a new path whenever what is fetched changes."""
     return names.short_hash(
         config.options.get("sourceURL", "").strip(),
         config.options.get("endpointURL", "").strip(),
+        config.options.get("unpack", "").strip(),
     )
 
 
@@ -79,6 +88,7 @@ class S3Source(Source):
                 parse_duration(timeout)
             except ValueError as exc:
                 problems.append(f"options.timeoutForDataDownload: {exc}")
+        problems += validate_unpack(options)
         for option in _NOT_YET:
             if option in options:
                 problems.append(f"options.{option} is not supported by this version of KVC; remove it")
@@ -123,4 +133,5 @@ class S3Source(Source):
             workers=workers,
             timeout=parse_duration(timeout) if timeout else None,
             stop=request.stop,
+            unpack=options.get("unpack") or None,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,16 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from kvc.agent.files import Manifest, ManifestFile, ReplicaDir, UnsafePathError, remove_unexpected, safe_join
+from kvc.agent import unpack as unpack_archive
+from kvc.agent.files import (
+    Manifest,
+    ManifestFile,
+    ReplicaDir,
+    UnsafePathError,
+    files_under,
+    remove_unexpected,
+    safe_join,
+)
 from kvc.sources.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -197,26 +207,29 @@ def fetch(
     workers: int = 8,
     timeout: float | None = None,
     stop: threading.Event | None = None,
+    unpack: str | None = None,
 ) -> Manifest:
-    """Copy ``url`` into ``replica`` and publish it; returns the manifest."""
+    """Copy ``url`` into ``replica`` (extracting archives when ``unpack`` names their kind) and publish it."""
     location = parse_url(url)
     deadline = time.monotonic() + timeout if timeout else float("inf")
     objects = list_objects(client, location)
     staging = replica.prepare()
+    root = replica.downloads if unpack else staging
+    root.mkdir(exist_ok=True)
     manifest = Manifest(source=url)
     planned: list[tuple[S3Object, Path, PurePosixPath]] = []
     for obj in objects:
         name = _relative_name(location, obj.key)
         try:
-            target = safe_join(staging, name)
+            target = safe_join(root, name)
         except UnsafePathError as exc:
             logger.warning("skipping unsafe key %r: %s", obj.key, exc)
             manifest.skipped.append(obj.key)
             continue
-        planned.append((obj, target, target.relative_to(staging)))  # type: ignore[arg-type]
+        planned.append((obj, target, PurePosixPath(target.relative_to(root))))
     if not planned:
         raise FetchError(f"no safe objects under {location}: every key would escape the volume's directory")
-    remove_unexpected(staging, [relative for _, _, relative in planned])
+    remove_unexpected(root, [relative for _, _, relative in planned])
     progress.total_bytes = sum(obj.size for obj, _, _ in planned)
     progress.bytes = sum(min(t.stat().st_size, o.size) for o, t, _ in planned if t.exists())
 
@@ -239,6 +252,20 @@ def fetch(
             if isinstance(error, FetchError):
                 raise error
             raise FetchError(f"download failed: {type(error).__name__}: {error}") from error
-    manifest.files = [ManifestFile(str(relative), obj.size, obj.etag) for obj, _, relative in planned]
+    if unpack:
+        finish_unpack(replica, unpack, manifest)
+    else:
+        manifest.files = [ManifestFile(str(relative), obj.size, obj.etag) for obj, _, relative in planned]
     replica.publish(manifest)
     return manifest
+
+
+def finish_unpack(replica: ReplicaDir, kind: str, manifest: Manifest) -> None:
+    """Extract every downloaded archive into the staging directory, then drop the archives."""
+    for archive in sorted(p for p in replica.downloads.rglob("*") if p.is_file()):
+        skipped = unpack_archive.extract(archive, replica.staging, kind)
+        manifest.skipped += [f"{archive.name}:{member}" for member in skipped]
+    shutil.rmtree(replica.downloads)
+    manifest.files = files_under(replica.staging)
+    if not manifest.files:
+        raise FetchError("the archives held no files that could be extracted safely")
