@@ -188,7 +188,7 @@ def test_bad_volumes_fail_with_messages_naming_the_field_and_good_ones_are_unaff
             "options.claimName is required for PVC volumes: the name of a PersistentVolumeClaim in this namespace"
         ),
         "bad-claim": "options.claimName 'Not_A_Name' is not a valid PersistentVolumeClaim name",
-        "ceph": "unknown sourceType 'Ceph': known types are NFS, PVC, S3",
+        "ceph": "unknown sourceType 'Ceph': known types are HTTP, NFS, PVC, S3",
     }
     for volume_id, message in expected.items():
         assert by_id[volume_id]["phase"] == "Failed", volume_id

@@ -9,10 +9,12 @@ never changes for it.
 from __future__ import annotations
 
 import abc
+import ipaddress
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import urlparse
 
 from kvc.agent.files import Manifest, ReplicaDir
 from kvc.api import names
@@ -123,6 +125,27 @@ class Source(abc.ABC):
     def fetch(self, request: FetchRequest) -> Manifest:
         """Agent side of node-local types: fetch, verify and publish one replica."""
         raise NotImplementedError(f"{self.source_type} volumes are not fetched onto nodes")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def url_problem(option: str, url: str) -> str | None:
+    """Why ``url`` is not acceptable for ``option``: not http(s), or plaintext off this machine."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("https", "http") or not parsed.hostname:
+        return f"options.{option} must be an https:// URL, not {url!r}"
+    if parsed.scheme == "http" and not _loopback(parsed.hostname):
+        return (
+            f"options.{option} uses plaintext http: credentials and data would cross the network unencrypted; use https"
+        )
+    return None
 
 
 def required_options(config: VolumeConfig, fields: Mapping[str, str]) -> list[str]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
-from urllib.parse import urlparse
 
 from kvc.agent.files import Manifest
 from kvc.agent.unpack import KINDS
@@ -12,7 +10,7 @@ from kvc.api import names
 from kvc.api.models import AccessMode, VolumeConfig, VolumeStatus
 from kvc.api.units import parse_duration
 from kvc.sources import _nodelocal, s3_fetch
-from kvc.sources.base import FetchRequest, Source, SourceContext, required_options
+from kvc.sources.base import FetchRequest, Source, SourceContext, required_options, url_problem
 
 ACCESS_KEY_FIELD = "awsAccessKeyID"
 SECRET_KEY_FIELD = "awsSecretAccessKey"  # noqa: S105 - the name of a key in the user's Secret
@@ -21,15 +19,6 @@ _AGENT_OPTIONS = ("sourceURL", "endpointURL", "region", "timeoutForDataDownload"
 # Options from the original KVC that this version does not implement yet: refusing them is
 # better than ignoring them silently.
 _NOT_YET = ("distributionStrategy", "dataPath")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def validate_unpack(options: Mapping[str, str]) -> list[str]:
@@ -73,15 +62,9 @@ class S3Source(Source):
             except ValueError as exc:
                 problems.append(f"options.{exc}")
         endpoint = options.get("endpointURL", "").strip()
-        if endpoint:
-            parsed = urlparse(endpoint)
-            if parsed.scheme not in ("https", "http") or not parsed.hostname:
-                problems.append(f"options.endpointURL must be an https:// URL, not {endpoint!r}")
-            elif parsed.scheme == "http" and not _loopback(parsed.hostname):
-                problems.append(
-                    "options.endpointURL uses plaintext http: credentials and data would cross the network "
-                    "unencrypted; use https"
-                )
+        problem = url_problem("endpointURL", endpoint) if endpoint else None
+        if problem:
+            problems.append(problem)
         timeout = options.get("timeoutForDataDownload", "").strip()
         if timeout:
             try:

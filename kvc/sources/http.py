@@ -1,0 +1,218 @@
+"""HTTP: one or more files (models, tarballs) from https URLs onto ``replicas`` nodes.
+
+Options: ``url`` (one or more, separated by commas or spaces), ``sha256`` (one digest per
+URL, in the same order), ``unpack`` (tar, tar.gz, zip), ``headersSecretName`` (a Secret
+whose keys are HTTP header names, e.g. Authorization; values are never logged).
+Downloads resume with Range requests when the server supports them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
+
+from kvc.agent.files import Manifest, ManifestFile, ReplicaDir, UnsafePathError, remove_unexpected, safe_relative
+from kvc.api import names
+from kvc.api.models import AccessMode, VolumeConfig, VolumeStatus
+from kvc.api.units import parse_duration
+from kvc.sources import _nodelocal
+from kvc.sources.base import FetchRequest, Source, SourceContext, required_options, url_problem
+from kvc.sources.progress import Progress
+from kvc.sources.s3 import validate_unpack
+from kvc.sources.s3_fetch import CHUNK, RETRIES, FetchError, finish_unpack
+
+logger = logging.getLogger(__name__)
+
+_AGENT_OPTIONS = ("url", "sha256", "unpack", "timeoutForDataDownload")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def split_list(value: str) -> list[str]:
+    return [item for item in re.split(r"[\s,]+", value.strip()) if item]
+
+
+def file_name(url: str) -> str:
+    """The name a URL's file gets in the volume: the last segment of its path."""
+    name = unquote(urlparse(url).path.rstrip("/").rsplit("/", 1)[-1])
+    return str(safe_relative(name or "download"))
+
+
+def source_digest(config: VolumeConfig) -> str:
+    options = config.options
+    return names.short_hash(
+        *split_list(options.get("url", "")), options.get("sha256", "").strip(), options.get("unpack", "").strip()
+    )
+
+
+def _download(
+    url: str,
+    target: Path,
+    *,
+    headers: Mapping[str, str],
+    progress: Progress,
+    deadline: float,
+    should_stop: Callable[[], bool],
+) -> None:
+    attempt = 0
+    while True:
+        have = target.stat().st_size if target.exists() else 0
+        request = urllib.request.Request(url, headers=dict(headers))  # noqa: S310 - scheme checked by validate
+        if have:
+            request.add_header("Range", f"bytes={have}-")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+                if have and response.status != 206:  # the server ignored the range: start over
+                    progress.add(-have)
+                    have = 0
+                with target.open("ab" if have else "wb") as out:
+                    while chunk := response.read(CHUNK):
+                        out.write(chunk)
+                        progress.add(len(chunk))
+                        if should_stop():
+                            raise FetchError("stopped")
+            progress.file_done()
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and have:  # nothing left to fetch: the file is complete
+                progress.file_done()
+                return
+            if exc.code < 500:
+                raise FetchError(f"{_redact(url)} answered HTTP {exc.code} {exc.reason}") from None
+            error: Exception = exc
+        except (urllib.error.URLError, OSError) as exc:
+            error = exc
+        attempt += 1
+        if attempt > RETRIES or time.monotonic() > deadline:
+            raise FetchError(f"giving up on {_redact(url)}: {type(error).__name__}: {error}") from None
+        delay = min(0.5 * 2**attempt, 15.0)
+        logger.warning("retrying %s in %.1fs (%s)", _redact(url), delay, type(error).__name__)
+        time.sleep(delay)
+
+
+def _redact(url: str) -> str:
+    """The URL without user:password or query string, which may carry credentials."""
+    parsed = urlparse(url)
+    host = parsed.hostname or ""
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.scheme}://{host}{port}{parsed.path}"
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class HTTPSource(Source):
+    source_type = "HTTP"
+    node_local = True
+    access_modes = frozenset(
+        {AccessMode.READ_WRITE_ONCE.value, AccessMode.READ_ONLY_MANY.value, AccessMode.READ_WRITE_MANY.value}
+    )
+
+    def validate_options(self, config: VolumeConfig) -> list[str]:
+        options = config.options
+        problems = required_options(config, {"url": "one or more https:// URLs, separated by commas"})
+        urls = split_list(options.get("url", ""))
+        names_seen: set[str] = set()
+        for url in urls:
+            problem = url_problem("url", url)
+            if problem:
+                problems.append(problem)
+                continue
+            try:
+                name = file_name(url)
+            except UnsafePathError:
+                problems.append(f"options.url {_redact(url)} does not end in a usable file name")
+                continue
+            if name in names_seen:
+                problems.append(f"options.url lists two URLs whose files are both named {name}")
+            names_seen.add(name)
+        digests = split_list(options.get("sha256", ""))
+        if digests and len(digests) != len(urls):
+            problems.append(f"options.sha256 must give one digest per URL: {len(digests)} for {len(urls)} URLs")
+        problems += [f"options.sha256 {d!r} is not a hex SHA-256 digest" for d in digests if not _SHA256.match(d)]
+        timeout = options.get("timeoutForDataDownload", "").strip()
+        if timeout:
+            try:
+                parse_duration(timeout)
+            except ValueError as exc:
+                problems.append(f"options.timeoutForDataDownload: {exc}")
+        return problems + validate_unpack(options)
+
+    def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
+        replica = _nodelocal.Replica(
+            digest=source_digest(config),
+            options={k: v for k, v in config.options.items() if k in _AGENT_OPTIONS},
+            credentials_secret=config.options.get("headersSecretName", "").strip() or None,
+        )
+        return _nodelocal.provision(ctx, config, replica)
+
+    def cleanup(
+        self, ctx: SourceContext, current: Mapping[str, VolumeConfig | None], deleting: bool = False
+    ) -> list[str]:
+        digests = {
+            volume_id: (source_digest(config) if config is not None else None)
+            for volume_id, config in current.items()
+            if config is None or config.source_type == self.source_type
+        }
+        return _nodelocal.cleanup(ctx, self.source_type, digests, deleting)
+
+    def fetch(self, request: FetchRequest) -> Manifest:
+        options = request.options
+        urls = split_list(options.get("url", ""))
+        digests = split_list(options.get("sha256", "")) or [""] * len(urls)
+        unpack = options.get("unpack") or None
+        timeout = options.get("timeoutForDataDownload")
+        deadline = time.monotonic() + parse_duration(timeout) if timeout else float("inf")
+        replica: ReplicaDir = request.replica
+        replica.prepare()
+        root = replica.downloads if unpack else replica.staging
+        root.mkdir(exist_ok=True)
+        planned = [(url, root / file_name(url), digest) for url, digest in zip(urls, digests, strict=True)]
+        remove_unexpected(root, [PurePosixPath(target.name) for _, target, _ in planned])
+        abort = threading.Event()
+
+        def should_stop() -> bool:
+            return abort.is_set() or request.stop.is_set()
+
+        def job(url: str, target: Path, digest: str) -> None:
+            _download(
+                url,
+                target,
+                headers=request.credentials,
+                progress=request.progress,
+                deadline=deadline,
+                should_stop=should_stop,
+            )
+            if digest and _sha256_of(target) != digest:
+                target.unlink()
+                raise FetchError(f"{_redact(url)} failed verification: its SHA-256 differs from options.sha256")
+
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="http-fetch") as pool:
+            futures = [pool.submit(job, url, target, digest) for url, target, digest in planned]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                abort.set()
+                wait(futures)
+                error = failed[0].exception()
+                raise error if isinstance(error, FetchError) else FetchError(f"download failed: {error}")
+        manifest = Manifest(source=", ".join(_redact(u) for u in urls))
+        if unpack:
+            finish_unpack(replica, unpack, manifest)
+        else:
+            manifest.files = [ManifestFile(target.name, target.stat().st_size) for _, target, _ in planned]
+        replica.publish(manifest)
+        return manifest
