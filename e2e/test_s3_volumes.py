@@ -454,3 +454,21 @@ def test_s3_server_restart_mid_transfer_is_retried_and_completes(
     vm = vms.wait_state("flaky", "Running", timeout=180)
     node = vm["status"]["volumes"][0]["nodes"][0]
     assert node["bytes"] == node["totalBytes"] == 24 * 8 * 1024 * 1024
+
+
+def test_distribution_strategy_puts_each_part_of_the_data_on_its_own_nodes(
+    vms: VolumeManagers,
+    s3: S3Server,
+    dataset: tuple[str, dict[str, str]],
+    credentials: str,
+    agents: dict[str, KvcAgent],
+) -> None:
+    bucket, expected = dataset
+    strategy = '{"train/batch-[0-2]/*": 2, "meta/*": 1}'
+    vms.create("sharded", [s3_volume(s3, bucket, replicas=3, distributionStrategy=strategy)])
+    volume = vms.wait_state("sharded", "Running", timeout=120)["status"]["volumes"][0]
+    path = volume["volumeSource"]["hostPath"]["path"]
+    parts = sorted(tuple(sorted(tree(agents[n["name"]].local(path)))) for n in volume["nodes"])
+    train = tuple(sorted(k for k in expected if k.startswith(("train/batch-0/", "train/batch-1/", "train/batch-2/"))))
+    meta = ("meta/labels.txt",)
+    assert parts == sorted([train, train, meta])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,12 @@ class ClusterView:
             for name, vnode in self.volumenodes.items()
             if any(r.get("name") == key for r in (vnode.get("spec") or {}).get("replicas") or [])
         )
+
+    def entry(self, node: str, key: str) -> dict[str, Any]:
+        for entry in ((self.volumenodes.get(node) or {}).get("spec") or {}).get("replicas") or []:
+            if entry.get("name") == key:
+                return dict(entry)
+        return {}
 
     def report(self, node: str, key: str) -> dict[str, Any]:
         for entry in ((self.volumenodes.get(node) or {}).get("status") or {}).get("replicas") or []:
@@ -221,6 +227,20 @@ class Replica:
     digest: str
     options: Mapping[str, str]  # for the agent; never credentials
     credentials_secret: str | None
+    # Per-node extra options when nodes hold different parts of the data (one per replica),
+    # e.g. {"include": "*.tfrecord-0*"} for a distributionStrategy; empty: all nodes alike.
+    slots: tuple[Mapping[str, str], ...] = ()
+
+
+def slots_to_fill(slots: Sequence[Mapping[str, str]], held: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """The slots no kept node holds yet, in order (pure)."""
+    remaining = [dict(slot) for slot in slots]
+    for options in held:
+        for index, slot in enumerate(remaining):
+            if all(options.get(k) == v for k, v in slot.items()):
+                del remaining[index]
+                break
+    return remaining
 
 
 def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> VolumeStatus:
@@ -239,7 +259,7 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
         tolerations=config.tolerations,
     )
     placement = place(request, view.node_infos(), current=healthy)
-    entry = {
+    entry: dict[str, Any] = {
         "name": key,
         "volumeManager": {"namespace": owner.namespace, "name": owner.name, "uid": owner.uid},
         "volumeId": config.id,
@@ -250,9 +270,12 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
     }
     if replica.credentials_secret:
         entry["credentialsSecret"] = {"namespace": owner.namespace, "name": replica.credentials_secret}
-    for node in placement.added:
+    kept = [n for n in placement.nodes if n not in placement.added]
+    free_slots = slots_to_fill(replica.slots, [view.entry(n, key).get("options") or {} for n in kept])
+    for index, node in enumerate(placement.added):
         logger.info("assigning %s to node %s", key, node)
-        assign(ctx, node, entry)
+        extra = free_slots[index] if index < len(free_slots) else {}
+        assign(ctx, node, {**entry, "options": {**entry["options"], **extra}})
     for node in assigned:
         if node in placement.nodes:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from kvc.agent.files import Manifest
@@ -18,7 +19,7 @@ SECRET_KEY_FIELD = "awsSecretAccessKey"  # noqa: S105 - the name of a key in the
 _AGENT_OPTIONS = ("sourceURL", "endpointURL", "region", "timeoutForDataDownload", "unpack")
 # Options from the original KVC that this version does not implement yet: refusing them is
 # better than ignoring them silently.
-_NOT_YET = ("distributionStrategy", "dataPath")
+_NOT_YET = ("dataPath",)
 
 
 def validate_unpack(options: Mapping[str, str]) -> list[str]:
@@ -34,7 +35,33 @@ def source_digest(config: VolumeConfig) -> str:
         config.options.get("sourceURL", "").strip(),
         config.options.get("endpointURL", "").strip(),
         config.options.get("unpack", "").strip(),
+        config.options.get("distributionStrategy", "").strip(),
     )
+
+
+def distribution(config: VolumeConfig) -> dict[str, int]:
+    """The distributionStrategy as {glob: nodes}; raises ValueError with what to fix."""
+    text = config.options.get("distributionStrategy", "").strip()
+    if not text:
+        return {}
+    try:
+        strategy = json.loads(text)
+    except ValueError:
+        raise ValueError(
+            f'options.distributionStrategy must be JSON such as {{"*.tfrecord-0*": 1}}, not {text!r}'
+        ) from None
+    if not isinstance(strategy, dict) or not strategy:
+        raise ValueError("options.distributionStrategy must be a JSON object of glob: number of nodes")
+    for glob, count in strategy.items():
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"options.distributionStrategy: {glob!r} must map to a whole number of nodes >= 1")
+    total = sum(strategy.values())
+    if total != config.replicas:
+        raise ValueError(
+            f"options.distributionStrategy places {total} replicas but replicas is {config.replicas}: "
+            "make the numbers add up to replicas"
+        )
+    return {str(glob): int(count) for glob, count in strategy.items()}
 
 
 class S3Source(Source):
@@ -72,6 +99,10 @@ class S3Source(Source):
             except ValueError as exc:
                 problems.append(f"options.timeoutForDataDownload: {exc}")
         problems += validate_unpack(options)
+        try:
+            distribution(config)
+        except ValueError as exc:
+            problems.append(str(exc))
         for option in _NOT_YET:
             if option in options:
                 problems.append(f"options.{option} is not supported by this version of KVC; remove it")
@@ -82,6 +113,9 @@ class S3Source(Source):
             digest=source_digest(config),
             options={k: v for k, v in config.options.items() if k in _AGENT_OPTIONS},
             credentials_secret=config.options.get("awsCredentialsSecretName", "").strip() or None,
+            slots=tuple(
+                {"include": glob} for glob, count in sorted(distribution(config).items()) for _ in range(count)
+            ),
         )
         return _nodelocal.provision(ctx, config, replica)
 
@@ -117,4 +151,5 @@ class S3Source(Source):
             timeout=parse_duration(timeout) if timeout else None,
             stop=request.stop,
             unpack=options.get("unpack") or None,
+            include=options.get("include") or None,
         )

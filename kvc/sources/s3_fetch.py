@@ -7,6 +7,7 @@ the replica's directory are skipped and reported), bounded in time.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import shutil
@@ -208,11 +209,17 @@ def fetch(
     timeout: float | None = None,
     stop: threading.Event | None = None,
     unpack: str | None = None,
+    include: str | None = None,
 ) -> Manifest:
     """Copy ``url`` into ``replica`` (extracting archives when ``unpack`` names their kind) and publish it."""
     location = parse_url(url)
     deadline = time.monotonic() + timeout if timeout else float("inf")
     objects = list_objects(client, location)
+    if include:
+        # This node holds only its part of the data set (distributionStrategy).
+        objects = [o for o in objects if fnmatch.fnmatchcase(_relative_name(location, o.key), include)]
+        if not objects:
+            raise FetchError(f"no objects under {location} match {include!r} from distributionStrategy")
     staging = replica.prepare()
     root = replica.downloads if unpack else staging
     root.mkdir(exist_ok=True)
