@@ -60,7 +60,7 @@ def test_what_is_fetched_decides_the_path() -> None:
     ],
 )
 def test_validation_names_the_option(options: dict[str, str], problem: str) -> None:
-    problems = S3Source().validate(config(**options))
+    problems = S3Source().validate(config(1, **options))
     assert any(problem in p for p in problems), problems
 
 
