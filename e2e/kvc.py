@@ -9,6 +9,8 @@ from pathlib import Path
 from e2e.cluster import Component, ControlPlane, free_port
 
 AGENT_GRACE_SECONDS = 10.0
+# A node path the admin lets users choose for their data (options.dataPath).
+ALLOWED_DATA_ROOT = "/data/kvc"
 
 
 class KvcController:
@@ -33,6 +35,7 @@ class KvcController:
                 f"--liveness-endpoint=http://127.0.0.1:{port}/healthz",
                 # Agents here heartbeat every 2 s: notice a dead one quickly.
                 f"--agent-grace={AGENT_GRACE_SECONDS}",
+                f"--allowed-data-root={ALLOWED_DATA_ROOT}",
             ],
             env={"KUBECONFIG": str(self.plane.kubeconfig), "PYTHONUNBUFFERED": "1"},
         )
@@ -87,6 +90,7 @@ class KvcAgent:
                 f"--node={self.node}",
                 f"--data-root={self.data_root}",
                 f"--node-data-root={NODE_DATA_ROOT}",
+                f"--extra-root={ALLOWED_DATA_ROOT}={self.data_root / 'extra'}",
                 f"--heartbeat={self.heartbeat}",
                 "--verify-interval=5",
             ],
@@ -96,6 +100,8 @@ class KvcAgent:
 
     def local(self, node_path: str) -> Path:
         """Where this node keeps the data of a node path."""
+        if node_path.startswith(ALLOWED_DATA_ROOT + "/"):
+            return self.data_root / "extra" / Path(node_path).relative_to(ALLOWED_DATA_ROOT)
         return self.data_root / Path(node_path).relative_to(NODE_DATA_ROOT)
 
     def kill(self) -> None:

@@ -472,3 +472,30 @@ def test_distribution_strategy_puts_each_part_of_the_data_on_its_own_nodes(
     train = tuple(sorted(k for k in expected if k.startswith(("train/batch-0/", "train/batch-1/", "train/batch-2/"))))
     meta = ("meta/labels.txt",)
     assert parts == sorted([train, train, meta])
+
+
+def test_data_path_is_honoured_under_an_allowed_root_and_refused_elsewhere(
+    vms: VolumeManagers,
+    s3: S3Server,
+    dataset: tuple[str, dict[str, str]],
+    credentials: str,
+    agents: dict[str, KvcAgent],
+) -> None:
+    bucket, expected = dataset
+    vms.create(
+        "placed",
+        [
+            s3_volume(s3, bucket, "fast", replicas=1, dataPath="/data/kvc/nvme"),
+            s3_volume(s3, bucket, "sneaky", replicas=1, dataPath="/etc/kubernetes"),
+        ],
+    )
+    wait_for(lambda: vms.volume("placed", "fast").get("phase") == "Ready", timeout=120, what="fast Ready")
+    fast = vms.volume("placed", "fast")
+    path = fast["volumeSource"]["hostPath"]["path"]
+    assert path.startswith(f"/data/kvc/nvme/{vms.namespace}/placed/fast-")
+    assert tree(agents[fast["nodes"][0]["name"]].local(path)) == expected
+    sneaky = vms.volume("placed", "sneaky")
+    assert sneaky["phase"] == "Failed"
+    assert sneaky["message"] == (
+        "options.dataPath /etc/kubernetes is not under a data root the cluster admin allows (/data/kvc)"
+    )

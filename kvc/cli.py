@@ -53,13 +53,24 @@ def run() -> None:
     show_default=True,
     help="Seconds without a heartbeat after which a node's agent is gone and its replicas move.",
 )
+@click.option(
+    "--allowed-data-root",
+    "allowed_data_roots",
+    multiple=True,
+    metavar="NODE_PATH",
+    help="A node path under which users may put data with options.dataPath (repeatable; default: none).",
+)
 def run_controller(
-    namespaces: tuple[str, ...], liveness_endpoint: str | None, node_data_root: str, agent_grace: float
+    namespaces: tuple[str, ...],
+    liveness_endpoint: str | None,
+    node_data_root: str,
+    agent_grace: float,
+    allowed_data_roots: tuple[str, ...],
 ) -> None:
     """The VolumeManager controller."""
     from kvc.controller import run as run_kopf  # noqa: PLC0415 - imports kopf only for this command
 
-    run_kopf(namespaces, liveness_endpoint, node_data_root, agent_grace)
+    run_kopf(namespaces, liveness_endpoint, node_data_root, agent_grace, allowed_data_roots)
 
 
 @run.command("agent")
@@ -77,13 +88,33 @@ def run_controller(
     show_default=True,
     help="The node path that --data-root stands for (differs only when simulating nodes).",
 )
+@click.option(
+    "--extra-root",
+    "extra_roots",
+    multiple=True,
+    metavar="NODE_PATH=DIR",
+    help="Another allowed data root (for options.dataPath) and the local directory holding it (repeatable).",
+)
 @click.option("--heartbeat", default=10.0, show_default=True, help="Seconds between status reports.")
 @click.option("--verify-interval", default=60.0, show_default=True, help="Seconds between checks of Ready data.")
-def run_agent(node: str, data_root: Path, node_data_root: str, heartbeat: float, verify_interval: float) -> None:
+def run_agent(
+    node: str,
+    data_root: Path,
+    node_data_root: str,
+    extra_roots: tuple[str, ...],
+    heartbeat: float,
+    verify_interval: float,
+) -> None:
     """The node agent: fetches the replicas assigned to this node."""
     from kvc import kube  # noqa: PLC0415
     from kvc.agent.agent import Agent  # noqa: PLC0415
 
+    roots = {}
+    for mapping in extra_roots:
+        node_path, separator, local = mapping.partition("=")
+        if not separator or not node_path.startswith("/") or not local:
+            raise click.BadParameter(f"{mapping!r}: expected NODE_PATH=DIR", param_hint="--extra-root")
+        roots[node_path] = Path(local)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -92,6 +123,7 @@ def run_agent(node: str, data_root: Path, node_data_root: str, heartbeat: float,
         data_root,
         kube.api_client(),
         node_data_root=node_data_root,
+        extra_roots=roots,
         heartbeat_seconds=heartbeat,
         verify_seconds=verify_interval,
     )

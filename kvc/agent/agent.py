@@ -18,6 +18,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -83,6 +84,7 @@ class Agent:
         api_client: Any,
         *,
         node_data_root: str = DEFAULT_NODE_DATA_ROOT,
+        extra_roots: Mapping[str, Path] | None = None,
         heartbeat_seconds: float = 10.0,
         verify_seconds: float = 60.0,
         parallel_replicas: int = 2,
@@ -91,6 +93,11 @@ class Agent:
         self.node = node
         self.data_root = data_root.resolve()
         self.node_data_root = PurePosixPath(node_data_root)
+        # Node path -> local directory, for the data roots the admin allows besides the default
+        # one (dataPath); the default root maps to data_root.
+        self.roots: dict[PurePosixPath, Path] = {self.node_data_root: self.data_root}
+        for node_path, local in (extra_roots or {}).items():
+            self.roots[PurePosixPath(node_path)] = Path(local).resolve()
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.heartbeat_seconds = heartbeat_seconds
@@ -165,11 +172,14 @@ class Agent:
 
     # ------------------------------------------------------------------ replicas
     def local_path(self, node_path: str) -> Path:
-        """Where a node path lives on this machine; refuses paths outside the data root."""
+        """Where a node path lives on this machine; refuses paths outside the data roots."""
         path = PurePosixPath(node_path)
-        if not path.is_absolute() or ".." in path.parts or self.node_data_root not in path.parents:
-            raise ValueError(f"replica path {node_path} is outside the node's data root {self.node_data_root}")
-        return self.data_root.joinpath(*path.relative_to(self.node_data_root).parts)
+        if path.is_absolute() and ".." not in path.parts:
+            for root, local in self.roots.items():
+                if root in path.parents:
+                    return local.joinpath(*path.relative_to(root).parts)
+        allowed = ", ".join(str(root) for root in self.roots)
+        raise ValueError(f"replica path {node_path} is outside this node's data roots ({allowed})")
 
     def _sync(self) -> None:
         with self._lock:

@@ -14,6 +14,7 @@ def run(
     liveness_endpoint: str | None = None,
     node_data_root: str = "/var/lib/kvc",
     agent_grace_seconds: float = 45.0,
+    allowed_data_roots: tuple[str, ...] = (),
 ) -> None:
     """Run the controller until interrupted (``kvc run controller``)."""
     from kvc.controller import handlers  # noqa: F401, PLC0415 - registers the handlers with kopf
@@ -23,5 +24,9 @@ def run(
         namespaces=namespaces,
         standalone=True,
         liveness_endpoint=liveness_endpoint,
-        memo=kopf.Memo(node_data_root=node_data_root, agent_grace_seconds=agent_grace_seconds),
+        memo=kopf.Memo(
+            node_data_root=node_data_root,
+            agent_grace_seconds=agent_grace_seconds,
+            allowed_data_roots=allowed_data_roots,
+        ),
     )

@@ -43,6 +43,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.registry = load_registry()
     memo.setdefault("node_data_root", DEFAULT_NODE_DATA_ROOT)
     memo.setdefault("agent_grace_seconds", 45.0)
+    memo.setdefault("allowed_data_roots", ())
     logger.info("source types: %s", ", ".join(sorted(memo.registry.sources)))
 
 
@@ -53,6 +54,7 @@ def _context(body: kopf.Body, memo: kopf.Memo) -> SourceContext:
         custom=memo.custom,
         node_data_root=memo.node_data_root,
         agent_grace_seconds=memo.agent_grace_seconds,
+        allowed_data_roots=memo.allowed_data_roots,
     )
 
 

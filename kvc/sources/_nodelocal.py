@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from kubernetes.client.rest import ApiException
@@ -230,6 +231,20 @@ class Replica:
     # Per-node extra options when nodes hold different parts of the data (one per replica),
     # e.g. {"include": "*.tfrecord-0*"} for a distributionStrategy; empty: all nodes alike.
     slots: tuple[Mapping[str, str], ...] = ()
+    # Node path under which this volume's data goes (options.dataPath); default: the data root.
+    root: str | None = None
+
+
+def data_path_problem(data_path: str, allowed: Sequence[str]) -> str | None:
+    """Why a user-chosen node path may not hold data, or None when an admin allowed it (pure)."""
+    path = PurePosixPath(data_path)
+    if not path.is_absolute() or ".." in path.parts or str(path) != data_path.rstrip("/"):
+        return f"options.dataPath must be a normalised absolute path, not {data_path!r}"
+    for root in allowed:
+        if path == PurePosixPath(root) or PurePosixPath(root) in path.parents:
+            return None
+    roots = ", ".join(allowed) if allowed else "none"
+    return f"options.dataPath {data_path} is not under a data root the cluster admin allows ({roots})"
 
 
 def slots_to_fill(slots: Sequence[Mapping[str, str]], held: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
@@ -247,7 +262,7 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
     owner = ctx.owner
     view = ClusterView.load(ctx)
     key = replica_key(owner, config.id, replica.digest)
-    path = node_path(ctx.node_data_root, owner, config.id, replica.digest)
+    path = node_path(replica.root or ctx.node_data_root, owner, config.id, replica.digest)
     label = data_label(owner, config.id, replica.digest)
     assigned = view.assigned(key)
     ready_first = sorted(assigned, key=lambda n: (view.report(n, key).get("phase") != "Ready", n))

@@ -71,6 +71,8 @@ class SourceContext:
     node_data_root: str = "/var/lib/kvc"
     # An agent silent for longer is gone: its replicas are placed elsewhere.
     agent_grace_seconds: float = 45.0
+    # Node paths under which users may place data with options.dataPath (admin setting).
+    allowed_data_roots: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

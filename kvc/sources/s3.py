@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from kvc.agent.files import Manifest
 from kvc.agent.unpack import KINDS
 from kvc.api import names
-from kvc.api.models import AccessMode, VolumeConfig, VolumeStatus
+from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
 from kvc.api.units import parse_duration
 from kvc.sources import _nodelocal, s3_fetch
 from kvc.sources.base import FetchRequest, Source, SourceContext, required_options, url_problem
@@ -19,7 +19,7 @@ SECRET_KEY_FIELD = "awsSecretAccessKey"  # noqa: S105 - the name of a key in the
 _AGENT_OPTIONS = ("sourceURL", "endpointURL", "region", "timeoutForDataDownload", "unpack")
 # Options from the original KVC that this version does not implement yet: refusing them is
 # better than ignoring them silently.
-_NOT_YET = ("dataPath",)
+_NOT_YET: tuple[str, ...] = ()
 
 
 def validate_unpack(options: Mapping[str, str]) -> list[str]:
@@ -36,6 +36,7 @@ def source_digest(config: VolumeConfig) -> str:
         config.options.get("endpointURL", "").strip(),
         config.options.get("unpack", "").strip(),
         config.options.get("distributionStrategy", "").strip(),
+        config.options.get("dataPath", "").strip(),
     )
 
 
@@ -109,6 +110,10 @@ class S3Source(Source):
         return problems
 
     def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
+        data_path = config.options.get("dataPath", "").strip()
+        problem = _nodelocal.data_path_problem(data_path, ctx.allowed_data_roots) if data_path else None
+        if problem:
+            return VolumeStatus(id=config.id, sourceType=config.source_type, phase=VolumePhase.FAILED, message=problem)
         replica = _nodelocal.Replica(
             digest=source_digest(config),
             options={k: v for k, v in config.options.items() if k in _AGENT_OPTIONS},
@@ -116,6 +121,7 @@ class S3Source(Source):
             slots=tuple(
                 {"include": glob} for glob, count in sorted(distribution(config).items()) for _ in range(count)
             ),
+            root=data_path or None,
         )
         return _nodelocal.provision(ctx, config, replica)
 

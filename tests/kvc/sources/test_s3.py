@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from kvc.api.models import VolumeConfig
-from kvc.sources._nodelocal import slots_to_fill
+from kvc.sources._nodelocal import data_path_problem, slots_to_fill
 from kvc.sources.s3 import S3Source, distribution, source_digest
 
 
@@ -56,12 +56,36 @@ def test_what_is_fetched_decides_the_path() -> None:
         ({"endpointURL": "minio:9000"}, "options.endpointURL must be an https:// URL"),
         ({"endpointURL": "http://10.1.2.3:9000"}, "options.endpointURL uses plaintext http"),
         ({"unpack": "7z"}, "options.unpack must be one of tar, tar.gz, zip"),
-        ({"dataPath": "/data"}, "options.dataPath is not supported by this version of KVC"),
     ],
 )
 def test_validation_names_the_option(options: dict[str, str], problem: str) -> None:
     problems = S3Source().validate(config(1, **options))
     assert any(problem in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("data_path", "allowed", "problem"),
+    [
+        ("/data/kvc/team-a", ("/data/kvc",), None),
+        ("/data/kvc", ("/data/kvc",), None),
+        (
+            "/etc/cron.d",
+            ("/data/kvc",),
+            "options.dataPath /etc/cron.d is not under a data root the cluster admin allows (/data/kvc)",
+        ),
+        ("/data/kvc/../../etc", ("/data/kvc",), "must be a normalised absolute path"),
+        ("data/kvc", ("/data/kvc",), "must be a normalised absolute path"),
+        ("/data/kvcx", ("/data/kvc",), "is not under a data root"),
+        ("/data/kvc/x", (), "allows (none)"),
+    ],
+)
+def test_data_path_must_be_under_an_allowed_root(data_path: str, allowed: tuple[str, ...], problem: str | None) -> None:
+    found = data_path_problem(data_path, allowed)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert problem in found
 
 
 def test_loopback_http_endpoints_are_allowed_for_local_servers() -> None:
