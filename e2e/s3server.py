@@ -8,6 +8,7 @@ re-seed what they need.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -29,9 +30,10 @@ REGION = "us-east-1"
 
 
 class S3Server:
-    def __init__(self, log_path: Path, port: int | None = None) -> None:
+    def __init__(self, log_path: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
         self.port = port or free_port()
         self.log_path = log_path
+        self.env = env or {}
         self._popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -40,7 +42,7 @@ class S3Server:
 
     def start(self, timeout: float = 30) -> S3Server:
         log = self.log_path.open("ab")
-        env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
+        env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true", **self.env}
         self._popen = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=log,
@@ -82,11 +84,26 @@ class S3Server:
     def pid(self) -> int | None:
         return self._popen.pid if self._popen else None
 
-    def client(self) -> Any:
+    def client(self, service: str = "s3", access_key: str = ACCESS_KEY_ID, secret_key: str = SECRET_ACCESS_KEY) -> Any:
         return boto3.client(
-            "s3",
+            service,
             endpoint_url=self.endpoint_url,
-            aws_access_key_id=ACCESS_KEY_ID,
-            aws_secret_access_key=SECRET_ACCESS_KEY,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
             region_name=REGION,
         )
+
+
+def authenticating_server(log_path: Path) -> tuple[S3Server, str, str]:
+    """An S3 server that checks credentials, and a valid key pair for it.
+
+    moto checks signatures once its first few requests are spent: those create an IAM
+    user allowed to use S3 and its access key.
+    """
+    server = S3Server(log_path, env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"}).start()
+    iam = server.client("iam")
+    iam.create_user(UserName="kvc-reader")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="kvc-reader", PolicyName="s3", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="kvc-reader")["AccessKey"]
+    return server, key["AccessKeyId"], key["SecretAccessKey"]

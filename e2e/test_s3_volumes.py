@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ from kubernetes import client
 from e2e.cluster import ControlPlane, NodeSpec
 from e2e.helpers import VolumeManagers, wait_for
 from e2e.kvc import KvcAgent, KvcController
-from e2e.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
+from e2e.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server, authenticating_server
 from kvc.agent.files import MANIFEST
 from kvc.api import names
 
@@ -499,3 +500,53 @@ def test_data_path_is_honoured_under_an_allowed_root_and_refused_elsewhere(
     assert sneaky["message"] == (
         "options.dataPath /etc/kubernetes is not under a data root the cluster admin allows (/data/kvc)"
     )
+
+
+def test_wrong_credentials_fail_with_a_clear_message_and_heal_when_the_secret_is_fixed(
+    vms: VolumeManagers, api: Any, namespace: str, tmp_path: Path
+) -> None:
+    server, access_key, secret_key = authenticating_server(tmp_path / "auth-s3.log")
+    try:
+        good = server.client(access_key=access_key, secret_key=secret_key)
+        good.create_bucket(Bucket="private")
+        good.put_object(Bucket="private", Key="cifar/data.bin", Body=b"secret data")
+        core = client.CoreV1Api(api)
+        wrong = {"awsAccessKeyID": "AKIAWRONGWRONGWRONG", "awsSecretAccessKey": "not-the-secret"}
+        core.create_namespaced_secret(namespace, {"metadata": {"name": "aws-creds"}, "stringData": wrong})
+        vms.create("private", [s3_volume(server, "private", replicas=1)])
+        volume = wait_for(
+            lambda: (v := vms.volume("private", "cifar")).get("phase") == "Failed" and v, timeout=60, what="Failed"
+        )
+        assert (
+            "access to s3://private/cifar/ denied (InvalidAccessKeyId): check the credentials Secret"
+            in volume["message"]
+        )
+        assert "not-the-secret" not in json.dumps(vms.get("private"))
+        core.replace_namespaced_secret(
+            "aws-creds",
+            namespace,
+            {
+                "metadata": {"name": "aws-creds"},
+                "stringData": {"awsAccessKeyID": access_key, "awsSecretAccessKey": secret_key},
+            },
+        )
+        vm = vms.wait_state("private", "Running", timeout=120)
+        node = vm["status"]["volumes"][0]["nodes"][0]
+        assert node["bytes"] == len(b"secret data")
+    finally:
+        server.stop()
+
+
+def test_credentials_never_appear_in_logs_status_or_events(control_plane: ControlPlane, api: Any) -> None:
+    """Runs after the tests above: every log, status and event they produced is searched."""
+    secrets = [SECRET_ACCESS_KEY, "not-the-secret", "s3cr3t-token"]
+    for log in control_plane.logs_dir.glob("kvc-*.log"):
+        text = log.read_text(errors="replace")
+        for secret in secrets:
+            assert secret not in text, f"{secret!r} leaked into {log.name}"
+    custom = client.CustomObjectsApi(api)
+    everything = json.dumps(custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMEMANAGER_PLURAL))
+    everything += json.dumps(custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL))
+    everything += str(client.CoreV1Api(api).list_event_for_all_namespaces().items)
+    for secret in secrets:
+        assert secret not in everything
