@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
+import random
+import tarfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -550,3 +554,69 @@ def test_credentials_never_appear_in_logs_status_or_events(control_plane: Contro
     everything += str(client.CoreV1Api(api).list_event_for_all_namespaces().items)
     for secret in secrets:
         assert secret not in everything
+
+
+# --------------------------------------------------------------------------- a realistic data set
+
+BIG_SEED = 20261128
+
+
+@pytest.fixture(scope="module")
+def big_dataset(s3: S3Server) -> tuple[str, dict[str, str]]:
+    """>= 2,000 small files in nested prefixes, 256 MiB of large files, a tar.gz and
+    malicious keys, generated from a fixed seed; returns (bucket, expected tree of big/)."""
+    rng = random.Random(BIG_SEED)
+    s3_client = s3.client()
+    bucket = f"big-{uuid.uuid4().hex[:8]}"
+    s3_client.create_bucket(Bucket=bucket)
+    expected = {}
+
+    def put(key: str, body: bytes) -> None:
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+        if key.startswith("big/") and ".." not in key and not key.startswith("big//"):
+            expected[key.removeprefix("big/")] = hashlib.sha256(body).hexdigest()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        small = [
+            (f"big/images/class-{i % 20:02d}/shard-{i % 7}/img-{i:05d}.jpg", rng.randbytes(rng.randrange(200, 6000)))
+            for i in range(2100)
+        ]
+        list(pool.map(lambda item: put(*item), small))
+    for i in range(4):
+        put(f"big/weights/part-{i}.bin", rng.randbytes(64 * 1024 * 1024))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for i in range(50):
+            data = rng.randbytes(1000)
+            info = tarfile.TarInfo(f"annotations/{i:03d}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    put("big/archives/annotations.tar.gz", buffer.getvalue())
+    put("big/../escape.txt", b"must never be written")
+    put("big//etc/passwd", b"must never be written")
+    return bucket, expected
+
+
+def test_a_realistic_data_set_is_identical_on_every_assigned_node(
+    vms: VolumeManagers,
+    s3: S3Server,
+    big_dataset: tuple[str, dict[str, str]],
+    credentials: str,
+    agents: dict[str, KvcAgent],
+    control_plane: ControlPlane,
+) -> None:
+    bucket, expected = big_dataset
+    assert len(expected) >= 2000
+    assert sum(1 for k in expected if k.startswith("weights/")) * 64 * 1024 * 1024 >= 256 * 1024 * 1024
+    volume = s3_volume(s3, bucket, "images", replicas=2)
+    volume["options"]["sourceURL"] = f"s3://{bucket}/big/"
+    volume["capacity"] = "1Gi"
+    vms.create("realistic", [volume])
+    status = vms.wait_state("realistic", "Running", timeout=600)["status"]["volumes"][0]
+    path = status["volumeSource"]["hostPath"]["path"]
+    for node in status["nodes"]:
+        local = agents[node["name"]].local(path)
+        assert tree(local) == expected, f"{node['name']} differs from the source"
+    for agent in agents.values():  # nothing escaped any node's data root
+        assert not list(agent.data_root.parent.glob("escape.txt"))
+        assert not list(agent.data_root.rglob("passwd"))
