@@ -70,11 +70,24 @@ fmt: $(VENV)/.installed ## Format the code and apply safe lint fixes.
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+##@ Benchmarks
+
+BENCH_VENV ?= .venv-bench
+
+$(BENCH_VENV)/bin/aws:
+	# awscli pins its own botocore: it gets a virtualenv of its own.
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet awscli
+
+.PHONY: bench
+bench: $(VENV)/.installed $(BENCH_VENV)/bin/aws ## Benchmarks, printed as tables with ratios against baselines.
+	$(PY) -m e2e.bench_fetch --aws $(BENCH_VENV)/bin/aws
+
 ##@ Cleanup
 
 .PHONY: clean
 clean: ## Remove the virtualenv, caches and kept e2e logs (not the cached control plane).
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .e2e-logs *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .e2e-logs *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 .PHONY: clean-testenv
