@@ -10,6 +10,7 @@ import json
 import os
 import random
 import tarfile
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -620,3 +621,93 @@ def test_a_realistic_data_set_is_identical_on_every_assigned_node(
     for agent in agents.values():  # nothing escaped any node's data root
         assert not list(agent.data_root.parent.glob("escape.txt"))
         assert not list(agent.data_root.rglob("passwd"))
+
+
+def test_deletion_does_not_wait_for_a_dead_node_whose_agent_cleans_up_when_back(
+    vms: VolumeManagers,
+    s3: S3Server,
+    dataset: tuple[str, dict[str, str]],
+    credentials: str,
+    agents: dict[str, KvcAgent],
+) -> None:
+    bucket, _ = dataset
+    vms.create("abandoned", [s3_volume(s3, bucket, replicas=1)])
+    volume = vms.wait_state("abandoned", "Running", timeout=120)["status"]["volumes"][0]
+    node = volume["nodes"][0]["name"]
+    local = agents[node].local(volume["volumeSource"]["hostPath"]["path"])
+    assert local.is_dir()
+    agents[node].kill()
+    vms.delete("abandoned")
+    wait_for(lambda: not vms.exists("abandoned"), timeout=30, what="deletion despite the dead agent")
+    assert local.is_dir()  # nobody could delete it yet
+    agents[node].start()
+    wait_for(lambda: not local.exists(), timeout=60, what="the returning agent to delete the data")
+
+
+def test_deletion_keeps_data_a_running_pod_mounts_until_the_pod_is_gone(
+    vms: VolumeManagers,
+    s3: S3Server,
+    dataset: tuple[str, dict[str, str]],
+    credentials: str,
+    agents: dict[str, KvcAgent],
+    api: Any,
+) -> None:
+    bucket, _ = dataset
+    vms.create("in-use", [s3_volume(s3, bucket, replicas=1)])
+    volume = vms.wait_state("in-use", "Running", timeout=120)["status"]["volumes"][0]
+    node = volume["nodes"][0]["name"]
+    core = client.CoreV1Api(api)
+    core.create_namespaced_pod(
+        vms.namespace,
+        {
+            "metadata": {"name": "reader"},
+            "spec": {
+                "nodeName": node,
+                "containers": [{"name": "main", "image": "busybox:1.36"}],
+                "volumes": [{"name": "data", "hostPath": volume["volumeSource"]["hostPath"]}],
+            },
+        },
+    )
+    wait_for(lambda: core.read_namespaced_pod("reader", vms.namespace).status.phase == "Running", what="pod Running")
+    vms.delete("in-use")
+    message = wait_for(
+        lambda: "kept until pod(s) reader stop" in (m := vms.get("in-use").get("status", {}).get("message", "")) and m,
+        timeout=30,
+        what="deletion to wait for the pod",
+    )
+    assert vms.get("in-use")["status"]["state"] == "Deleting", message
+    local = agents[node].local(volume["volumeSource"]["hostPath"]["path"])
+    assert local.is_dir()
+    core.delete_namespaced_pod("reader", vms.namespace, grace_period_seconds=0)
+    wait_for(lambda: not vms.exists("in-use"), timeout=60, what="deletion once the pod is gone")
+    wait_for(lambda: not local.exists(), timeout=60, what="data deleted")
+
+
+def test_controller_killed_while_replicas_download_converges(
+    vms: VolumeManagers,
+    s3: S3Server,
+    dataset: tuple[str, dict[str, str]],
+    credentials: str,
+    agents: dict[str, KvcAgent],
+    controller: KvcController,
+    api: Any,
+) -> None:
+    bucket, expected = dataset
+    for i in range(3):
+        vms.create(f"busy-{i}", [s3_volume(s3, bucket, replicas=2)])
+    time.sleep(1.0)
+    controller.kill()
+    time.sleep(1.0)
+    controller.start()
+    custom = client.CustomObjectsApi(api)
+    for i in range(3):
+        volume = vms.wait_state(f"busy-{i}", "Running", timeout=120)["status"]["volumes"][0]
+        key_part = f"{vms.namespace}.busy-{i}.cifar-"
+        holders = [
+            v["metadata"]["name"]
+            for v in custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL)["items"]
+            if any(r["name"].startswith(key_part) for r in v["spec"].get("replicas", []))
+        ]
+        assert sorted(holders) == sorted(n["name"] for n in volume["nodes"])  # exactly 2, no duplicates
+        for node in holders:
+            assert tree(agents[node].local(volume["volumeSource"]["hostPath"]["path"])) == expected

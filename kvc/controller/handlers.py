@@ -7,6 +7,7 @@ from typing import Any
 
 import kopf
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from kvc import kube
 from kvc.agent.agent import DEFAULT_NODE_DATA_ROOT
@@ -103,3 +104,17 @@ def volumemanager_delete(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
     patch.status["message"] = "; ".join(remaining) or "removing the volumes' resources"
     if remaining:
         raise kopf.TemporaryError("; ".join(remaining), delay=5)
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A deleted Node takes its VolumeNode along (its replicas are re-placed by the timer)."""
+    if event["type"] != "DELETED":
+        return
+    name = event["object"]["metadata"]["name"]
+    try:
+        memo.custom.delete_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, name)
+        logger.info("deleted VolumeNode %s: its node is gone", name)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
