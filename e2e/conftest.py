@@ -143,8 +143,10 @@ def agent_processes(control_plane: ControlPlane, kvc_crds: None) -> Iterator[dic
 
 @pytest.fixture
 def agents(agent_processes: dict[str, KvcAgent]) -> dict[str, KvcAgent]:
-    """One running agent per simulated node; restarted first if an earlier test stopped one."""
+    """One running, reporting agent per simulated node (restarted if an earlier test stopped one)."""
     for agent in agent_processes.values():
         if not agent.running:
             agent.start()
+    for agent in agent_processes.values():
+        agent.wait_reporting()
     return agent_processes

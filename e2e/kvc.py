@@ -3,10 +3,16 @@ from this source tree against the local control plane, as local processes."""
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
+import time
 from pathlib import Path
 
+import kubernetes
+from kubernetes.client.rest import ApiException
+
 from e2e.cluster import Component, ControlPlane, free_port
+from kvc.api import names
 
 AGENT_GRACE_SECONDS = 10.0
 # A node path the admin lets users choose for their data (options.dataPath).
@@ -97,6 +103,24 @@ class KvcAgent:
             env={"KUBECONFIG": str(self.plane.kubeconfig), "PYTHONUNBUFFERED": "1"},
         )
         return self
+
+    def wait_reporting(self, timeout: float = 30) -> None:
+        """Until this agent's VolumeNode carries a fresh heartbeat (placement needs one)."""
+        custom = kubernetes.client.CustomObjectsApi(self.plane.api_client())
+        started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.heartbeat * 2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.component is not None:
+                self.component.check_alive()
+            try:
+                vnode = custom.get_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, self.node)
+            except ApiException:
+                vnode = {}
+            beat = (vnode.get("status") or {}).get("heartbeatTime")
+            if beat and dt.datetime.strptime(beat, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC) >= started:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"agent of {self.node} did not report within {timeout}s")
 
     def local(self, node_path: str) -> Path:
         """Where this node keeps the data of a node path."""

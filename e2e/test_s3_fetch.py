@@ -219,3 +219,13 @@ def test_archives_are_unpacked_safely_and_removed(bucket: tuple[Any, str], agent
         "node/vol/.kvc-manifest.json",
         "node/vol/cifar/train/x.bin",
     ]
+
+
+def test_a_download_slower_than_its_timeout_fails_and_says_so(
+    bucket: tuple[Any, str], agent_client: Any, tmp_path: Path
+) -> None:
+    client, name = bucket
+    seed(client, name, {f"t/part-{i}.bin": os.urandom(2 * 1024 * 1024) for i in range(8)})
+    with pytest.raises(FetchError, match=r"timed out downloading s3://"):
+        fetch(agent_client, f"s3://{name}/t/", ReplicaDir(tmp_path / "vol"), Progress(), workers=1, timeout=0.01)
+    assert not ReplicaDir(tmp_path / "vol").complete

@@ -293,19 +293,6 @@ def _partial_download(agents: dict[str, KvcAgent], namespace: str) -> tuple[str,
     return None
 
 
-def _wait_heartbeat(api: Any, node: str) -> None:
-    custom = client.CustomObjectsApi(api)
-
-    def beating() -> bool:
-        try:
-            vnode = custom.get_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, node)
-        except client.exceptions.ApiException:
-            return False
-        return bool((vnode.get("status") or {}).get("heartbeatTime"))
-
-    wait_for(beating, timeout=30, what=f"agent of {node} to report")
-
-
 def _holders(vms: VolumeManagers, name: str) -> list[str]:
     return sorted(n["name"] for n in vms.volume(name, "cifar").get("nodes", []) if n["phase"] == "Ready")
 
@@ -327,11 +314,11 @@ def test_a_replica_whose_agent_stops_is_placed_elsewhere_and_its_label_removed(
     before = _holders(vms, "healing")
     lost = before[0]
     agents[lost].kill()
-    # The agent's silence makes the replica lost: Degraded or Provisioning while it moves.
+    # The agent's silence makes the replica lost: the volume is Degraded while it moves.
     wait_for(
-        lambda: vms.volume("healing", "cifar").get("phase") in ("Provisioning", "Degraded"),
+        lambda: vms.volume("healing", "cifar").get("phase") == "Degraded",
         timeout=60,
-        what="not Ready",
+        what="Degraded",
     )
     assert lost not in labelled_nodes(api, label)
 
@@ -358,7 +345,7 @@ def test_a_deleted_node_loses_its_replica_to_another_node(
     name = f"kvc-doomed-{uuid.uuid4().hex[:5]}"
     control_plane.add_nodes([NodeSpec(name, labels={"kvc.test/doomed": "yes"})])
     doomed = KvcAgent(control_plane, name).start()
-    _wait_heartbeat(api, name)
+    doomed.wait_reporting()
     preferred = {
         "preferredDuringSchedulingIgnoredDuringExecution": [
             {"weight": 100, "preference": {"matchExpressions": [{"key": "kvc.test/doomed", "operator": "Exists"}]}}
@@ -414,29 +401,20 @@ def test_agent_killed_mid_transfer_resumes_and_is_never_ready_early(
 
 
 def test_missing_bucket_and_key_are_reported_in_the_volume_status(
-    vms: VolumeManagers, s3: S3Server, credentials: str
+    vms: VolumeManagers, s3: S3Server, dataset: tuple[str, dict[str, str]], credentials: str
 ) -> None:
-    vms.create(
-        "missing",
-        [
-            {**s3_volume(s3, "kvc-no-such-bucket", "nobucket", replicas=1)},
-            {
-                **s3_volume(s3, "kvc-no-such-bucket", "nokey", replicas=1),
-                "options": {
-                    "sourceURL": "s3://kvc-no-such-bucket/x.bin",
-                    "endpointURL": s3.endpoint_url,
-                    "awsCredentialsSecretName": "aws-creds",
-                },
-            },
-        ],
-    )
-    failed = wait_for(
+    bucket, _ = dataset
+    no_bucket = s3_volume(s3, "kvc-no-such-bucket", "nobucket", replicas=1)
+    no_key = s3_volume(s3, bucket, "nokey", replicas=1)
+    no_key["options"]["sourceURL"] = f"s3://{bucket}/cifar/missing.bin"
+    vms.create("missing", [no_bucket, no_key])
+    wait_for(
         lambda: all(vms.volume("missing", i).get("phase") == "Failed" for i in ("nobucket", "nokey")),
         timeout=60,
         what="both volumes Failed",
     )
-    assert failed
     assert "bucket kvc-no-such-bucket does not exist" in vms.volume("missing", "nobucket")["message"]
+    assert f"object s3://{bucket}/cifar/missing.bin not found" in vms.volume("missing", "nokey")["message"]
     assert vms.get("missing")["status"]["state"] == "Failed"
 
 

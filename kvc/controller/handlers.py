@@ -56,6 +56,9 @@ def _context(body: kopf.Body, memo: kopf.Memo) -> SourceContext:
         node_data_root=memo.node_data_root,
         agent_grace_seconds=memo.agent_grace_seconds,
         allowed_data_roots=memo.allowed_data_roots,
+        previous_phases={
+            str(v.get("id")): str(v.get("phase")) for v in (body.get("status") or {}).get("volumes") or []
+        },
     )
 
 

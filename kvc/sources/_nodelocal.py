@@ -324,27 +324,55 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
         nodes=nodes_status,
         path=path,
         label=label,
+        was_usable=ctx.previous_phases.get(config.id) in ("Ready", "Degraded"),
     )
 
 
+def volume_phase(
+    desired: int, ready: int, *, shortfall: str, failed: list[dict[str, Any]], was_usable: bool, progress: str
+) -> tuple[VolumePhase, str]:
+    """Phase and message of a node-local volume (pure).
+
+    Degraded means usable but short of replicas: some are Ready and more cannot be placed,
+    or a volume that was usable lost replicas that are being placed again. A volume with no
+    Ready replica is never usable: Failed when its nodes report failure, else Pending or
+    Provisioning.
+    """
+    counts = f"{ready}/{desired} replicas ready"
+    if ready >= desired:
+        return VolumePhase.READY, counts
+    failure = f"; {failed[0]['name']}: {failed[0]['message']}" if failed else ""
+    if ready and (shortfall or was_usable):
+        return VolumePhase.DEGRADED, f"{counts}; {shortfall}" if shortfall else f"{counts}, {progress}{failure}"
+    if shortfall:
+        return VolumePhase.PENDING, f"{counts}; {shortfall}{failure}"
+    if failed and not ready:
+        return VolumePhase.FAILED, f"{failed[0]['name']}: {failed[0]['message']}"
+    return VolumePhase.PROVISIONING, f"{counts}, {progress}{failure}"
+
+
 def _status(
-    config: VolumeConfig, *, shortfall: str, ready: int, nodes: list[dict[str, Any]], path: str, label: str
+    config: VolumeConfig,
+    *,
+    shortfall: str,
+    ready: int,
+    nodes: list[dict[str, Any]],
+    path: str,
+    label: str,
+    was_usable: bool,
 ) -> VolumeStatus:
     desired = config.replicas
-    failed = [n for n in nodes if n["phase"] == "Failed"]
-    if shortfall:
-        phase, message = VolumePhase.DEGRADED, f"{ready}/{desired} replicas ready; {shortfall}"
-    elif ready >= desired:
-        phase, message = VolumePhase.READY, f"{ready}/{desired} replicas ready"
-    elif failed and not ready:
-        phase, message = VolumePhase.FAILED, f"{failed[0]['name']}: {failed[0]['message']}"
-    else:
-        done = sum(n["bytes"] for n in nodes)
-        total = sum(n["totalBytes"] for n in nodes)
-        progress = f", {done}/{total} bytes" if total else ""
-        phase, message = VolumePhase.PROVISIONING, f"{ready}/{desired} replicas ready{progress}"
-        if failed:
-            message += f"; {failed[0]['name']}: {failed[0]['message']}"
+    done = sum(n["bytes"] for n in nodes)
+    total = sum(n["totalBytes"] for n in nodes)
+    progress = f"{done}/{total} bytes" if total else "waiting for the nodes' agents"
+    phase, message = volume_phase(
+        desired,
+        ready,
+        shortfall=shortfall,
+        failed=[n for n in nodes if n["phase"] == "Failed"],
+        was_usable=was_usable,
+        progress=progress,
+    )
     return VolumeStatus(
         id=config.id,
         sourceType=config.source_type,

@@ -12,7 +12,7 @@ import abc
 import ipaddress
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
@@ -73,6 +73,8 @@ class SourceContext:
     agent_grace_seconds: float = 45.0
     # Node paths under which users may place data with options.dataPath (admin setting).
     allowed_data_roots: tuple[str, ...] = ()
+    # Each volume's phase in the status before this pass (id -> phase).
+    previous_phases: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
