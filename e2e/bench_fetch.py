@@ -26,8 +26,8 @@ from typing import Any
 
 from e2e.s3server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
 from kvc.agent.files import ReplicaDir
-from kvc.sources.progress import Progress
 from kvc.sources.s3_fetch import fetch, make_client
+from kvc.sources.transfer import Progress
 
 WORKERS = 16
 SEED = 8

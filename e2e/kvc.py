@@ -19,79 +19,77 @@ AGENT_GRACE_SECONDS = 10.0
 ALLOWED_DATA_ROOT = "/data/kvc"
 
 
-class KvcController:
-    """`kvc run controller` against the control plane; can be killed and restarted."""
+class _KvcProcess:
+    """A KVC component run as a local process; can be killed (SIGKILL) and started again."""
 
-    NAME = "kvc-controller"
-
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlPlane, name: str) -> None:
         self.plane = plane
+        self.name = name
         self.component: Component | None = None
 
-    def start(self) -> KvcController:
-        port = free_port()
-        self.component = self.plane.spawn(
-            self.NAME,
-            [
-                sys.executable,
-                "-m",
-                "kvc",
-                "run",
-                "controller",
-                f"--liveness-endpoint=http://127.0.0.1:{port}/healthz",
-                # Agents here heartbeat every 2 s: notice a dead one quickly.
-                f"--agent-grace={AGENT_GRACE_SECONDS}",
-                f"--allowed-data-root={ALLOWED_DATA_ROOT}",
-            ],
-            env={"KUBECONFIG": str(self.plane.kubeconfig), "PYTHONUNBUFFERED": "1"},
-        )
-        self.plane.wait_healthy(f"http://127.0.0.1:{port}/healthz", self.component, self.NAME, timeout=60)
-        return self
-
     def kill(self) -> None:
-        """SIGKILL the controller, as a crash or an OOM kill would."""
+        """SIGKILL, as a crash or an OOM kill would."""
         if self.component is not None:
             self.component.kill()
-            self.plane.processes.pop(self.NAME, None)
+            self.plane.processes.pop(self.name, None)
             self.component = None
 
     def stop(self) -> None:
         if self.component is not None:
             self.component.stop()
-            self.plane.processes.pop(self.NAME, None)
+            self.plane.processes.pop(self.name, None)
             self.component = None
 
     @property
     def running(self) -> bool:
         return self.component is not None and self.component.popen.poll() is None
 
+    def _spawn(self, args: list[str]) -> Component:
+        self.component = self.plane.spawn(
+            self.name,
+            [sys.executable, "-m", "kvc", "run", *args],
+            env={"KUBECONFIG": str(self.plane.kubeconfig), "PYTHONUNBUFFERED": "1"},
+        )
+        return self.component
+
+
+class KvcController(_KvcProcess):
+    """`kvc run controller` against the control plane."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        super().__init__(plane, "kvc-controller")
+
+    def start(self) -> KvcController:
+        port = free_port()
+        component = self._spawn(
+            [
+                "controller",
+                f"--liveness-endpoint=http://127.0.0.1:{port}/healthz",
+                # Agents here heartbeat every 2 s: notice a dead one quickly.
+                f"--agent-grace={AGENT_GRACE_SECONDS}",
+                f"--allowed-data-root={ALLOWED_DATA_ROOT}",
+            ]
+        )
+        self.plane.wait_healthy(f"http://127.0.0.1:{port}/healthz", component, self.name, timeout=60)
+        return self
+
 
 NODE_DATA_ROOT = "/var/lib/kvc"
 
 
-class KvcAgent:
+class KvcAgent(_KvcProcess):
     """`kvc run agent` for one simulated node, with a data root of its own."""
 
     def __init__(self, plane: ControlPlane, node: str, heartbeat: float = 2.0) -> None:
-        self.plane = plane
+        super().__init__(plane, f"kvc-agent-{node}")
         self.node = node
         self.heartbeat = heartbeat
         self.data_root = plane.workdir / "nodes" / node
-        self.component: Component | None = None
-
-    @property
-    def name(self) -> str:
-        return f"kvc-agent-{self.node}"
 
     def start(self) -> KvcAgent:
         self.data_root.mkdir(parents=True, exist_ok=True)
-        self.component = self.plane.spawn(
-            self.name,
+        self._spawn(
             [
-                sys.executable,
-                "-m",
-                "kvc",
-                "run",
                 "agent",
                 f"--node={self.node}",
                 f"--data-root={self.data_root}",
@@ -99,8 +97,7 @@ class KvcAgent:
                 f"--extra-root={ALLOWED_DATA_ROOT}={self.data_root / 'extra'}",
                 f"--heartbeat={self.heartbeat}",
                 "--verify-interval=5",
-            ],
-            env={"KUBECONFIG": str(self.plane.kubeconfig), "PYTHONUNBUFFERED": "1"},
+            ]
         )
         return self
 
@@ -127,19 +124,3 @@ class KvcAgent:
         if node_path.startswith(ALLOWED_DATA_ROOT + "/"):
             return self.data_root / "extra" / Path(node_path).relative_to(ALLOWED_DATA_ROOT)
         return self.data_root / Path(node_path).relative_to(NODE_DATA_ROOT)
-
-    def kill(self) -> None:
-        if self.component is not None:
-            self.component.kill()
-            self.plane.processes.pop(self.name, None)
-            self.component = None
-
-    def stop(self) -> None:
-        if self.component is not None:
-            self.component.stop()
-            self.plane.processes.pop(self.name, None)
-            self.component = None
-
-    @property
-    def running(self) -> bool:
-        return self.component is not None and self.component.popen.poll() is None

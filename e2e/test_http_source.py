@@ -23,8 +23,7 @@ from kvc.agent.files import ReplicaDir
 from kvc.api.models import VolumeConfig
 from kvc.sources.base import FetchRequest
 from kvc.sources.http import HTTPSource
-from kvc.sources.progress import Progress
-from kvc.sources.s3_fetch import FetchError
+from kvc.sources.transfer import FetchError, Progress
 
 MODEL = os.urandom(3 * 1024 * 1024 + 5)
 MODEL_SHA = hashlib.sha256(MODEL).hexdigest()

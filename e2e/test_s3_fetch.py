@@ -12,18 +12,11 @@ from typing import Any
 
 import pytest
 
+from e2e.helpers import tree
 from e2e.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 from kvc.agent.files import MANIFEST, ReplicaDir
-from kvc.sources.progress import Progress
-from kvc.sources.s3_fetch import FetchError, fetch, make_client
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+from kvc.sources.s3_fetch import fetch, make_client
+from kvc.sources.transfer import FetchError, Progress
 
 
 @pytest.fixture
@@ -63,7 +56,7 @@ def test_prefix_is_copied_with_nested_keys_and_published_atomically(
         for k, v in objects.items()
         if k.startswith("data/") and k != "data/"
     }
-    assert tree_digest(replica.final) == expected
+    assert tree(replica.final) == expected
     assert progress.files == 121
     assert (
         progress.bytes

@@ -20,21 +20,12 @@ import pytest
 from kubernetes import client
 
 from e2e.cluster import ControlPlane, NodeSpec
-from e2e.helpers import VolumeManagers, wait_for
+from e2e.helpers import VolumeManagers, tree, wait_for
 from e2e.kvc import KvcAgent, KvcController
 from e2e.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server, authenticating_server
-from kvc.agent.files import MANIFEST
 from kvc.api import names
 
 DATA_LABEL_PREFIX = f"data.{names.GROUP}/"
-
-
-def tree(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
 
 
 @pytest.fixture

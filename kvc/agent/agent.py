@@ -31,9 +31,8 @@ from kvc import __version__
 from kvc.agent.files import MANIFEST, Manifest, ReplicaDir
 from kvc.api import names
 from kvc.sources.base import FetchRequest, Source
-from kvc.sources.progress import Progress
 from kvc.sources.registry import SourceRegistry, load_registry
-from kvc.sources.s3_fetch import FetchError
+from kvc.sources.transfer import FetchError, Progress
 
 logger = logging.getLogger(__name__)
 

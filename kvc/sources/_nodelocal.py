@@ -8,20 +8,22 @@ the volume's status: a hostPath, the node affinity that finds the data, progress
 
 from __future__ import annotations
 
+import abc
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 from kubernetes.client.rest import ApiException
 
+from kvc.agent.unpack import KINDS
 from kvc.api import names
-from kvc.api.models import VolumeConfig, VolumePhase, VolumeStatus
-from kvc.api.units import parse_quantity
+from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
+from kvc.api.units import parse_duration, parse_quantity
 from kvc.placement import NodeInfo, VolumeRequest, place
-from kvc.sources.base import SourceContext, VolumeManagerRef
+from kvc.sources.base import Source, SourceContext, VolumeManagerRef
 
 logger = logging.getLogger(__name__)
 
@@ -419,3 +421,56 @@ def cleanup(
         logger.info("releasing %s from node %s", ", ".join(keys), node)
         unassign(ctx, node, keys)
     return kept
+
+
+# --------------------------------------------------------------------------- the shared plugin base
+
+
+class NodeLocalSource(Source):
+    """A source type whose data is copied onto nodes and mounted as a hostPath."""
+
+    node_local = True
+    access_modes = frozenset(
+        {AccessMode.READ_WRITE_ONCE.value, AccessMode.READ_ONLY_MANY.value, AccessMode.READ_WRITE_MANY.value}
+    )
+    # Options handed to the agents (never credentials) and the option naming the Secret.
+    agent_options: ClassVar[tuple[str, ...]]
+    credentials_option: ClassVar[str]
+
+    @abc.abstractmethod
+    def digest(self, config: VolumeConfig) -> str:
+        """Changes whenever the data changes: new data lives at a new path."""
+
+    def replica(self, config: VolumeConfig) -> Replica:
+        return Replica(
+            digest=self.digest(config),
+            options={k: v for k, v in config.options.items() if k in self.agent_options},
+            credentials_secret=config.options.get(self.credentials_option, "").strip() or None,
+        )
+
+    def validate_options(self, config: VolumeConfig) -> list[str]:
+        """Options every node-local type shares: unpack and timeoutForDataDownload."""
+        problems = []
+        kind = config.options.get("unpack", "").strip()
+        if kind and kind not in KINDS:
+            problems.append(f"options.unpack must be one of {', '.join(KINDS)}, not {kind!r}")
+        timeout = config.options.get("timeoutForDataDownload", "").strip()
+        if timeout:
+            try:
+                parse_duration(timeout)
+            except ValueError as exc:
+                problems.append(f"options.timeoutForDataDownload: {exc}")
+        return problems
+
+    def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
+        return provision(ctx, config, self.replica(config))
+
+    def cleanup(
+        self, ctx: SourceContext, current: Mapping[str, VolumeConfig | None], deleting: bool = False
+    ) -> list[str]:
+        digests = {
+            volume_id: (self.digest(config) if config is not None else None)
+            for volume_id, config in current.items()
+            if config is None or config.source_type == self.source_type
+        }
+        return cleanup(ctx, self.source_type, digests, deleting)

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from kvc.agent.files import Manifest, ReplicaDir
 from kvc.api import names
 from kvc.api.models import VolumeConfig, VolumeStatus
-from kvc.sources.progress import Progress
+from kvc.sources.transfer import Progress
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Downloads resume with Range requests when the server supports them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -16,23 +17,19 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from kvc.agent.files import Manifest, ManifestFile, ReplicaDir, UnsafePathError, remove_unexpected, safe_relative
 from kvc.api import names
-from kvc.api.models import AccessMode, VolumeConfig, VolumeStatus
+from kvc.api.models import VolumeConfig
 from kvc.api.units import parse_duration
 from kvc.sources import _nodelocal
-from kvc.sources.base import FetchRequest, Source, SourceContext, required_options, url_problem
-from kvc.sources.progress import Progress
-from kvc.sources.s3 import validate_unpack
-from kvc.sources.s3_fetch import CHUNK, RETRIES, FetchError, finish_unpack
+from kvc.sources.base import FetchRequest, required_options, url_problem
+from kvc.sources.transfer import CHUNK, RETRIES, FetchError, Progress, finish_unpack, run_parallel
 
 logger = logging.getLogger(__name__)
 
-_AGENT_OPTIONS = ("url", "sha256", "unpack", "timeoutForDataDownload")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -114,12 +111,10 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-class HTTPSource(Source):
+class HTTPSource(_nodelocal.NodeLocalSource):
     source_type = "HTTP"
-    node_local = True
-    access_modes = frozenset(
-        {AccessMode.READ_WRITE_ONCE.value, AccessMode.READ_ONLY_MANY.value, AccessMode.READ_WRITE_MANY.value}
-    )
+    agent_options = ("url", "sha256", "unpack", "timeoutForDataDownload")
+    credentials_option = "headersSecretName"
 
     def validate_options(self, config: VolumeConfig) -> list[str]:
         options = config.options
@@ -143,31 +138,10 @@ class HTTPSource(Source):
         if digests and len(digests) != len(urls):
             problems.append(f"options.sha256 must give one digest per URL: {len(digests)} for {len(urls)} URLs")
         problems += [f"options.sha256 {d!r} is not a hex SHA-256 digest" for d in digests if not _SHA256.match(d)]
-        timeout = options.get("timeoutForDataDownload", "").strip()
-        if timeout:
-            try:
-                parse_duration(timeout)
-            except ValueError as exc:
-                problems.append(f"options.timeoutForDataDownload: {exc}")
-        return problems + validate_unpack(options)
+        return problems + super().validate_options(config)
 
-    def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
-        replica = _nodelocal.Replica(
-            digest=source_digest(config),
-            options={k: v for k, v in config.options.items() if k in _AGENT_OPTIONS},
-            credentials_secret=config.options.get("headersSecretName", "").strip() or None,
-        )
-        return _nodelocal.provision(ctx, config, replica)
-
-    def cleanup(
-        self, ctx: SourceContext, current: Mapping[str, VolumeConfig | None], deleting: bool = False
-    ) -> list[str]:
-        digests = {
-            volume_id: (source_digest(config) if config is not None else None)
-            for volume_id, config in current.items()
-            if config is None or config.source_type == self.source_type
-        }
-        return _nodelocal.cleanup(ctx, self.source_type, digests, deleting)
+    def digest(self, config: VolumeConfig) -> str:
+        return source_digest(config)
 
     def fetch(self, request: FetchRequest) -> Manifest:
         options = request.options
@@ -200,15 +174,9 @@ class HTTPSource(Source):
                 target.unlink()
                 raise FetchError(f"{_redact(url)} failed verification: its SHA-256 differs from options.sha256")
 
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="http-fetch") as pool:
-            futures = [pool.submit(job, url, target, digest) for url, target, digest in planned]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
-                abort.set()
-                wait(futures)
-                error = failed[0].exception()
-                raise error if isinstance(error, FetchError) else FetchError(f"download failed: {error}")
+        run_parallel(
+            [functools.partial(job, url, target, digest) for url, target, digest in planned], 4, abort, "http-fetch"
+        )
         manifest = Manifest(source=", ".join(_redact(u) for u in urls))
         if unpack:
             finish_unpack(replica, unpack, manifest)

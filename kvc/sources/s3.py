@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Mapping
 
 from kvc.agent.files import Manifest
-from kvc.agent.unpack import KINDS
 from kvc.api import names
-from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
+from kvc.api.models import VolumeConfig, VolumePhase, VolumeStatus
 from kvc.api.units import parse_duration
 from kvc.sources import _nodelocal, s3_fetch
-from kvc.sources.base import FetchRequest, Source, SourceContext, required_options, url_problem
+from kvc.sources.base import FetchRequest, SourceContext, required_options, url_problem
+from kvc.sources.transfer import FetchError
 
 ACCESS_KEY_FIELD = "awsAccessKeyID"
 SECRET_KEY_FIELD = "awsSecretAccessKey"  # noqa: S105 - the name of a key in the user's Secret
-# Options the agent needs; anything else stays with the controller.
-_AGENT_OPTIONS = ("sourceURL", "endpointURL", "region", "timeoutForDataDownload", "unpack")
 # Options from the original KVC that this version does not implement yet: refusing them is
 # better than ignoring them silently.
 _NOT_YET: tuple[str, ...] = ()
-
-
-def validate_unpack(options: Mapping[str, str]) -> list[str]:
-    kind = options.get("unpack", "").strip()
-    if kind and kind not in KINDS:
-        return [f"options.unpack must be one of {', '.join(KINDS)}, not {kind!r}"]
-    return []
 
 
 def source_digest(config: VolumeConfig) -> str:
@@ -65,12 +56,10 @@ def distribution(config: VolumeConfig) -> dict[str, int]:
     return {str(glob): int(count) for glob, count in strategy.items()}
 
 
-class S3Source(Source):
+class S3Source(_nodelocal.NodeLocalSource):
     source_type = "S3"
-    node_local = True
-    access_modes = frozenset(
-        {AccessMode.READ_WRITE_ONCE.value, AccessMode.READ_ONLY_MANY.value, AccessMode.READ_WRITE_MANY.value}
-    )
+    agent_options = ("sourceURL", "endpointURL", "region", "timeoutForDataDownload", "unpack")
+    credentials_option = "awsCredentialsSecretName"
 
     def validate_options(self, config: VolumeConfig) -> list[str]:
         options = config.options
@@ -93,13 +82,7 @@ class S3Source(Source):
         problem = url_problem("endpointURL", endpoint) if endpoint else None
         if problem:
             problems.append(problem)
-        timeout = options.get("timeoutForDataDownload", "").strip()
-        if timeout:
-            try:
-                parse_duration(timeout)
-            except ValueError as exc:
-                problems.append(f"options.timeoutForDataDownload: {exc}")
-        problems += validate_unpack(options)
+        problems += super().validate_options(config)
         try:
             distribution(config)
         except ValueError as exc:
@@ -109,40 +92,27 @@ class S3Source(Source):
                 problems.append(f"options.{option} is not supported by this version of KVC; remove it")
         return problems
 
+    def digest(self, config: VolumeConfig) -> str:
+        return source_digest(config)
+
+    def replica(self, config: VolumeConfig) -> _nodelocal.Replica:
+        slots = tuple({"include": glob} for glob, count in sorted(distribution(config).items()) for _ in range(count))
+        root = config.options.get("dataPath", "").strip() or None
+        return dataclasses.replace(super().replica(config), slots=slots, root=root)
+
     def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
         data_path = config.options.get("dataPath", "").strip()
         problem = _nodelocal.data_path_problem(data_path, ctx.allowed_data_roots) if data_path else None
         if problem:
             return VolumeStatus(id=config.id, sourceType=config.source_type, phase=VolumePhase.FAILED, message=problem)
-        replica = _nodelocal.Replica(
-            digest=source_digest(config),
-            options={k: v for k, v in config.options.items() if k in _AGENT_OPTIONS},
-            credentials_secret=config.options.get("awsCredentialsSecretName", "").strip() or None,
-            slots=tuple(
-                {"include": glob} for glob, count in sorted(distribution(config).items()) for _ in range(count)
-            ),
-            root=data_path or None,
-        )
-        return _nodelocal.provision(ctx, config, replica)
-
-    def cleanup(
-        self, ctx: SourceContext, current: Mapping[str, VolumeConfig | None], deleting: bool = False
-    ) -> list[str]:
-        digests = {
-            volume_id: (source_digest(config) if config is not None else None)
-            for volume_id, config in current.items()
-            if config is None or config.source_type == self.source_type
-        }
-        return _nodelocal.cleanup(ctx, self.source_type, digests, deleting)
+        return super().provision(ctx, config)
 
     def fetch(self, request: FetchRequest) -> Manifest:
         options = request.options
         access_key = request.credentials.get(ACCESS_KEY_FIELD)
         secret_key = request.credentials.get(SECRET_KEY_FIELD)
         if not access_key or not secret_key:
-            raise s3_fetch.FetchError(
-                f"the credentials Secret needs both {ACCESS_KEY_FIELD} and {SECRET_KEY_FIELD} keys"
-            )
+            raise FetchError(f"the credentials Secret needs both {ACCESS_KEY_FIELD} and {SECRET_KEY_FIELD} keys")
         workers = 16
         client = s3_fetch.make_client(
             options.get("endpointURL"), options.get("region"), access_key, secret_key, workers

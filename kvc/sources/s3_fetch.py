@@ -10,11 +10,9 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -23,26 +21,17 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from kvc.agent import unpack as unpack_archive
 from kvc.agent.files import (
     Manifest,
     ManifestFile,
     ReplicaDir,
     UnsafePathError,
-    files_under,
     remove_unexpected,
     safe_join,
 )
-from kvc.sources.progress import Progress
+from kvc.sources.transfer import CHUNK, RETRIES, FetchError, Progress, finish_unpack, run_parallel
 
 logger = logging.getLogger(__name__)
-
-CHUNK = 1 << 20
-RETRIES = 8
-
-
-class FetchError(RuntimeError):
-    """A failure the user can act on; the message is shown in the volume's status."""
 
 
 @dataclass(frozen=True)
@@ -245,34 +234,15 @@ def fetch(
     def should_stop() -> bool:
         return abort.is_set() or (stop is not None and stop.is_set())
 
-    def job(obj: S3Object, target: Path) -> None:
-        _download(client, location.bucket, obj, target, progress=progress, deadline=deadline, should_stop=should_stop)
+    def job(obj: S3Object, target: Path) -> Callable[[], None]:
+        return lambda: _download(
+            client, location.bucket, obj, target, progress=progress, deadline=deadline, should_stop=should_stop
+        )
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-fetch") as pool:
-        futures = [pool.submit(job, o, t) for o, t, _ in planned]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in done if f.exception() is not None]
-        if failed:
-            abort.set()
-            wait(futures)
-            error = failed[0].exception()
-            if isinstance(error, FetchError):
-                raise error
-            raise FetchError(f"download failed: {type(error).__name__}: {error}") from error
+    run_parallel([job(o, t) for o, t, _ in planned], workers, abort, "s3-fetch")
     if unpack:
         finish_unpack(replica, unpack, manifest)
     else:
         manifest.files = [ManifestFile(str(relative), obj.size, obj.etag) for obj, _, relative in planned]
     replica.publish(manifest)
     return manifest
-
-
-def finish_unpack(replica: ReplicaDir, kind: str, manifest: Manifest) -> None:
-    """Extract every downloaded archive into the staging directory, then drop the archives."""
-    for archive in sorted(p for p in replica.downloads.rglob("*") if p.is_file()):
-        skipped = unpack_archive.extract(archive, replica.staging, kind)
-        manifest.skipped += [f"{archive.name}:{member}" for member in skipped]
-    shutil.rmtree(replica.downloads)
-    manifest.files = files_under(replica.staging)
-    if not manifest.files:
-        raise FetchError("the archives held no files that could be extracted safely")
