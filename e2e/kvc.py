@@ -97,6 +97,7 @@ class KvcAgent(_KvcProcess):
                 f"--extra-root={ALLOWED_DATA_ROOT}={self.data_root / 'extra'}",
                 f"--heartbeat={self.heartbeat}",
                 "--verify-interval=5",
+                "--deep-verify-interval=10",
             ]
         )
         return self

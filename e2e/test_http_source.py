@@ -111,12 +111,23 @@ def test_a_tarball_is_unpacked_safely(server: FileServer, tmp_path: Path) -> Non
     assert not (tmp_path / "n" / "evil.txt").exists()
 
 
+def test_plain_http_is_fine_when_every_file_is_pinned_and_nothing_secret_is_sent() -> None:
+    config = VolumeConfig.model_validate(
+        {"id": "m", "sourceType": "HTTP", "options": {"url": "http://models.example.com/m.bin", "sha256": "a" * 64}}
+    )
+    assert HTTPSource().validate(config) == []
+
+
 @pytest.mark.parametrize(
     ("options", "problem"),
     [
         ({}, "options.url is required for HTTP volumes"),
         ({"url": "ftp://host/file"}, "options.url must be an https:// URL, not 'ftp://host/file'"),
         ({"url": "http://models.example.com/m.bin"}, "options.url uses plaintext http"),
+        (
+            {"url": "http://models.example.com/m.bin", "sha256": "a" * 64, "headersSecretName": "token"},
+            "options.url uses plaintext http",
+        ),
         ({"url": "https://a/x/m.bin,https://b/y/m.bin"}, "two URLs whose files are both named m.bin"),
         ({"url": "https://a/m.bin", "sha256": "abc"}, "options.sha256 'abc' is not a hex SHA-256 digest"),
         ({"url": "https://a/m.bin,https://a/n.bin", "sha256": "a" * 64}, "one digest per URL: 1 for 2 URLs"),

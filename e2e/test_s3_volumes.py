@@ -680,3 +680,20 @@ def test_controller_killed_while_replicas_download_converges(
         assert sorted(holders) == sorted(n["name"] for n in volume["nodes"])  # exactly 2, no duplicates
         for node in holders:
             assert tree(agents[node].local(volume["volumeSource"]["hostPath"]["path"])) == expected
+
+
+def test_a_replica_corrupted_in_place_is_detected_and_fetched_again(
+    vms: VolumeManagers,
+    s3: S3Server,
+    dataset: tuple[str, dict[str, str]],
+    credentials: str,
+    agents: dict[str, KvcAgent],
+) -> None:
+    bucket, expected = dataset
+    vms.create("rotted", [s3_volume(s3, bucket, replicas=1)])
+    volume = vms.wait_state("rotted", "Running", timeout=120)["status"]["volumes"][0]
+    local = agents[volume["nodes"][0]["name"]].local(volume["volumeSource"]["hostPath"]["path"])
+    victim = local / "labels.txt" if (local / "labels.txt").exists() else local / "meta" / "labels.txt"
+    victim.write_bytes(bytes(len(victim.read_bytes())))  # same size, other content: only checksums tell
+    wait_for(lambda: local.is_dir() and tree(local) == expected, timeout=90, interval=0.5, what="data repaired")
+    wait_for(lambda: vms.volume("rotted", "cifar").get("phase") == "Ready", what="Ready again")

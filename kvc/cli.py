@@ -96,7 +96,13 @@ def run_controller(
     help="Another allowed data root (for options.dataPath) and the local directory holding it (repeatable).",
 )
 @click.option("--heartbeat", default=10.0, show_default=True, help="Seconds between status reports.")
-@click.option("--verify-interval", default=60.0, show_default=True, help="Seconds between checks of Ready data.")
+@click.option("--verify-interval", default=60.0, show_default=True, help="Seconds between size checks of Ready data.")
+@click.option(
+    "--deep-verify-interval",
+    default=6 * 3600.0,
+    show_default=True,
+    help="Seconds between re-reads of Ready data against the source's checksums.",
+)
 def run_agent(
     node: str,
     data_root: Path,
@@ -104,6 +110,7 @@ def run_agent(
     extra_roots: tuple[str, ...],
     heartbeat: float,
     verify_interval: float,
+    deep_verify_interval: float,
 ) -> None:
     """The node agent: fetches the replicas assigned to this node."""
     from kvc import kube  # noqa: PLC0415
@@ -126,6 +133,7 @@ def run_agent(
         extra_roots=roots,
         heartbeat_seconds=heartbeat,
         verify_seconds=verify_interval,
+        deep_verify_seconds=deep_verify_interval,
     )
     agent.run(stop)
 

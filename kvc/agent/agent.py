@@ -28,7 +28,7 @@ from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 from kvc import __version__
-from kvc.agent.files import MANIFEST, Manifest, ReplicaDir
+from kvc.agent.files import Manifest, ReplicaDir
 from kvc.api import names
 from kvc.sources.base import FetchRequest, Source
 from kvc.sources.registry import SourceRegistry, load_registry
@@ -59,6 +59,7 @@ class _Replica:
     failures: int = 0
     retry_at: float = 0.0
     verified_at: float = 0.0
+    deep_verified_at: float = 0.0
     verified_time: str | None = None
 
     def report(self) -> dict[str, Any]:
@@ -86,6 +87,7 @@ class Agent:
         extra_roots: Mapping[str, Path] | None = None,
         heartbeat_seconds: float = 10.0,
         verify_seconds: float = 60.0,
+        deep_verify_seconds: float = 6 * 3600.0,
         parallel_replicas: int = 2,
         registry: SourceRegistry | None = None,
     ) -> None:
@@ -101,6 +103,7 @@ class Agent:
         self.core = client.CoreV1Api(api_client)
         self.heartbeat_seconds = heartbeat_seconds
         self.verify_seconds = verify_seconds
+        self.deep_verify_seconds = deep_verify_seconds
         self.registry = registry or load_registry()
         self._pool = ThreadPoolExecutor(max_workers=parallel_replicas, thread_name_prefix="replica")
         self._replicas: dict[str, _Replica] = {}
@@ -208,6 +211,9 @@ class Agent:
             if replica.future.done():
                 self._collect(replica, replica.future)
             return
+        if replica.phase == "Ready" and time.monotonic() - replica.deep_verified_at >= self.deep_verify_seconds:
+            replica.future = self._pool.submit(self._deep_verify, replica)
+            return
         if self._usable(replica) or time.monotonic() < replica.retry_at:
             return
         source = self.registry.get(str(replica.spec.get("sourceType")))
@@ -232,6 +238,17 @@ class Agent:
         )
         return source.fetch(request)
 
+    def _deep_verify(self, replica: _Replica) -> Manifest:
+        """Runs in a worker thread: re-read the data and compare it with the source's checksums."""
+        directory = ReplicaDir(replica.local)
+        problems = directory.verify(deep=True)
+        manifest = directory.manifest()
+        if problems or manifest is None:
+            logger.warning("replica %s changed on disk: %s; fetching again", replica.name, "; ".join(problems))
+            directory.unpublish()
+            raise FetchError(f"data changed on disk ({(problems or ['no manifest'])[0]}): fetching it again")
+        return manifest
+
     def _collect(self, replica: _Replica, future: Future[Manifest]) -> None:
         replica.future = None
         error = future.exception()
@@ -254,7 +271,8 @@ class Agent:
         replica.progress.total_bytes = replica.progress.bytes = manifest.total_bytes if manifest else 0
         replica.progress.files = len(manifest.files) if manifest else 0
         replica.message = f"{replica.progress.files} files, {replica.progress.bytes} bytes, verified"
-        replica.verified_at, replica.verified_time = time.monotonic(), _now()
+        replica.verified_at = replica.deep_verified_at = time.monotonic()
+        replica.verified_time = _now()
 
     def _usable(self, replica: _Replica) -> bool:
         """Whether the replica's published data is intact (checked every verify_seconds)."""
@@ -274,9 +292,7 @@ class Agent:
         replica.phase = "Pending"
         replica.message = f"data changed on disk ({problems[0]}): fetching again"
         # Keep what is intact: the fetch resumes from it and checks every file again.
-        if not directory.staging.exists():
-            directory.final.rename(directory.staging)
-        (directory.staging / MANIFEST).unlink(missing_ok=True)
+        directory.unpublish()
         return False
 
     def _credentials(self, spec: dict[str, Any]) -> dict[str, str]:

@@ -8,6 +8,7 @@ resumes from what is already there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,20 @@ MANIFEST = ".kvc-manifest.json"
 STAGING_SUFFIX = ".partial"
 # Archives to unpack are downloaded here, inside the staging directory, then removed.
 DOWNLOADS = ".kvc-download"
+
+
+def md5_etag(etag: str | None) -> str | None:
+    """The MD5 an S3 ETag stands for, when it is one (not for multipart uploads or SSE-KMS)."""
+    value = (etag or "").strip('"')
+    return value if len(value) == 32 and "-" not in value else None
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class UnsafePathError(ValueError):
@@ -125,8 +140,11 @@ class ReplicaDir:
             shutil.rmtree(self.final)
         os.rename(self.staging, self.final)
 
-    def verify(self) -> list[str]:
-        """Problems with the published data (missing or resized files); [] if intact."""
+    def verify(self, deep: bool = False) -> list[str]:
+        """Problems with the published data; [] if intact.
+
+        Checks sizes; ``deep`` also re-reads every file whose ETag is an MD5 and compares.
+        """
         manifest = self.manifest()
         if manifest is None:
             return ["manifest missing or unreadable"]
@@ -140,7 +158,15 @@ class ReplicaDir:
                 continue
             if size != entry.size:
                 problems.append(f"{entry.path} has {size} bytes, expected {entry.size}")
+            elif deep and (expected := md5_etag(entry.etag)) and md5_of(path) != expected:
+                problems.append(f"{entry.path} differs from its source (MD5 {expected})")
         return problems
+
+    def unpublish(self) -> None:
+        """Turn published data back into staged data, to be checked and completed by a fetch."""
+        if self.final.exists() and not self.staging.exists():
+            self.final.rename(self.staging)
+        (self.staging / MANIFEST).unlink(missing_ok=True)
 
     def remove(self) -> None:
         for directory in (self.final, self.staging):

@@ -121,9 +121,13 @@ class HTTPSource(_nodelocal.NodeLocalSource):
         problems = required_options(config, {"url": "one or more https:// URLs, separated by commas"})
         urls = split_list(options.get("url", ""))
         names_seen: set[str] = set()
+        digests = split_list(options.get("sha256", ""))
+        # Plain http is accepted only where it cannot leak or corrupt anything: every file is
+        # pinned by a SHA-256 and no header Secret is sent.
+        pinned = bool(digests) and len(digests) == len(urls) and not options.get("headersSecretName", "").strip()
         for url in urls:
             problem = url_problem("url", url)
-            if problem:
+            if problem and not (pinned and urlparse(url).scheme == "http" and "plaintext" in problem):
                 problems.append(problem)
                 continue
             try:
@@ -134,7 +138,6 @@ class HTTPSource(_nodelocal.NodeLocalSource):
             if name in names_seen:
                 problems.append(f"options.url lists two URLs whose files are both named {name}")
             names_seen.add(name)
-        digests = split_list(options.get("sha256", ""))
         if digests and len(digests) != len(urls):
             problems.append(f"options.sha256 must give one digest per URL: {len(digests)} for {len(urls)} URLs")
         problems += [f"options.sha256 {d!r} is not a hex SHA-256 digest" for d in digests if not _SHA256.match(d)]

@@ -8,7 +8,6 @@ the replica's directory are skipped and reported), bounded in time.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import logging
 import threading
 import time
@@ -26,6 +25,8 @@ from kvc.agent.files import (
     ManifestFile,
     ReplicaDir,
     UnsafePathError,
+    md5_etag,
+    md5_of,
     remove_unexpected,
     safe_join,
 )
@@ -64,9 +65,7 @@ class S3Object:
 
     @property
     def md5(self) -> str | None:
-        """The object's MD5 when its ETag is one (not for multipart uploads or SSE-KMS)."""
-        etag = (self.etag or "").strip('"')
-        return etag if len(etag) == 32 and "-" not in etag else None
+        return md5_etag(self.etag)
 
 
 def make_client(
@@ -123,14 +122,6 @@ def _relative_name(location: S3Location, key: str) -> str:
     return key[len(location.key) :]
 
 
-def _md5_of(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _download(
     client: Any,
     bucket: str,
@@ -150,7 +141,7 @@ def _download(
             target.unlink()
             have = 0
         if have == obj.size:
-            if obj.md5 is None or _md5_of(target) == obj.md5:
+            if obj.md5 is None or md5_of(target) == obj.md5:
                 break
             # Same size, other content (a corrupted or changed file): fetch it again.
             logger.warning("s3://%s/%s: MD5 differs from its ETag; fetching it again", bucket, obj.key)
