@@ -1,0 +1,226 @@
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from webhook import grammar
+from webhook.mutation import GATE, INJECTED, MutationError, ResolvedVolume, wire_job, wire_pod
+
+LABEL = "data.kvc.kubeflow.org/team-a-datasets-cifar-0123456789"
+
+
+def s3_volume(volume_id: str = "cifar", phase: str = "Ready", label: str = LABEL) -> ResolvedVolume:
+    return ResolvedVolume(
+        ref=grammar.VolumeRef(volume_id),
+        manager="datasets",
+        volume_id=volume_id,
+        phase=phase,
+        message="2/2 replicas ready",
+        volume_source={"hostPath": {"path": f"/var/lib/kvc/team-a/datasets/{volume_id}-x", "type": "Directory"}},
+        node_affinity={
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": label, "operator": "Exists"}]}]
+            }
+        },
+        access_mode="ReadOnlyMany",
+    )
+
+
+def nfs_volume(volume_id: str = "shared") -> ResolvedVolume:
+    return ResolvedVolume(
+        ref=grammar.VolumeRef(volume_id),
+        manager="datasets",
+        volume_id=volume_id,
+        phase="Ready",
+        message="bound",
+        volume_source={"persistentVolumeClaim": {"claimName": f"datasets-{volume_id}-abc", "readOnly": False}},
+        node_affinity=None,
+        access_mode="ReadWriteMany",
+    )
+
+
+def pod(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "annotations": {}},
+        "spec": {"containers": [{"name": "main", "image": "x"}, {"name": "sidecar", "image": "y"}], **spec},
+    }
+
+
+def request(annotations: dict[str, str]) -> grammar.VolumeRequest:
+    parsed = grammar.parse(annotations)
+    assert parsed is not None
+    return parsed
+
+
+def test_ready_hostpath_volume_is_mounted_read_only_everywhere_with_node_affinity() -> None:
+    wired = wire_pod(pod(), request({"kvc/volume": "cifar"}), [s3_volume()])
+    spec = wired["spec"]
+    assert spec["volumes"] == [
+        {
+            "name": "kvc-datasets-cifar",
+            "hostPath": {"path": "/var/lib/kvc/team-a/datasets/cifar-x", "type": "Directory"},
+        }
+    ]
+    for container in spec["containers"]:
+        assert container["volumeMounts"] == [
+            {"name": "kvc-datasets-cifar", "mountPath": "/var/datasets/cifar", "readOnly": True}
+        ]
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [{"key": LABEL, "operator": "Exists"}]}]
+    assert "schedulingGates" not in spec
+    assert json.loads(wired["metadata"]["annotations"][INJECTED]) == ["kvc-datasets-cifar"]
+
+
+def test_expressions_are_anded_into_every_existing_term_and_preferred_terms_are_kept() -> None:
+    existing = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["b"]}]},
+                ]
+            },
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 1, "preference": {"matchExpressions": [{"key": "ssd", "operator": "Exists"}]}}
+            ],
+        }
+    }
+    other = "data.kvc.kubeflow.org/team-a-datasets-imagenet-9"
+    wired = wire_pod(
+        pod(affinity=existing),
+        request({"kvc/volume": "cifar,imagenet"}),
+        [s3_volume(), s3_volume("imagenet", label=other)],
+    )
+    node_affinity = wired["spec"]["affinity"]["nodeAffinity"]
+    for term in node_affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]:
+        keys = [e["key"] for e in term["matchExpressions"]]
+        assert keys == ["zone", LABEL, other]
+    assert (
+        node_affinity["preferredDuringSchedulingIgnoredDuringExecution"]
+        == existing["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    )
+
+
+def test_pvc_volume_has_no_affinity_and_honours_writable_mounts() -> None:
+    wired = wire_pod(
+        pod(), request({"kvc/volume": "shared", "kvc/read-only": "false", "kvc/containers": "main"}), [nfs_volume()]
+    )
+    spec = wired["spec"]
+    assert spec["volumes"][0]["persistentVolumeClaim"] == {"claimName": "datasets-shared-abc", "readOnly": False}
+    assert "affinity" not in spec
+    assert spec["containers"][0]["volumeMounts"][0]["readOnly"] is False
+    assert "volumeMounts" not in spec["containers"][1]
+
+
+def test_init_containers_only_when_named() -> None:
+    base = pod(initContainers=[{"name": "fetch", "image": "z"}])
+    assert (
+        "volumeMounts"
+        not in wire_pod(base, request({"kvc/volume": "cifar"}), [s3_volume()])["spec"]["initContainers"][0]
+    )
+    named = wire_pod(base, request({"kvc/volume": "cifar", "kvc/containers": "fetch"}), [s3_volume()])
+    assert named["spec"]["initContainers"][0]["volumeMounts"][0]["mountPath"] == "/var/datasets/cifar"
+    assert "volumeMounts" not in named["spec"]["containers"][0]
+
+
+def test_provisioning_data_gates_the_pod_instead_of_pinning_it() -> None:
+    wired = wire_pod(pod(), request({"kvc/volume": "cifar"}), [s3_volume(phase="Provisioning")])
+    assert wired["spec"]["schedulingGates"] == [{"name": GATE}]
+    assert "affinity" not in wired["spec"]
+    assert wired["spec"]["volumes"][0]["name"] == "kvc-datasets-cifar"
+
+
+@pytest.mark.parametrize(
+    ("spec", "annotations", "volumes", "message"),
+    [
+        ({"nodeName": "n1"}, {"kvc/volume": "cifar"}, [s3_volume(phase="Provisioning")], "the pod sets spec.nodeName"),
+        (
+            {},
+            {"kvc/volume": "cifar", "kvc/read-only": "false"},
+            [s3_volume()],
+            'is ReadOnlyMany: kvc/read-only "false" is not allowed',
+        ),
+        (
+            {"volumes": [{"name": "kvc-datasets-cifar", "emptyDir": {}}]},
+            {"kvc/volume": "cifar"},
+            [s3_volume()],
+            "already has a volume named kvc-datasets-cifar",
+        ),
+        (
+            {
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "x",
+                        "volumeMounts": [{"name": "cache", "mountPath": "/var/datasets/cifar"}],
+                    }
+                ]
+            },
+            {"kvc/volume": "cifar"},
+            [s3_volume()],
+            "container main already mounts cache at /var/datasets/cifar",
+        ),
+        (
+            {},
+            {"kvc/volume": "cifar", "kvc/containers": "trainer"},
+            [s3_volume()],
+            "kvc/containers names trainer, which the pod does not have (main, sidecar)",
+        ),
+    ],
+)
+def test_conflicts_are_refused_with_what_to_fix(
+    spec: dict[str, Any], annotations: dict[str, str], volumes: list[ResolvedVolume], message: str
+) -> None:
+    with pytest.raises(MutationError) as excinfo:
+        wire_pod(pod(**spec), request(annotations), volumes)
+    assert message in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "volumes",
+    [[s3_volume()], [s3_volume(phase="Provisioning")], [nfs_volume(), s3_volume()]],
+)
+def test_a_second_pass_changes_nothing_and_the_patch_applies(volumes: list[ResolvedVolume]) -> None:
+    annotations = {"kvc/volume": ",".join(v.volume_id for v in volumes)}
+    original = pod()
+    once = wire_pod(original, request(annotations), volumes)
+    assert wire_pod(once, request(annotations), volumes) == once
+    assert jsonpatch.make_patch(once, wire_pod(once, request(annotations), volumes)).patch == []
+    patch = jsonpatch.make_patch(original, once)
+    assert patch.apply(copy.deepcopy(original)) == once
+    assert original == pod()  # the input is never modified
+
+
+def test_every_replica_template_of_a_tfjob_is_wired_and_gets_the_annotations() -> None:
+    template = {"metadata": {}, "spec": {"containers": [{"name": "tensorflow", "image": "tf"}]}}
+    job: dict[str, Any] = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "TFJob",
+        "metadata": {"name": "train", "annotations": {"kvc/volume": "cifar", "kvc/mount-path": "/data", "team": "x"}},
+        "spec": {
+            "tfReplicaSpecs": {
+                "Chief": {"template": copy.deepcopy(template)},
+                "Worker": {"replicas": 4, "template": copy.deepcopy(template)},
+            }
+        },
+    }
+    wired = wire_job(job, request(job["metadata"]["annotations"]), [s3_volume()])
+    for role in ("Chief", "Worker"):
+        pod_template = wired["spec"]["tfReplicaSpecs"][role]["template"]
+        assert pod_template["metadata"]["annotations"]["kvc/volume"] == "cifar"
+        assert pod_template["metadata"]["annotations"]["kvc/mount-path"] == "/data"
+        assert "team" not in pod_template["metadata"]["annotations"]
+        assert pod_template["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/data"
+        assert pod_template["spec"]["affinity"]["nodeAffinity"]
+    assert wired["spec"]["tfReplicaSpecs"]["Worker"]["replicas"] == 4
+
+
+def test_a_job_without_replica_specs_is_refused() -> None:
+    with pytest.raises(MutationError, match=r"PyTorchJob has no spec\.pytorchReplicaSpecs to wire"):
+        wire_job({"kind": "PyTorchJob", "spec": {}}, request({"kvc/volume": "cifar"}), [s3_volume()])
