@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from webhook import grammar
+from webhook.mutation import MutationError
+from webhook.resolve import catalog_entries, resolve
+
+SOURCE = {"hostPath": {"path": "/var/lib/kvc/ns/vm/x", "type": "Directory"}}
+
+
+def vmgr(name: str, *volumes: tuple[str, str], deleting: bool = False) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "namespace": "team-a"}
+    if deleting:
+        metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {
+        "metadata": metadata,
+        "spec": {"volumeConfigs": [{"id": vid, "sourceType": "S3"} for vid, _ in volumes]},
+        "status": {
+            "volumes": [
+                {"id": vid, "phase": phase, "message": f"{vid} is {phase}", "volumeSource": SOURCE}
+                for vid, phase in volumes
+            ]
+        },
+    }
+
+
+CATALOG = [
+    *catalog_entries(vmgr("datasets", ("cifar", "Ready"), ("imagenet", "Provisioning"), ("broken", "Failed"))),
+    *catalog_entries(vmgr("models", ("bert", "Degraded"), ("cifar", "Ready"))),
+    *catalog_entries(vmgr("old", ("legacy", "Ready"), deleting=True)),
+]
+
+
+def ask(value: str) -> grammar.VolumeRequest:
+    parsed = grammar.parse({"kvc/volume": value})
+    assert parsed is not None
+    return parsed
+
+
+def test_refs_resolve_in_the_namespace() -> None:
+    resolved = resolve(ask("datasets/cifar, bert, imagenet"), "team-a", CATALOG)
+    assert [(r.manager, r.volume_id, r.phase, r.ready) for r in resolved] == [
+        ("datasets", "cifar", "Ready", True),
+        ("models", "bert", "Degraded", True),
+        ("datasets", "imagenet", "Provisioning", False),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("nope", "volume nope not found in namespace team-a; volumes there: datasets/broken, datasets/cifar"),
+        ("cifar", "volume cifar is in several VolumeManagers of team-a: write datasets/cifar or models/cifar"),
+        ("broken", "volume broken is Failed: broken is Failed"),
+        ("legacy", "belongs to VolumeManager old, which is being deleted"),
+        ("models/imagenet", "volume models/imagenet not found"),
+    ],
+)
+def test_unusable_refs_are_denied_with_what_exists(value: str, message: str) -> None:
+    with pytest.raises(MutationError) as excinfo:
+        resolve(ask(value), "team-a", CATALOG)
+    assert message in str(excinfo.value)
+
+
+def test_an_empty_namespace_says_so() -> None:
+    with pytest.raises(MutationError, match="volumes there: none"):
+        resolve(ask("cifar"), "empty", [])
+
+
+def test_a_volume_the_controller_has_not_reported_is_denied_until_it_has() -> None:
+    fresh = catalog_entries({"metadata": {"name": "new"}, "spec": {"volumeConfigs": [{"id": "cifar"}]}})
+    assert fresh[0].phase == "Pending"
+    with pytest.raises(MutationError, match="has no volume source yet"):
+        resolve(ask("cifar"), "team-a", fresh)

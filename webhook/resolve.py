@@ -1,0 +1,96 @@
+"""Finding the requested volumes among the namespace's VolumeManagers (pure).
+
+The index hands this module the VolumeManagers of the workload's namespace; a request
+resolves only there, never across namespaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from webhook import grammar
+from webhook.mutation import MutationError, ResolvedVolume
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One volume of one VolumeManager, as admission needs it."""
+
+    manager: str
+    volume_id: str
+    phase: str
+    message: str
+    volume_source: Mapping[str, Any] | None
+    node_affinity: Mapping[str, Any] | None
+    access_mode: str
+    deleting: bool = False
+
+
+def catalog_entries(volumemanager: Mapping[str, Any]) -> list[CatalogEntry]:
+    """The volumes of a VolumeManager object, with what its status says about each."""
+    metadata = volumemanager.get("metadata") or {}
+    name = str(metadata.get("name"))
+    deleting = bool(metadata.get("deletionTimestamp"))
+    statuses = {v.get("id"): v for v in (volumemanager.get("status") or {}).get("volumes") or []}
+    entries = []
+    for config in (volumemanager.get("spec") or {}).get("volumeConfigs") or []:
+        status = statuses.get(config.get("id")) or {}
+        entries.append(
+            CatalogEntry(
+                manager=name,
+                volume_id=str(config.get("id")),
+                phase=str(status.get("phase") or "Pending"),
+                message=str(status.get("message") or "not provisioned yet"),
+                volume_source=status.get("volumeSource"),
+                node_affinity=status.get("nodeAffinity"),
+                access_mode=str(config.get("accessMode") or "ReadWriteOnce"),
+                deleting=deleting,
+            )
+        )
+    return entries
+
+
+def _describe(entries: Sequence[CatalogEntry]) -> str:
+    return ", ".join(sorted({f"{e.manager}/{e.volume_id}" for e in entries})) or "none"
+
+
+def resolve(request: grammar.VolumeRequest, namespace: str, entries: Iterable[CatalogEntry]) -> list[ResolvedVolume]:
+    """The requested volumes, or a MutationError saying which ref fails and why."""
+    available = list(entries)
+    resolved = []
+    for ref in request.refs:
+        matches = [
+            e for e in available if e.volume_id == ref.volume_id and (ref.manager is None or e.manager == ref.manager)
+        ]
+        if not matches:
+            raise MutationError(
+                f"volume {ref} not found in namespace {namespace}; volumes there: {_describe(available)}"
+            )
+        if len(matches) > 1:
+            options = " or ".join(f"{m.manager}/{m.volume_id}" for m in sorted(matches, key=lambda m: m.manager))
+            raise MutationError(f"volume {ref} is in several VolumeManagers of {namespace}: write {options}")
+        entry = matches[0]
+        if entry.deleting:
+            raise MutationError(f"volume {ref} belongs to VolumeManager {entry.manager}, which is being deleted")
+        if entry.phase == "Failed":
+            raise MutationError(f"volume {ref} is Failed: {entry.message}")
+        if not entry.volume_source:
+            raise MutationError(
+                f"volume {ref} of VolumeManager {entry.manager} has no volume source yet (the controller has not "
+                "reported it): retry in a few seconds"
+            )
+        resolved.append(
+            ResolvedVolume(
+                ref=ref,
+                manager=entry.manager,
+                volume_id=entry.volume_id,
+                phase=entry.phase,
+                message=entry.message,
+                volume_source=entry.volume_source,
+                node_affinity=entry.node_affinity,
+                access_mode=entry.access_mode,
+            )
+        )
+    return resolved
