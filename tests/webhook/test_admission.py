@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from webhook.admission import BadReviewError, admit, wants_volumes
+from webhook.resolve import CatalogEntry
+
+SOURCE = {"hostPath": {"path": "/var/lib/kvc/team-a/datasets/cifar-1", "type": "Directory"}}
+AFFINITY = {
+    "requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "data.kvc.kubeflow.org/x", "operator": "Exists"}]}]
+    }
+}
+ENTRIES = [CatalogEntry("datasets", "cifar", "Ready", "2/2 replicas ready", SOURCE, AFFINITY, "ReadOnlyMany")]
+
+
+def catalog(namespace: str) -> list[CatalogEntry]:
+    return ENTRIES if namespace == "team-a" else []
+
+
+def review(obj: dict[str, Any], operation: str = "CREATE", namespace: str = "team-a") -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {"uid": "0d6b-uid", "operation": operation, "namespace": namespace, "object": obj},
+    }
+
+
+def pod(annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "annotations": annotations or {}},
+        "spec": {"containers": [{"name": "main", "image": "x"}]},
+    }
+
+
+def patched(response: dict[str, Any], obj: dict[str, Any]) -> dict[str, Any]:
+    patch = json.loads(base64.b64decode(response["response"]["patch"]))
+    result: dict[str, Any] = jsonpatch.apply_patch(copy.deepcopy(obj), patch)
+    return result
+
+
+def test_an_annotated_pod_gets_a_json_patch_and_the_uid_is_echoed() -> None:
+    obj = pod({"kvc/volume": "cifar"})
+    response = admit(review(obj), catalog)
+    assert response["apiVersion"] == "admission.k8s.io/v1"
+    assert response["response"]["uid"] == "0d6b-uid"
+    assert response["response"]["allowed"] is True
+    assert response["response"]["patchType"] == "JSONPatch"
+    wired = patched(response, obj)
+    assert wired["spec"]["volumes"][0]["hostPath"] == SOURCE["hostPath"]
+    assert wired["spec"]["affinity"]["nodeAffinity"] == AFFINITY
+
+
+def test_plain_pods_and_other_operations_pass_unchanged() -> None:
+    for response in (admit(review(pod()), catalog), admit(review(pod({"kvc/volume": "cifar"}), "UPDATE"), catalog)):
+        assert response["response"] == {"uid": "0d6b-uid", "allowed": True}
+
+
+def test_denials_say_what_to_fix() -> None:
+    response = admit(review(pod({"kvc/volume": "cifar"}), namespace="team-b"), catalog)
+    assert response["response"]["allowed"] is False
+    assert response["response"]["status"]["message"] == (
+        "KVC: volume cifar not found in namespace team-b; volumes there: none"
+    )
+    bad = admit(review(pod({"kvc/volume": "cifar", "kvc/read-only": "maybe"})), catalog)
+    assert "kvc/read-only must be" in bad["response"]["status"]["message"]
+
+
+def test_a_pytorchjob_template_that_asks_is_wired_alone() -> None:
+    job = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": "j"},
+        "spec": {
+            "pytorchReplicaSpecs": {
+                "Master": {
+                    "template": {
+                        "metadata": {"annotations": {"kvc/volume": "cifar"}},
+                        "spec": {"containers": [{"name": "pytorch"}]},
+                    }
+                },
+                "Worker": {"template": {"metadata": {}, "spec": {"containers": [{"name": "pytorch"}]}}},
+            }
+        },
+    }
+    assert wants_volumes(job)
+    wired = patched(admit(review(job), catalog), job)
+    replicas = wired["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["template"]["spec"]["volumes"]
+    assert "volumes" not in replicas["Worker"]["template"]["spec"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {"kind": "AdmissionReview"},
+        {"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview", "request": {"uid": "x"}},
+        {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"},
+        {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": ""}},
+    ],
+)
+def test_malformed_reviews_are_rejected(body: Any) -> None:
+    with pytest.raises(BadReviewError):
+        admit(body, catalog)
