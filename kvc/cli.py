@@ -138,5 +138,25 @@ def run_agent(
     agent.run(stop)
 
 
+@run.command("webhook")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")  # noqa: S104
+@click.option("--port", default=9443, show_default=True, help="HTTPS port.")
+@click.option(
+    "--cert-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Serving certificate.",
+)
+@click.option(
+    "--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Its private key."
+)
+def run_webhook(host: str, port: int, cert_file: Path, key_file: Path) -> None:
+    """The mutating admission webhook (HTTPS only)."""
+    from kvc import kube  # noqa: PLC0415
+    from webhook.server import run as serve  # noqa: PLC0415
+
+    serve(host, port, cert_file, key_file, kube.api_client())
+
+
 def main() -> None:
     cli()

@@ -1,0 +1,83 @@
+"""VolumeManager statuses in memory, fed by a watch: admission never calls the API server.
+
+A background thread lists every VolumeManager, then follows a watch from that list's
+resourceVersion, and lists again whenever the watch breaks (API server restart, expired
+resourceVersion). ``synced`` turns true after the first complete list: until then the
+webhook is not ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kubernetes import client, watch
+
+from kvc.api import names
+from webhook.resolve import CatalogEntry, catalog_entries
+
+logger = logging.getLogger(__name__)
+
+
+class VolumeIndex:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_namespace: dict[str, dict[str, list[CatalogEntry]]] = {}
+        self.synced = threading.Event()
+
+    def entries(self, namespace: str) -> Iterable[CatalogEntry]:
+        with self._lock:
+            managers = self._by_namespace.get(namespace, {})
+            return [entry for entries in managers.values() for entry in entries]
+
+    def replace_all(self, volumemanagers: Iterable[Mapping[str, Any]]) -> None:
+        fresh: dict[str, dict[str, list[CatalogEntry]]] = {}
+        for obj in volumemanagers:
+            metadata = obj.get("metadata") or {}
+            fresh.setdefault(str(metadata.get("namespace")), {})[str(metadata.get("name"))] = catalog_entries(obj)
+        with self._lock:
+            self._by_namespace = fresh
+        self.synced.set()
+
+    def apply(self, event_type: str, obj: Mapping[str, Any]) -> None:
+        metadata = obj.get("metadata") or {}
+        namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
+        with self._lock:
+            managers = self._by_namespace.setdefault(namespace, {})
+            if event_type == "DELETED":
+                managers.pop(name, None)
+            else:
+                managers[name] = catalog_entries(obj)
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(managers) for managers in self._by_namespace.values())
+
+
+def follow(index: VolumeIndex, api_client: Any, stop: threading.Event) -> None:
+    """List, then watch, VolumeManagers in every namespace until ``stop`` (runs in a thread)."""
+    custom = client.CustomObjectsApi(api_client)
+    group, version, plural = names.GROUP, names.VERSION, names.VOLUMEMANAGER_PLURAL
+    while not stop.is_set():
+        try:
+            listed = custom.list_cluster_custom_object(group, version, plural)
+            index.replace_all(listed.get("items", []))
+            version_seen = (listed.get("metadata") or {}).get("resourceVersion")
+            for event in watch.Watch().stream(
+                custom.list_cluster_custom_object,
+                group,
+                version,
+                plural,
+                resource_version=version_seen,
+                timeout_seconds=300,
+                allow_watch_bookmarks=True,
+            ):
+                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                    index.apply(event["type"], event["object"])
+                if stop.is_set():
+                    return
+        except Exception as exc:  # the watch breaks on API server restarts and expiries: list again
+            logger.warning("VolumeManager watch ended (%s); listing again", type(exc).__name__)
+            stop.wait(1.0)
