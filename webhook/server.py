@@ -117,8 +117,11 @@ class ReloadingTLS:
         if stamp == self._stamp:
             return False
         try:
+            # Check the pair on a scratch context first: a failed load can leave a context
+            # with the new certificate and the old key, which no client could talk to.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
             self.context.load_cert_chain(self.cert_file, self.key_file)
-        except (ssl.SSLError, OSError) as exc:  # a half-written pair: keep serving the old one
+        except (ssl.SSLError, OSError) as exc:  # a half-written or mismatched pair
             logger.warning("serving certificate not reloaded (%s); keeping the previous one", exc)
             return False
         self._stamp = stamp
