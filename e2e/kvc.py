@@ -3,17 +3,22 @@ from this source tree against the local control plane, as local processes."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import kubernetes
+import yaml
 from kubernetes.client.rest import ApiException
 
+from certs import pki
 from e2e.cluster import Component, ControlPlane, free_port
 from kvc.api import names
 
+WEBHOOK_MANIFEST = Path(__file__).resolve().parent.parent / "deploy" / "webhook" / "mutatingwebhookconfiguration.yaml"
 AGENT_GRACE_SECONDS = 10.0
 # A node path the admin lets users choose for their data (options.dataPath).
 ALLOWED_DATA_ROOT = "/data/kvc"
@@ -125,3 +130,45 @@ class KvcAgent(_KvcProcess):
         if node_path.startswith(ALLOWED_DATA_ROOT + "/"):
             return self.data_root / "extra" / Path(node_path).relative_to(ALLOWED_DATA_ROOT)
         return self.data_root / Path(node_path).relative_to(NODE_DATA_ROOT)
+
+
+class KvcWebhook(_KvcProcess):
+    """`kvc run webhook` on loopback with a certificate for 127.0.0.1, and its registration."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        super().__init__(plane, "kvc-webhook")
+        self.port = free_port()
+        self.ca = pki.new_ca("kvc-e2e-webhook-ca")
+        directory = plane.workdir / "webhook"
+        directory.mkdir(exist_ok=True)
+        self.cert_file, self.key_file = directory / "tls.crt", directory / "tls.key"
+        serving = pki.new_serving_cert(self.ca, ["localhost"], ["127.0.0.1"])
+        self.cert_file.write_bytes(serving.cert_pem)
+        self.key_file.write_bytes(serving.key_pem)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self) -> KvcWebhook:
+        component = self._spawn(
+            [
+                "webhook",
+                "--host=127.0.0.1",
+                f"--port={self.port}",
+                f"--cert-file={self.cert_file}",
+                f"--key-file={self.key_file}",
+            ]
+        )
+        self.plane.wait_healthy(f"{self.url}/readyz", component, self.name, timeout=60)
+        return self
+
+    def registration(self) -> dict[str, Any]:
+        """deploy/webhook's configuration, pointed at this process instead of the Service."""
+        manifest = yaml.safe_load((WEBHOOK_MANIFEST).read_text())
+        for hook in manifest["webhooks"]:
+            hook["clientConfig"] = {
+                "url": f"{self.url}/mutate",
+                "caBundle": base64.b64encode(self.ca.cert_pem).decode(),
+            }
+        return dict(manifest)
