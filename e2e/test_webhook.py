@@ -175,3 +175,37 @@ def test_denials_reach_kubectl_with_their_message(
     assert result.returncode != 0
     assert 'admission webhook "volumes.kvc.kubeflow.org" denied the request' in result.stderr
     assert message in result.stderr
+
+
+def test_a_gated_pod_is_released_onto_a_data_node_when_its_data_turns_ready(
+    vms: VolumeManagers, s3: S3Server, s3_data: str, api: Any
+) -> None:
+    core = client.CoreV1Api(api)
+    label = f"kvc.test/gate-{vms.namespace}"
+    only_there = {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": label, "operator": "Exists"}]}]
+        }
+    }
+    vms.create("later", [{**s3_config(s3, s3_data, replicas=1), "nodeAffinity": only_there}])
+    wait_for(lambda: vms.volume("later", "cifar").get("phase") == "Pending", what="Pending: no eligible node yet")
+    created = core.create_namespaced_pod(vms.namespace, annotated_pod("patient", {"kvc/volume": "cifar"}))
+    assert [g.name for g in created.spec.scheduling_gates] == [GATE]
+    target = sorted(n.metadata.name for n in core.list_node().items if n.metadata.name.startswith("kvc-node-"))[0]
+    core.patch_node(target, {"metadata": {"labels": {label: "yes"}}})
+    try:
+        pod = wait_for(
+            lambda: (p := core.read_namespaced_pod("patient", vms.namespace)).status.phase == "Running" and p,
+            timeout=120,
+            what="the released pod to run",
+        )
+        assert pod.spec.node_name == target
+        assert not pod.spec.scheduling_gates
+        expressions = (
+            pod.spec.affinity.node_affinity.required_during_scheduling_ignored_during_execution.node_selector_terms[
+                0
+            ].match_expressions
+        )
+        assert any(e.key.startswith("data.kvc.kubeflow.org/") for e in expressions)
+    finally:
+        core.patch_node(target, {"metadata": {"labels": {label: None}}})

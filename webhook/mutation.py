@@ -17,7 +17,7 @@ from typing import Any
 from kvc.api import names
 from webhook import grammar
 
-GATE = f"{names.GROUP}/data-ready"
+GATE = names.SCHEDULING_GATE
 INJECTED = f"{names.GROUP}/injected"
 READ_ONLY_MODES = frozenset({"ReadOnlyMany"})
 
@@ -72,7 +72,7 @@ def add_node_affinity(spec: dict[str, Any], expressions: Sequence[Mapping[str, A
                 existing.append(dict(expression))
 
 
-def _data_expressions(volumes: Sequence[ResolvedVolume]) -> list[dict[str, Any]]:
+def data_expressions(volumes: Sequence[ResolvedVolume]) -> list[dict[str, Any]]:
     expressions = []
     for volume in volumes:
         required = (volume.node_affinity or {}).get("requiredDuringSchedulingIgnoredDuringExecution") or {}
@@ -141,7 +141,7 @@ def wire_pod_spec(
         if {"name": GATE} not in gates:
             gates.append({"name": GATE})
     else:
-        add_node_affinity(wired, _data_expressions(volumes))
+        add_node_affinity(wired, data_expressions(volumes))
     return wired
 
 
@@ -152,6 +152,8 @@ def wire_pod(
     wired = copy.deepcopy(dict(pod))
     wired["spec"] = wire_pod_spec(pod.get("spec") or {}, request, volumes)
     metadata = wired.setdefault("metadata", {})
+    if {"name": GATE} in wired["spec"].get("schedulingGates", []):
+        metadata.setdefault("labels", {})[names.LABEL_GATED] = "true"
     annotations = metadata.setdefault("annotations", {})
     annotations[INJECTED] = json.dumps(sorted(v.volume_name for v in volumes))
     return wired

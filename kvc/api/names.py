@@ -30,6 +30,11 @@ LABEL_VOLUMEMANAGER_UID = f"{GROUP}/volumemanager-uid"
 LABEL_VOLUME_ID = f"{GROUP}/volume-id"
 LABEL_SOURCE_HASH = f"{GROUP}/source-hash"
 
+# Scheduling gate the webhook puts on pods whose data is still being provisioned, and the
+# label that lets the controller find those pods; both are removed once the data is usable.
+SCHEDULING_GATE = f"{GROUP}/data-ready"
+LABEL_GATED = f"{GROUP}/gated"
+
 # A StorageClass name no provisioner serves: KVC's PVs bind only to KVC's claims.
 NFS_STORAGE_CLASS = "kvc-static-nfs"
 

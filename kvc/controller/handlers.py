@@ -13,7 +13,7 @@ from kvc import kube
 from kvc.agent.agent import DEFAULT_NODE_DATA_ROOT
 from kvc.api import names
 from kvc.api.models import State
-from kvc.controller import reconcile, status
+from kvc.controller import gates, reconcile, status
 from kvc.sources.base import SourceContext
 from kvc.sources.registry import load_registry
 
@@ -98,6 +98,7 @@ def volumemanager_resume(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
 @kopf.timer(*VMGR, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
 def volumemanager_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     _reconcile(body, patch, memo)
+    gates.release_gated_pods(memo.core, memo.custom, body["metadata"]["namespace"])
 
 
 @kopf.on.delete(*VMGR)

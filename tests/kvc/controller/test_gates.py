@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from typing import Any
+
+from kvc.api import names
+from kvc.controller.gates import released
+from webhook.resolve import CatalogEntry
+
+LABEL = "data.kvc.kubeflow.org/x"
+AFFINITY = {
+    "requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": LABEL, "operator": "Exists"}]}]
+    }
+}
+SOURCE = {"hostPath": {"path": "/var/lib/kvc/ns/vm/cifar-1", "type": "Directory"}}
+
+
+def entry(phase: str) -> CatalogEntry:
+    return CatalogEntry("datasets", "cifar", phase, "msg", SOURCE, AFFINITY, "ReadOnlyMany")
+
+
+def gated_pod(other_gate: bool = False) -> dict[str, Any]:
+    gates = [{"name": names.SCHEDULING_GATE}] + ([{"name": "example.com/quota"}] if other_gate else [])
+    return {
+        "metadata": {
+            "name": "p",
+            "namespace": "team-a",
+            "annotations": {"kvc/volume": "cifar"},
+            "labels": {names.LABEL_GATED: "true", "app": "train"},
+        },
+        "spec": {"containers": [{"name": "c"}], "schedulingGates": gates},
+    }
+
+
+def test_a_pod_stays_gated_while_its_data_is_not_usable() -> None:
+    assert released(gated_pod(), [entry("Provisioning")]) is None
+    assert released(gated_pod(), []) is None  # its VolumeManager is gone
+
+
+def test_usable_data_adds_affinity_and_removes_only_our_gate() -> None:
+    pod = released(gated_pod(other_gate=True), [entry("Ready")])
+    assert pod is not None
+    assert pod["spec"]["affinity"]["nodeAffinity"] == AFFINITY
+    assert pod["spec"]["schedulingGates"] == [{"name": "example.com/quota"}]
+    assert pod["metadata"]["labels"] == {"app": "train"}
+    alone = released(gated_pod(), [entry("Degraded")])
+    assert alone is not None
+    assert "schedulingGates" not in alone["spec"]
