@@ -271,6 +271,9 @@ class Agent:
         replica.progress.total_bytes = replica.progress.bytes = manifest.total_bytes if manifest else 0
         replica.progress.files = len(manifest.files) if manifest else 0
         replica.message = f"{replica.progress.files} files, {replica.progress.bytes} bytes, verified"
+        if manifest and manifest.skipped:
+            # Keys that would have escaped the volume's directory: say so, never write them.
+            replica.message += f"; skipped {len(manifest.skipped)} unsafe names such as {manifest.skipped[0]!r}"
         replica.verified_at = replica.deep_verified_at = time.monotonic()
         replica.verified_time = _now()
 
