@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -585,14 +585,3 @@ class ControlPlane:
             check=check,
             timeout=120,
         )
-
-
-@contextlib.contextmanager
-def running(nodes: Sequence[NodeSpec] = ()) -> Iterator[ControlPlane]:
-    plane = ControlPlane().start()
-    try:
-        if nodes:
-            plane.add_nodes(nodes)
-        yield plane
-    finally:
-        plane.stop()

@@ -76,14 +76,6 @@ class S3Server:
                 self._popen.wait()
         self._popen = None
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    @property
-    def pid(self) -> int | None:
-        return self._popen.pid if self._popen else None
-
     def client(self, service: str = "s3", access_key: str = ACCESS_KEY_ID, secret_key: str = SECRET_ACCESS_KEY) -> Any:
         return boto3.client(
             service,
@@ -92,6 +84,13 @@ class S3Server:
             aws_secret_access_key=secret_key,
             region_name=REGION,
         )
+
+
+def credentials_secret(
+    name: str, access_key: str = ACCESS_KEY_ID, secret_key: str = SECRET_ACCESS_KEY
+) -> dict[str, Any]:
+    """A Secret an S3 volume names in awsCredentialsSecretName, holding a key pair for this server."""
+    return {"metadata": {"name": name}, "stringData": {"awsAccessKeyID": access_key, "awsSecretAccessKey": secret_key}}
 
 
 def authenticating_server(log_path: Path) -> tuple[S3Server, str, str]:

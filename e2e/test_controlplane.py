@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -25,8 +25,6 @@ from certs import pki
 from e2e.cluster import ControlPlane, NodeSpec, pid_alive, reap_stale_workdirs
 from e2e.helpers import wait_for
 from e2e.s3server import S3Server
-
-T = TypeVar("T")
 
 
 def pod_manifest(name: str, **spec: Any) -> dict[str, Any]:

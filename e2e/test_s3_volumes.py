@@ -3,7 +3,6 @@ status, scheduling onto data nodes, healing and deletion."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -22,7 +21,7 @@ from kubernetes import client
 from e2e.cluster import ControlPlane, NodeSpec
 from e2e.helpers import VolumeManagers, tree, wait_for
 from e2e.kvc import KvcAgent, KvcController
-from e2e.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server, authenticating_server
+from e2e.s3server import SECRET_ACCESS_KEY, S3Server, authenticating_server, credentials_secret
 from kvc.api import names
 
 DATA_LABEL_PREFIX = f"data.{names.GROUP}/"
@@ -48,13 +47,7 @@ def dataset(s3: S3Server) -> tuple[str, dict[str, str]]:
 def credentials(api: Any, namespace: str) -> str:
     client.CoreV1Api(api).create_namespaced_secret(
         namespace,
-        {
-            "metadata": {"name": "aws-creds"},
-            "data": {
-                "awsAccessKeyID": base64.b64encode(ACCESS_KEY_ID.encode()).decode(),
-                "awsSecretAccessKey": base64.b64encode(SECRET_ACCESS_KEY.encode()).decode(),
-            },
-        },
+        credentials_secret("aws-creds"),
     )
     return "aws-creds"
 
@@ -493,8 +486,8 @@ def test_wrong_credentials_fail_with_a_clear_message_and_heal_when_the_secret_is
         good.create_bucket(Bucket="private")
         good.put_object(Bucket="private", Key="cifar/data.bin", Body=b"secret data")
         core = client.CoreV1Api(api)
-        wrong = {"awsAccessKeyID": "AKIAWRONGWRONGWRONG", "awsSecretAccessKey": "not-the-secret"}
-        core.create_namespaced_secret(namespace, {"metadata": {"name": "aws-creds"}, "stringData": wrong})
+        wrong = credentials_secret("aws-creds", "AKIAWRONGWRONGWRONG", "not-the-secret")
+        core.create_namespaced_secret(namespace, wrong)
         vms.create("private", [s3_volume(server, "private", replicas=1)])
         volume = wait_for(
             lambda: (v := vms.volume("private", "cifar")).get("phase") == "Failed" and v, timeout=60, what="Failed"
@@ -504,14 +497,7 @@ def test_wrong_credentials_fail_with_a_clear_message_and_heal_when_the_secret_is
             in volume["message"]
         )
         assert "not-the-secret" not in json.dumps(vms.get("private"))
-        core.replace_namespaced_secret(
-            "aws-creds",
-            namespace,
-            {
-                "metadata": {"name": "aws-creds"},
-                "stringData": {"awsAccessKeyID": access_key, "awsSecretAccessKey": secret_key},
-            },
-        )
+        core.replace_namespaced_secret("aws-creds", namespace, credentials_secret("aws-creds", access_key, secret_key))
         vm = vms.wait_state("private", "Running", timeout=120)
         node = vm["status"]["volumes"][0]["nodes"][0]
         assert node["bytes"] == len(b"secret data")

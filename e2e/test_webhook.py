@@ -3,7 +3,6 @@ placing the wired pods."""
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from kubernetes.client.rest import ApiException
 from e2e.cluster import ControlPlane
 from e2e.helpers import VolumeManagers, wait_for
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
-from e2e.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
+from e2e.s3server import S3Server, credentials_secret
 from webhook.mutation import GATE, INJECTED
 
 
@@ -65,13 +64,7 @@ def s3_data(s3: S3Server, api: Any, namespace: str) -> str:
         s3_client.put_object(Bucket=bucket, Key=f"cifar/{i}.bin", Body=bytes([i]) * 1000)
     client.CoreV1Api(api).create_namespaced_secret(
         namespace,
-        {
-            "metadata": {"name": "aws-creds"},
-            "data": {
-                "awsAccessKeyID": base64.b64encode(ACCESS_KEY_ID.encode()).decode(),
-                "awsSecretAccessKey": base64.b64encode(SECRET_ACCESS_KEY.encode()).decode(),
-            },
-        },
+        credentials_secret("aws-creds"),
     )
     return bucket
 

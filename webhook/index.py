@@ -51,10 +51,6 @@ class VolumeIndex:
             else:
                 managers[name] = catalog_entries(obj)
 
-    def count(self) -> int:
-        with self._lock:
-            return sum(len(managers) for managers in self._by_namespace.values())
-
 
 def follow(index: VolumeIndex, api_client: Any, stop: threading.Event) -> None:
     """List, then watch, VolumeManagers in every namespace until ``stop`` (runs in a thread)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -374,15 +373,6 @@ def _version_line(binary: Path) -> str:
     flag = {"etcd": "--version", "kwok": "--version", "kubectl": "version --client"}.get(binary.name, "--version")
     proc = subprocess.run([str(binary), *flag.split()], capture_output=True, text=True, timeout=30, check=False)
     return (proc.stdout or proc.stderr).strip().splitlines()[0] if (proc.stdout or proc.stderr) else "?"
-
-
-def fingerprint(versions: Versions) -> str:
-    digest = hashlib.sha256()
-    for name in ("kubernetes", "etcd", "kwok"):
-        for file in ("go.mod", "go.sum"):
-            path = GOMOD_DIR / name / file
-            digest.update(path.read_bytes() if path.exists() else b"")
-    return digest.hexdigest()[:12]
 
 
 def main(argv: list[str] | None = None) -> int:

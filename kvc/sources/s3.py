@@ -15,11 +15,10 @@ from kvc.sources.transfer import FetchError
 
 ACCESS_KEY_FIELD = "awsAccessKeyID"
 SECRET_KEY_FIELD = "awsSecretAccessKey"  # noqa: S105 - the name of a key in the user's Secret
+
+
 # Options from the original KVC that this version does not implement yet: refusing them is
 # better than ignoring them silently.
-_NOT_YET: tuple[str, ...] = ()
-
-
 def source_digest(config: VolumeConfig) -> str:
     """New data at a new path whenever what is fetched changes."""
     return names.short_hash(
@@ -87,9 +86,6 @@ class S3Source(_nodelocal.NodeLocalSource):
             distribution(config)
         except ValueError as exc:
             problems.append(str(exc))
-        for option in _NOT_YET:
-            if option in options:
-                problems.append(f"options.{option} is not supported by this version of KVC; remove it")
         return problems
 
     def digest(self, config: VolumeConfig) -> str:
