@@ -8,6 +8,7 @@ always echoes ``request.uid``; denials carry a message that says what to fix.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import jsonpatch
 
 from webhook import grammar
-from webhook.mutation import REPLICA_SPECS, MutationError, wire_job, wire_pod
+from webhook.mutation import REPLICA_SPECS, MutationError, check_pod_shape, job_templates, wire_job, wire_pod
 from webhook.resolve import CatalogEntry, resolve
 
 REVIEW_VERSION = "admission.k8s.io/v1"
@@ -47,41 +48,51 @@ def _response(uid: str, allowed: bool, message: str = "", patch: list[dict[str, 
     return {"apiVersion": REVIEW_VERSION, "kind": "AdmissionReview", "response": response}
 
 
+def _get(obj: Any, *path: str) -> Any:
+    """The value at ``path`` in nested objects, or None when any step is missing or not an object."""
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _asks(obj: Any) -> bool:
+    annotations = _get(obj, "metadata", "annotations")
+    return isinstance(annotations, dict) and grammar.VOLUME in annotations
+
+
 def wants_volumes(obj: Mapping[str, Any]) -> bool:
     """The fast path: does the object (or a pod template in it) ask for a KVC volume at all?"""
-    if grammar.VOLUME in ((obj.get("metadata") or {}).get("annotations") or {}):
+    if _asks(obj):
         return True
     field = REPLICA_SPECS.get(str(obj.get("kind")))
-    replicas = (obj.get("spec") or {}).get(field or "") if field else None
-    if isinstance(replicas, dict):
-        for replica in replicas.values():
-            template = (replica or {}).get("template") or {}
-            if grammar.VOLUME in ((template.get("metadata") or {}).get("annotations") or {}):
-                return True
-    return False
+    replicas = _get(obj, "spec", field) if field else None
+    return isinstance(replicas, dict) and any(_asks(_get(r, "template")) for r in replicas.values())
 
 
 def _wire(obj: Mapping[str, Any], namespace: str, catalog: Catalog) -> dict[str, Any]:
     kind = str(obj.get("kind"))
     entries = list(catalog(namespace))
     if kind == "Pod":
-        request = grammar.parse((obj.get("metadata") or {}).get("annotations") or {})
+        check_pod_shape(obj)
+        request = grammar.parse(obj.get("metadata", {}).get("annotations", {}))
         if request is None:
             return dict(obj)
         return wire_pod(obj, request, resolve(request, namespace, entries))
     if kind in REPLICA_SPECS:
-        job_annotations = (obj.get("metadata") or {}).get("annotations") or {}
-        job_request = grammar.parse(job_annotations)
+        job_annotations = _get(obj, "metadata", "annotations")
+        job_request = grammar.parse(job_annotations) if isinstance(job_annotations, dict) else None
         if job_request is not None:
             return wire_job(obj, job_request, resolve(job_request, namespace, entries))
         # Only some templates ask: wire each of those as the pod it describes.
-        wired = json.loads(json.dumps(obj))
-        for replica in wired["spec"][REPLICA_SPECS[kind]].values():
-            template = (replica or {}).get("template") or {}
-            request = grammar.parse((template.get("metadata") or {}).get("annotations") or {})
+        wired = copy.deepcopy(dict(obj))
+        replicas = wired["spec"][REPLICA_SPECS[kind]]
+        for role, template in job_templates(obj):
+            request = grammar.parse(template.get("metadata", {}).get("annotations", {}))
             if request is not None:
-                replica["template"] = wire_pod(template, request, resolve(request, namespace, entries))
-        return dict(wired)
+                replicas[role]["template"] = wire_pod(template, request, resolve(request, namespace, entries))
+        return wired
     return dict(obj)
 
 

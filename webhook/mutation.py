@@ -48,6 +48,52 @@ class ResolvedVolume:
         return names.bounded_name("kvc", self.manager, self.volume_id)
 
 
+def _check_type(value: Any, expected: type, where: str) -> None:
+    if not isinstance(value, expected):
+        kind = {dict: "an object", list: "a list", str: "a string"}[expected]
+        raise MutationError(f"{where} must be {kind}, not {type(value).__name__}")
+
+
+def _check_items(values: Any, where: str) -> list[Any]:
+    """``values`` must be a list of objects (when present); returns it ([] when absent)."""
+    if values is None:
+        return []
+    _check_type(values, list, where)
+    for index, item in enumerate(values):
+        _check_type(item, dict, f"{where}[{index}]")
+    return list(values)
+
+
+def check_pod_shape(pod: Any, where: str = "the pod") -> None:
+    """Refuse, naming the field, any pod (or template) whose fields the wiring touches have
+    the wrong JSON type. The API server types Pods itself, but a TFJob's templates are only
+    as typed as the installed CRD's schema."""
+    _check_type(pod, dict, where)
+    metadata = pod.get("metadata", {})
+    _check_type(metadata, dict, f"{where} metadata")
+    for field in ("annotations", "labels"):
+        values = metadata.get(field, {})
+        _check_type(values, dict, f"{where} metadata.{field}")
+        for key, value in values.items():
+            _check_type(value, str, f"{where} metadata.{field}[{key}]")
+    spec = pod.get("spec", {})
+    _check_type(spec, dict, f"{where} spec")
+    _check_items(spec.get("volumes"), f"{where} spec.volumes")
+    _check_items(spec.get("schedulingGates"), f"{where} spec.schedulingGates")
+    for field in ("containers", "initContainers"):
+        for index, container in enumerate(_check_items(spec.get(field), f"{where} spec.{field}")):
+            _check_items(container.get("volumeMounts"), f"{where} spec.{field}[{index}].volumeMounts")
+    affinity = spec.get("affinity", {})
+    _check_type(affinity, dict, f"{where} spec.affinity")
+    node_affinity = affinity.get("nodeAffinity", {})
+    _check_type(node_affinity, dict, f"{where} spec.affinity.nodeAffinity")
+    required = node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {})
+    _check_type(required, dict, f"{where} spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution")
+    terms = _check_items(required.get("nodeSelectorTerms"), f"{where} node affinity nodeSelectorTerms")
+    for index, term in enumerate(terms):
+        _check_items(term.get("matchExpressions"), f"{where} node affinity nodeSelectorTerms[{index}].matchExpressions")
+
+
 def _required_terms(spec: dict[str, Any]) -> list[dict[str, Any]]:
     affinity = spec.setdefault("affinity", {}).setdefault("nodeAffinity", {})
     required = affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
@@ -149,6 +195,7 @@ def wire_pod(
     pod: Mapping[str, Any], request: grammar.VolumeRequest, volumes: Sequence[ResolvedVolume]
 ) -> dict[str, Any]:
     """A copy of a Pod (or a pod template) wired to ``volumes``, with a marker of what was added."""
+    check_pod_shape(pod)
     wired = copy.deepcopy(dict(pod))
     wired["spec"] = wire_pod_spec(pod.get("spec") or {}, request, volumes)
     metadata = wired.setdefault("metadata", {})
@@ -162,24 +209,37 @@ def wire_pod(
 REPLICA_SPECS = {"TFJob": "tfReplicaSpecs", "PyTorchJob": "pytorchReplicaSpecs"}
 
 
+def job_templates(job: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(role, pod template) of every replica of a TFJob/PyTorchJob, each checked for shape."""
+    kind = str(job.get("kind"))
+    field = REPLICA_SPECS[kind]
+    spec = job.get("spec")
+    replicas = spec.get(field) if isinstance(spec, dict) else None
+    if not isinstance(replicas, dict) or not replicas:
+        raise MutationError(f"{kind} has no spec.{field} to wire")
+    templates = []
+    for role, replica in replicas.items():
+        template = replica.get("template") if isinstance(replica, dict) else None
+        if not isinstance(template, dict):
+            raise MutationError(f"{kind} replica {role} has no pod template")
+        check_pod_shape(template, f"{kind} replica {role} template")
+        templates.append((str(role), template))
+    return templates
+
+
 def wire_job(
     job: Mapping[str, Any], request: grammar.VolumeRequest, volumes: Sequence[ResolvedVolume]
 ) -> dict[str, Any]:
     """A copy of a TFJob/PyTorchJob with every replica template wired, and the ``kvc/*``
     annotations copied into each template so the pods the operator creates stay wired."""
+    templates = job_templates(job)
     wired = copy.deepcopy(dict(job))
-    field = REPLICA_SPECS.get(str(job.get("kind")))
-    replicas = (wired.get("spec") or {}).get(field or "") if field else None
-    if not isinstance(replicas, dict) or not replicas:
-        raise MutationError(f"{job.get('kind')} has no spec.{field or 'replica specs'} to wire")
+    replicas = wired["spec"][REPLICA_SPECS[str(job.get("kind"))]]
     ours = {
         k: v for k, v in ((job.get("metadata") or {}).get("annotations") or {}).items() if k.startswith(grammar.PREFIX)
     }
-    for role, replica in replicas.items():
-        template = (replica or {}).get("template")
-        if not isinstance(template, dict):
-            raise MutationError(f"{job.get('kind')} replica {role} has no pod template")
-        template = wire_pod(template, request, volumes)
-        template["metadata"].setdefault("annotations", {}).update(ours)
-        replica["template"] = template
+    for role, template in templates:
+        wired_template = wire_pod(template, request, volumes)
+        wired_template["metadata"].setdefault("annotations", {}).update(ours)
+        replicas[role]["template"] = wired_template
     return wired

@@ -7,6 +7,8 @@ from typing import Any
 
 import jsonpatch
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from webhook.admission import BadReviewError, admit, wants_volumes
 from webhook.resolve import CatalogEntry
@@ -111,3 +113,46 @@ def test_a_pytorchjob_template_that_asks_is_wired_alone() -> None:
 def test_malformed_reviews_are_rejected(body: Any) -> None:
     with pytest.raises(BadReviewError):
         admit(body, catalog)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=12,
+)
+_ANNOTATION_VALUES = st.sampled_from(["cifar", "datasets/cifar", "", ",", "a/b/c", "/data", "false", "x y"]) | st.text(
+    max_size=12
+)
+
+
+@st.composite
+def _shaky_objects(draw: st.DrawFn) -> Any:
+    """Objects of any shape, often close to a Pod or a TFJob and carrying kvc/* annotations."""
+    kind = draw(st.sampled_from(["Pod", "TFJob", "PyTorchJob"]))
+    annotations = draw(
+        st.dictionaries(
+            st.sampled_from(["kvc/volume", "kvc/mount-path", "kvc/containers", "kvc/read-only", "kvc/x"]),
+            _ANNOTATION_VALUES,
+            max_size=4,
+        )
+    )
+    annotations.setdefault("kvc/volume", "cifar")
+    metadata = draw(st.sampled_from([{"annotations": annotations}, {"annotations": draw(_JSON)}, draw(_JSON)]))
+    template = {"metadata": metadata, "spec": draw(st.sampled_from([pod()["spec"], draw(_JSON)]))}
+    spec = {
+        "Pod": draw(st.sampled_from([pod()["spec"], draw(_JSON)])),
+        "TFJob": {"tfReplicaSpecs": draw(st.sampled_from([{"Worker": {"template": template}}, draw(_JSON)]))},
+        "PyTorchJob": {"pytorchReplicaSpecs": {"Master": draw(st.sampled_from([{"template": template}, draw(_JSON)]))}},
+    }[kind]
+    return {"kind": kind, "metadata": metadata, "spec": spec}
+
+
+@settings(max_examples=500, deadline=None)
+@given(_shaky_objects())
+def test_any_object_gets_an_answer_never_a_crash(obj: Any) -> None:
+    response = admit(review(obj), catalog)["response"]
+    assert response["uid"] == "0d6b-uid"
+    if response["allowed"] and "patch" in response:
+        patched(admit(review(obj), catalog), obj)  # the patch applies to what was sent
+    if not response["allowed"]:
+        assert response["status"]["message"].startswith("KVC: ")

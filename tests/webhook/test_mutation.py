@@ -6,8 +6,10 @@ from typing import Any
 
 import jsonpatch
 import pytest
+from hypothesis import given, settings
 
-from webhook import grammar
+from e2e import pod_strategies
+from webhook import grammar, mutation
 from webhook.mutation import GATE, INJECTED, MutationError, ResolvedVolume, wire_job, wire_pod
 
 LABEL = "data.kvc.kubeflow.org/team-a-datasets-cifar-0123456789"
@@ -224,3 +226,56 @@ def test_every_replica_template_of_a_tfjob_is_wired_and_gets_the_annotations() -
 def test_a_job_without_replica_specs_is_refused() -> None:
     with pytest.raises(MutationError, match=r"PyTorchJob has no spec\.pytorchReplicaSpecs to wire"):
         wire_job({"kind": "PyTorchJob", "spec": {}}, request({"kvc/volume": "cifar"}), [s3_volume()])
+
+
+@settings(max_examples=400, deadline=None)
+@given(pod_strategies.cases())
+def test_wiring_any_pod_refuses_exactly_the_bad_requests_and_otherwise_patches_cleanly(
+    case: pod_strategies.Case,
+) -> None:
+    original = copy.deepcopy(case.pod)
+    try:
+        wired = wire_pod(case.pod, case.request, case.volumes)
+    except MutationError:
+        assert pod_strategies.expected_refusal(case)
+        return
+    assert not pod_strategies.expected_refusal(case)
+    assert case.pod == original  # the input is never modified
+    patch = jsonpatch.make_patch(original, wired)
+    assert patch.apply(copy.deepcopy(original)) == wired
+    assert jsonpatch.make_patch(wired, wire_pod(wired, case.request, case.volumes)).patch == []
+
+    spec, before = wired["spec"], original["spec"]
+    request = case.request
+    assert spec["volumes"][: len(before["volumes"])] == before["volumes"]
+    targets = {c["name"] for c in spec["containers"]} if request.containers is None else set(request.containers)
+    for container in [*spec["containers"], *spec.get("initContainers", [])]:
+        kvc_mounts = {m["mountPath"]: m for m in container.get("volumeMounts", []) if m["name"].startswith("kvc-")}
+        if container["name"] in targets:
+            assert set(kvc_mounts) == set(request.mount_paths.values())
+            assert all(m["readOnly"] is request.read_only for m in kvc_mounts.values())
+        else:
+            assert not kvc_mounts
+
+    data = [e for v in case.volumes for e in mutation.data_expressions([v])]
+    before_affinity = (before.get("affinity") or {}).get("nodeAffinity") or {}
+    after_affinity = (spec.get("affinity") or {}).get("nodeAffinity") or {}
+    assert after_affinity.get("preferredDuringSchedulingIgnoredDuringExecution") == before_affinity.get(
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    )
+    if all(v.ready for v in case.volumes):
+        assert {"name": GATE} not in spec.get("schedulingGates", [])
+        required = after_affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms")
+        if data:
+            old_terms = before_affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {}).get(
+                "nodeSelectorTerms"
+            ) or [{"matchExpressions": []}]
+            assert len(required) == len(old_terms)
+            for old, new in zip(old_terms, required, strict=True):
+                assert new["matchExpressions"][: len(old["matchExpressions"])] == old["matchExpressions"]
+                assert all(e in new["matchExpressions"] for e in data)
+        else:
+            assert spec.get("affinity") == before.get("affinity")
+    else:
+        assert spec["schedulingGates"][-1] == {"name": GATE}
+        assert spec.get("affinity") == before.get("affinity")
