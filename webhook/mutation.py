@@ -48,9 +48,12 @@ class ResolvedVolume:
         return names.bounded_name("kvc", self.manager, self.volume_id)
 
 
+_JSON_KINDS: dict[type, str] = {dict: "an object", list: "a list", str: "a string"}
+
+
 def _check_type(value: Any, expected: type, where: str) -> None:
     if not isinstance(value, expected):
-        kind = {dict: "an object", list: "a list", str: "a string"}[expected]
+        kind = _JSON_KINDS[expected]
         raise MutationError(f"{where} must be {kind}, not {type(value).__name__}")
 
 
