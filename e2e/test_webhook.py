@@ -3,20 +3,26 @@ placing the wired pods."""
 
 from __future__ import annotations
 
-import functools
 import json
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client
+from hypothesis import HealthCheck, given, settings
+from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from e2e.cluster import ControlPlane
+from e2e import pod_strategies
+from e2e.cluster import ControlPlane, NodeSpec
 from e2e.helpers import VolumeManagers, wait_for
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
 from e2e.s3server import S3Server, credentials_secret
-from webhook.mutation import GATE, INJECTED
+from webhook.mutation import GATE, INJECTED, MutationError, wire_pod
+
+TRAINING_CRDS = Path(__file__).parent / "manifests" / "kubeflow-training-crds.yaml"
 
 
 def annotated_pod(name: str, annotations: dict[str, str]) -> dict[str, Any]:
@@ -24,6 +30,14 @@ def annotated_pod(name: str, annotations: dict[str, str]) -> dict[str, Any]:
         "metadata": {"name": name, "annotations": annotations},
         "spec": {"containers": [{"name": "main", "image": "busybox:1.36", "command": ["sleep", "3600"]}]},
     }
+
+
+def wait_running(core: Any, namespace: str, name: str, timeout: float = 60) -> Any:
+    def running() -> Any:
+        pod = core.read_namespaced_pod(name, namespace)
+        return pod if pod.status.phase == "Running" else None
+
+    return wait_for(running, timeout=timeout, what=f"pod {name} Running")
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +83,9 @@ def s3_data(s3: S3Server, api: Any, namespace: str) -> str:
     return bucket
 
 
-def s3_config(s3: S3Server, bucket: str, replicas: int = 2) -> dict[str, Any]:
+def s3_config(s3: S3Server, bucket: str, replicas: int = 2, volume_id: str = "cifar") -> dict[str, Any]:
     return {
-        "id": "cifar",
+        "id": volume_id,
         "sourceType": "S3",
         "replicas": replicas,
         "accessMode": "ReadOnlyMany",
@@ -93,12 +107,8 @@ def test_annotated_pods_are_wired_and_scheduled_onto_the_data_nodes(
     for i in range(6):
         core.create_namespaced_pod(vms.namespace, annotated_pod(f"trainer-{i}", {"kvc/volume": "cifar"}))
 
-    def running(name: str) -> Any:
-        pod = core.read_namespaced_pod(name, vms.namespace)
-        return pod if pod.status.phase == "Running" else None
-
     for i in range(6):
-        pod = wait_for(functools.partial(running, f"trainer-{i}"), what=f"trainer-{i} Running")
+        pod = wait_running(core, vms.namespace, f"trainer-{i}")
         assert pod.spec.node_name in holders
         (mount,) = pod.spec.containers[0].volume_mounts[-1:]
         assert mount.mount_path == "/var/datasets/cifar"
@@ -141,7 +151,7 @@ def test_an_nfs_volume_arrives_as_a_pvc_mount(vms: VolumeManagers, api: Any) -> 
 
 
 def test_a_pod_for_data_still_downloading_is_gated(vms: VolumeManagers, s3: S3Server, s3_data: str, api: Any) -> None:
-    vms.create("slow", [s3_config(s3, s3_data, replicas=5)])  # more replicas than nodes: never all Ready
+    vms.create("slow", [s3_config(s3, s3_data, replicas=9)])  # more replicas than nodes: never all Ready
     wait_for(lambda: vms.volume("slow", "cifar").get("volumeSource"), what="the volume to be reported")
     if vms.volume("slow", "cifar")["phase"] in ("Ready", "Degraded"):
         pytest.skip("the data became usable before the pod could be created")
@@ -187,11 +197,7 @@ def test_a_gated_pod_is_released_onto_a_data_node_when_its_data_turns_ready(
     target = sorted(n.metadata.name for n in core.list_node().items if n.metadata.name.startswith("kvc-node-"))[0]
     core.patch_node(target, {"metadata": {"labels": {label: "yes"}}})
     try:
-        pod = wait_for(
-            lambda: (p := core.read_namespaced_pod("patient", vms.namespace)).status.phase == "Running" and p,
-            timeout=120,
-            what="the released pod to run",
-        )
+        pod = wait_running(core, vms.namespace, "patient", timeout=120)
         assert pod.spec.node_name == target
         assert not pod.spec.scheduling_gates
         expressions = (
@@ -202,3 +208,373 @@ def test_a_gated_pod_is_released_onto_a_data_node_when_its_data_turns_ready(
         assert any(e.key.startswith("data.kvc.kubeflow.org/") for e in expressions)
     finally:
         core.patch_node(target, {"metadata": {"labels": {label: None}}})
+
+
+def test_each_denial_reaches_kubectl_with_what_to_fix(
+    vms: VolumeManagers, control_plane: ControlPlane, api: Any
+) -> None:
+    nfs = {"sourceType": "NFS", "accessMode": "ReadWriteMany", "options": {"server": "nfs.example.com", "path": "/x"}}
+    vms.create("team-a", [{"id": "scratch", **nfs}, {"id": "broken", **nfs, "accessMode": "ReadWriteOnce"}])
+    vms.create("team-b", [{"id": "scratch", **nfs}])
+    nowhere = {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": "kvc.test/no-such-label", "operator": "Exists"}]}]
+        }
+    }
+    vms.create(
+        "later",
+        [
+            {
+                "id": "cifar",
+                "sourceType": "S3",
+                "accessMode": "ReadOnlyMany",
+                "nodeAffinity": nowhere,
+                "options": {
+                    "sourceURL": "s3://nowhere/cifar/",
+                    "endpointURL": "http://127.0.0.1:9",
+                    "awsCredentialsSecretName": "aws-creds",  # never read: no node is eligible
+                },
+            }
+        ],
+    )
+    core = client.CoreV1Api(api)
+    other = f"{vms.namespace}-other"
+    core.create_namespace({"metadata": {"name": other, "labels": {"kvc.test/e2e": "true"}}})
+    try:
+        VolumeManagers(api, other).create("elsewhere", [{"id": "private", **nfs}])
+        broken = wait_for(
+            lambda: vms.volume("team-a", "broken").get("phase") == "Failed" and vms.volume("team-a", "broken"),
+            what="broken to fail",
+        )
+        wait_for(lambda: vms.volume("later", "cifar").get("volumeSource"), what="later/cifar to be reported")
+        wait_for(lambda: vms.volume("team-b", "scratch").get("volumeSource"), what="team-b/scratch to be reported")
+        wait_for(lambda: vms.volume("team-a", "scratch").get("volumeSource"), what="team-a/scratch to be reported")
+        ns = vms.namespace
+        own_mount = {
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox:1.36",
+                    "volumeMounts": [{"name": "cache", "mountPath": "/var/datasets/scratch"}],
+                }
+            ],
+            "volumes": [{"name": "cache", "emptyDir": {}}],
+        }
+        cases: list[tuple[dict[str, str], dict[str, Any], str]] = [
+            (
+                {"kvc/volume": "scratch"},
+                {},
+                f"volume scratch is in several VolumeManagers of {ns}: write team-a/scratch or team-b/scratch",
+            ),
+            ({"kvc/volume": "team-a/broken"}, {}, f"volume team-a/broken is Failed: {broken['message']}"),
+            (
+                {"kvc/volume": "private"},
+                {},
+                f"volume private not found in namespace {ns}; volumes there: "
+                "later/cifar, team-a/broken, team-a/scratch, team-b/scratch",
+            ),
+            (
+                {"kvc/volume": f"{other}/elsewhere/private"},
+                {},
+                f"kvc/volume: '{other}/elsewhere/private' has more than one '/': write <id> or "
+                "<volumemanager>/<id> (volumes are found in the workload's own namespace only)",
+            ),
+            (
+                {"kvc/volume": "later/cifar"},
+                {"nodeName": "kvc-node-1"},
+                "the pod sets spec.nodeName, so it cannot wait for later/cifar to be provisioned",
+            ),
+            (
+                {"kvc/volume": "team-a/scratch"},
+                own_mount,
+                "container main already mounts cache at /var/datasets/scratch: choose another path with "
+                "kvc/mount-path.scratch",
+            ),
+            (
+                {"kvc/volume": "later/cifar", "kvc/read-only": "false"},
+                {},
+                'volume later/cifar is ReadOnlyMany: kvc/read-only "false" is not allowed',
+            ),
+            (
+                {"kvc/volume": "team-a/scratch", "kvc/containers": "ghost"},
+                {},
+                "kvc/containers names ghost, which the pod does not have (main)",
+            ),
+            ({"kvc/volume": "team-a/scratch", "kvc/mount-paht": "/x"}, {}, "unknown annotation kvc/mount-paht"),
+        ]
+        wrong = []
+        for annotations, spec, message in cases:
+            manifest = {"apiVersion": "v1", "kind": "Pod", **annotated_pod("denied", annotations)}
+            manifest["spec"].update(spec)
+            result = control_plane.kubectl("create", "-n", ns, "-f", "-", input_text=json.dumps(manifest), check=False)
+            expected = f'admission webhook "volumes.kvc.kubeflow.org" denied the request: KVC: {message}'
+            if result.returncode == 0 or expected not in result.stderr:
+                wrong.append(f"{annotations} {spec}: {result.stderr.strip() or 'admitted'}")
+        assert not wrong, "\n".join(wrong)
+        # The same volume, asked for from its own namespace, is admitted.
+        core.create_namespaced_pod(other, annotated_pod("owner", {"kvc/volume": "private"}))
+    finally:
+        core.delete_namespace(other)
+
+
+def test_wired_pods_of_every_shape_are_valid_for_the_api_server(webhook: KvcWebhook, api: Any, namespace: str) -> None:
+    """The property-test strategy's wired pods, created (dry run) through the real API server."""
+    core = client.CoreV1Api(api)
+    checked: list[int] = []
+
+    @settings(
+        max_examples=40, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    )
+    @given(pod_strategies.cases())
+    def valid(case: pod_strategies.Case) -> None:
+        try:
+            wired = wire_pod(case.pod, case.request, case.volumes)
+        except MutationError:
+            return
+        core.create_namespaced_pod(namespace, wired, dry_run="All")
+        checked.append(1)
+
+    valid()
+    assert len(checked) >= 20  # most generated cases are wirable
+
+
+def test_a_volume_turning_ready_is_used_by_the_next_admission_within_a_second(
+    vms: VolumeManagers, s3: S3Server, s3_data: str, api: Any
+) -> None:
+    ids = [f"v{i}" for i in range(4)]
+    vms.create("fresh", [s3_config(s3, s3_data, replicas=1, volume_id=v) for v in ids])
+    seen_ready: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watch_status() -> None:
+        stream = watch.Watch()
+        for event in stream.stream(
+            vms.custom.list_namespaced_custom_object,
+            "kvc.kubeflow.org",
+            "v1",
+            vms.namespace,
+            "volumemanagers",
+            timeout_seconds=120,
+        ):
+            for volume in (event["object"].get("status") or {}).get("volumes", []):
+                if volume.get("phase") in ("Ready", "Degraded") and volume.get("nodeAffinity"):
+                    seen_ready.setdefault(volume["id"], time.monotonic())
+            if stop.is_set() or len(seen_ready) == len(ids):
+                stream.stop()
+
+    watcher = threading.Thread(target=watch_status, daemon=True)
+    watcher.start()
+    core = client.CoreV1Api(api)
+    lag: dict[str, float] = {}
+    deadline = time.monotonic() + 120
+    try:
+        while len(lag) < len(ids) and time.monotonic() < deadline:
+            for volume_id in ids:
+                if volume_id in lag:
+                    continue
+                try:
+                    pod = core.create_namespaced_pod(
+                        vms.namespace, annotated_pod("probe", {"kvc/volume": f"fresh/{volume_id}"}), dry_run="All"
+                    )
+                except ApiException as exc:
+                    if "has no volume source yet" in str(exc.body):
+                        continue  # not reported by the controller yet
+                    raise
+                if pod.spec.affinity is not None and not pod.spec.scheduling_gates:
+                    lag[volume_id] = time.monotonic() - seen_ready.get(volume_id, time.monotonic())
+            time.sleep(0.02)
+    finally:
+        stop.set()
+    assert set(lag) == set(ids), f"not wired in time: {sorted(set(ids) - set(lag))}"
+    print(
+        f"\nReady status seen by a watcher -> wired by the next admission: "
+        f"max {max(lag.values()) * 1000:.0f} ms over {len(lag)} volumes"
+    )
+    assert max(lag.values()) < 1.0
+
+
+@pytest.fixture(scope="module")
+def training_crds(control_plane: ControlPlane, kvc_crds: None) -> None:
+    control_plane.kubectl("apply", "--server-side", "-f", str(TRAINING_CRDS))
+    control_plane.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/tfjobs.kubeflow.org",
+        "crd/pytorchjobs.kubeflow.org",
+    )
+
+
+def job(
+    kind: str,
+    name: str,
+    replicas: dict[str, int],
+    annotations: dict[str, str],
+    template_annotations: dict[str, dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    field = {"TFJob": "tfReplicaSpecs", "PyTorchJob": "pytorchReplicaSpecs"}[kind]
+    container = {
+        "name": "tensorflow" if kind == "TFJob" else "pytorch",
+        "image": "busybox:1.36",
+        "command": ["sleep", "3600"],
+    }
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": kind,
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            field: {
+                role: {
+                    "replicas": count,
+                    "restartPolicy": "OnFailure",
+                    "template": {
+                        "metadata": {
+                            "annotations": (template_annotations or {}).get(role, {}),
+                            "labels": {"training.kubeflow.org/replica-type": role.lower()},
+                        },
+                        "spec": {"containers": [container]},
+                    },
+                }
+                for role, count in replicas.items()
+            }
+        },
+    }
+
+
+def operator_pods(stored: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pods a training operator would create from the stored job's templates."""
+    field = "tfReplicaSpecs" if stored["kind"] == "TFJob" else "pytorchReplicaSpecs"
+    pods = []
+    for role, replica in stored["spec"][field].items():
+        for i in range(replica.get("replicas", 1)):
+            template = replica["template"]
+            pods.append(
+                {
+                    "metadata": {
+                        **template.get("metadata", {}),
+                        "name": f"{stored['metadata']['name']}-{role.lower()}-{i}",
+                    },
+                    "spec": template["spec"],
+                }
+            )
+    return pods
+
+
+def test_training_jobs_are_wired_and_their_pods_land_on_the_data_nodes(
+    vms: VolumeManagers, s3: S3Server, s3_data: str, api: Any, training_crds: None
+) -> None:
+    vms.create("datasets", [s3_config(s3, s3_data)])
+    volume = vms.wait_state("datasets", "Running", timeout=120)["status"]["volumes"][0]
+    holders = {n["name"] for n in volume["nodes"]}
+    custom = client.CustomObjectsApi(api)
+    core = client.CoreV1Api(api)
+    ns = vms.namespace
+    custom.create_namespaced_custom_object(
+        "kubeflow.org",
+        "v1",
+        ns,
+        "tfjobs",
+        job("TFJob", "resnet", {"Chief": 1, "Worker": 2}, {"kvc/volume": "cifar", "kvc/mount-path": "/data"}),
+    )
+    custom.create_namespaced_custom_object(
+        "kubeflow.org",
+        "v1",
+        ns,
+        "pytorchjobs",
+        job(
+            "PyTorchJob",
+            "bert",
+            {"Master": 1, "Worker": 2},
+            {},
+            template_annotations={"Worker": {"kvc/volume": "datasets/cifar"}},
+        ),
+    )
+
+    tfjob = custom.get_namespaced_custom_object("kubeflow.org", "v1", ns, "tfjobs", "resnet")
+    for role in ("Chief", "Worker"):
+        template = tfjob["spec"]["tfReplicaSpecs"][role]["template"]
+        assert template["metadata"]["annotations"]["kvc/volume"] == "cifar"
+        assert template["metadata"]["annotations"]["kvc/mount-path"] == "/data"
+        assert json.loads(template["metadata"]["annotations"][INJECTED]) == ["kvc-datasets-cifar"]
+        assert template["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/data"
+    pytorchjob = custom.get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", "bert")
+    master = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert "volumeMounts" not in master["spec"]["containers"][0]  # only the Worker template asked
+
+    created = [core.create_namespaced_pod(ns, p) for p in [*operator_pods(tfjob), *operator_pods(pytorchjob)]]
+    assert len(created) == 6
+    for pod in created:
+        wired = pod.metadata.name != "bert-master-0"
+        kvc_volumes = [v for v in pod.spec.volumes if v.name == "kvc-datasets-cifar"]
+        assert len(kvc_volumes) == (1 if wired else 0)  # the second pass added nothing
+        if wired:
+            assert len(pod.spec.containers[0].volume_mounts) == 2  # the data and the service account token
+    for pod in created:
+        running = wait_running(core, ns, pod.metadata.name)
+        if running.metadata.name != "bert-master-0":
+            assert running.spec.node_name in holders
+
+
+@pytest.fixture(scope="module")
+def two_more_nodes(control_plane: ControlPlane, kvc_crds: None) -> Iterator[list[str]]:
+    """kvc-node-4 and kvc-node-5 with their agents: five nodes for the placement tests below."""
+    extra = [NodeSpec(f"kvc-node-{i}", labels={"kvc.test/zone": f"zone-{i - 1}"}) for i in (4, 5)]
+    control_plane.add_nodes(extra)
+    started = [KvcAgent(control_plane, spec.name).start() for spec in extra]
+    for agent in started:
+        agent.wait_reporting()
+    yield [spec.name for spec in extra]
+    core = control_plane.core_v1()
+    for agent in started:
+        agent.stop()
+        core.delete_node(agent.node)
+
+
+def test_twenty_pods_land_on_the_two_data_nodes_of_five(
+    two_more_nodes: list[str], vms: VolumeManagers, s3: S3Server, s3_data: str, api: Any
+) -> None:
+    core = client.CoreV1Api(api)
+    assert len([n for n in core.list_node().items if n.metadata.name.startswith("kvc-node-")]) == 5
+    vms.create("datasets", [s3_config(s3, s3_data, replicas=2)])
+    volume = vms.wait_state("datasets", "Running", timeout=120)["status"]["volumes"][0]
+    holders = {n["name"] for n in volume["nodes"]}
+    assert len(holders) == 2
+    for i in range(20):
+        core.create_namespaced_pod(vms.namespace, annotated_pod(f"worker-{i}", {"kvc/volume": "cifar"}))
+
+    def bound() -> list[Any] | None:
+        pods = core.list_namespaced_pod(vms.namespace).items
+        return pods if len(pods) == 20 and all(p.spec.node_name for p in pods) else None
+
+    pods = wait_for(bound, timeout=120, what="20 pods bound")
+    placed = {p.metadata.name: p.spec.node_name for p in pods}
+    assert set(placed.values()) <= holders, placed
+
+
+def test_a_pod_needing_two_volumes_lands_on_the_one_node_holding_both(
+    two_more_nodes: list[str], vms: VolumeManagers, s3: S3Server, s3_data: str, api: Any
+) -> None:
+    def zones(*names: str) -> dict[str, Any]:
+        return {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "kvc.test/zone", "operator": "In", "values": list(names)}]}
+                ]
+            }
+        }
+
+    vms.create(
+        "pair",
+        [
+            {**s3_config(s3, s3_data, replicas=2, volume_id="cifar"), "nodeAffinity": zones("zone-0", "zone-1")},
+            {**s3_config(s3, s3_data, replicas=2, volume_id="coco"), "nodeAffinity": zones("zone-1", "zone-3")},
+        ],
+    )
+    status = vms.wait_state("pair", "Running", timeout=120)["status"]
+    holders = [{n["name"] for n in v["nodes"]} for v in status["volumes"]]
+    assert holders[0] & holders[1] == {"kvc-node-2"}
+    core = client.CoreV1Api(api)
+    core.create_namespaced_pod(vms.namespace, annotated_pod("both", {"kvc/volume": "cifar,coco"}))
+    pod = wait_running(core, vms.namespace, "both")
+    assert pod.spec.node_name == "kvc-node-2"
+    assert {m.mount_path for m in pod.spec.containers[0].volume_mounts} >= {"/var/datasets/cifar", "/var/datasets/coco"}

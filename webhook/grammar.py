@@ -58,7 +58,10 @@ def _parse_ref(entry: str) -> VolumeRef:
     if not slash:
         manager, volume_id = "", entry
     if "/" in manager:
-        raise GrammarError(f"{VOLUME}: {entry!r} has more than one '/': write <id> or <volumemanager>/<id>")
+        raise GrammarError(
+            f"{VOLUME}: {entry!r} has more than one '/': write <id> or <volumemanager>/<id> "
+            "(volumes are found in the workload's own namespace only)"
+        )
     if not _DNS_LABEL.match(volume_id) or len(volume_id) > 63:
         raise GrammarError(f"{VOLUME}: {volume_id!r} is not a volume id (a DNS label such as cifar100)")
     if slash and (not _DNS_SUBDOMAIN.match(manager) or len(manager) > 253):

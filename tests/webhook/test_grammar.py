@@ -50,7 +50,11 @@ def test_single_mount_path_applies_to_the_only_volume() -> None:
         ({"kvc/volume": ""}, "kvc/volume is empty: name at least one volume id"),
         ({"kvc/volume": "a,,b"}, "has an empty entry between commas"),
         ({"kvc/volume": "Cifar"}, "'Cifar' is not a volume id"),
-        ({"kvc/volume": "ns/vm/id"}, "has more than one '/'"),
+        (
+            {"kvc/volume": "ns/vm/id"},
+            "has more than one '/': write <id> or <volumemanager>/<id> "
+            "(volumes are found in the workload's own namespace only)",
+        ),
         ({"kvc/volume": "Bad_VM/id"}, "'Bad_VM' is not a VolumeManager name"),
         ({"kvc/volume": "a, a"}, "kvc/volume lists a twice"),
         ({"kvc/volume": "a,b", "kvc/mount-path": "/d"}, "applies when one volume is asked for"),
