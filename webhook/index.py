@@ -14,11 +14,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kubernetes import client, watch
+from prometheus_client import Gauge
 
 from kvc.api import names
 from webhook.resolve import CatalogEntry, catalog_entries
 
 logger = logging.getLogger(__name__)
+
+INDEXED = Gauge("kvc_webhook_indexed_volumemanagers", "VolumeManagers held in the admission index")
 
 
 class VolumeIndex:
@@ -39,6 +42,7 @@ class VolumeIndex:
             fresh.setdefault(str(metadata.get("namespace")), {})[str(metadata.get("name"))] = catalog_entries(obj)
         with self._lock:
             self._by_namespace = fresh
+        INDEXED.set(sum(len(managers) for managers in fresh.values()))
         self.synced.set()
 
     def apply(self, event_type: str, obj: Mapping[str, Any]) -> None:
@@ -50,6 +54,7 @@ class VolumeIndex:
                 managers.pop(name, None)
             else:
                 managers[name] = catalog_entries(obj)
+            INDEXED.set(sum(len(managers) for managers in self._by_namespace.values()))
 
 
 def follow(index: VolumeIndex, api_client: Any, stop: threading.Event) -> None:

@@ -85,7 +85,7 @@ def _log(message: str) -> None:
     print(f"[testenv] {message}", file=sys.stderr, flush=True)
 
 
-def _go_env() -> dict[str, str]:
+def go_env() -> dict[str, str]:
     if shutil.which("go") is None:
         raise TestenvError(
             "`go` is not on PATH: install Go >= 1.26 (https://go.dev/doc/install or your package manager) "
@@ -118,7 +118,7 @@ def _hint(output: str) -> str:
     return ""
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], what: str) -> str:
+def run_go(cmd: list[str], cwd: Path, env: dict[str, str], what: str) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
@@ -134,7 +134,7 @@ def _fetch_release_gomod(module: str, version: str, env: dict[str, str]) -> str:
     scratch = cache_root() / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / "go.mod").write_text("module scratch\n")
-    out = _run(
+    out = run_go(
         ["go", "mod", "download", "-json", f"{module}@{version}"],
         scratch,
         {**env, "GOFLAGS": "-mod=mod"},
@@ -201,7 +201,7 @@ def _wrapper_gomod(*, name: str, go: str, main: str, version: str, replaces: dic
 
 def update(versions: Versions) -> None:
     """Regenerate the wrapper modules (go.mod + go.sum) for the pinned versions."""
-    env = _go_env()
+    env = go_env()
     k8s_minor = versions.kubernetes.split(".")[1]
     staging_version = f"v0.{k8s_minor}.{versions.kubernetes.split('.')[2]}"
 
@@ -242,7 +242,7 @@ def update(versions: Versions) -> None:
         )
         (directory / "go.sum").write_text("")
         _log(f"resolving {name} ({main}@{version}) ...")
-        _run(["go", "mod", "tidy"], directory, {**env, "GOFLAGS": "-mod=mod"}, f"go mod tidy for {name}")
+        run_go(["go", "mod", "tidy"], directory, {**env, "GOFLAGS": "-mod=mod"}, f"go mod tidy for {name}")
         _log(f"  wrote {directory.relative_to(HERE.parent.parent)}/go.mod and go.sum")
 
 
@@ -329,7 +329,7 @@ def build(versions: Versions) -> Path:
     if not missing:
         _log(f"control plane cached in {out}")
         return out
-    env = _go_env()
+    env = go_env()
     out.mkdir(parents=True, exist_ok=True)
     _log(f"building {', '.join(missing)} into {out}")
     if any(binary in missing for binary in KUBERNETES_BINARIES):

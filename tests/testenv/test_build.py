@@ -90,7 +90,7 @@ def test_cache_lives_outside_the_repository(monkeypatch: pytest.MonkeyPatch, tmp
 def test_missing_go_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(build.TestenvError, match="`go` is not on PATH"):
-        build._go_env()
+        build.go_env()
 
 
 def test_failure_hints_name_the_fix() -> None:
