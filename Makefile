@@ -80,7 +80,8 @@ $(BENCH_VENV)/bin/aws:
 	$(BENCH_VENV)/bin/pip install --quiet awscli
 
 .PHONY: bench
-bench: $(VENV)/.installed $(BENCH_VENV)/bin/aws ## Benchmarks, printed as tables with ratios against baselines.
+bench: $(VENV)/.installed $(BENCH_VENV)/bin/aws testenv ## Benchmarks, printed as tables with ratios against baselines.
+	$(PY) -m e2e.bench_webhook
 	$(PY) -m e2e.bench_fetch --aws $(BENCH_VENV)/bin/aws
 
 ##@ Cleanup

@@ -17,7 +17,7 @@ from kubernetes import client, watch
 from prometheus_client import Gauge
 
 from kvc.api import names
-from webhook.resolve import CatalogEntry, catalog_entries
+from webhook.resolve import Catalog, CatalogEntry, catalog_entries
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +28,21 @@ class VolumeIndex:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_namespace: dict[str, dict[str, list[CatalogEntry]]] = {}
+        # Built on first use after a change in the namespace: admissions far outnumber changes.
+        self._catalogs: dict[str, Catalog] = {}
         self.synced = threading.Event()
 
-    def entries(self, namespace: str) -> Iterable[CatalogEntry]:
+    def catalog(self, namespace: str) -> Catalog:
         with self._lock:
-            managers = self._by_namespace.get(namespace, {})
-            return [entry for entries in managers.values() for entry in entries]
+            catalog = self._catalogs.get(namespace)
+            if catalog is None:
+                managers = self._by_namespace.get(namespace, {})
+                catalog = Catalog(entry for entries in managers.values() for entry in entries)
+                self._catalogs[namespace] = catalog
+            return catalog
+
+    def entries(self, namespace: str) -> Iterable[CatalogEntry]:
+        return self.catalog(namespace).entries
 
     def replace_all(self, volumemanagers: Iterable[Mapping[str, Any]]) -> None:
         fresh: dict[str, dict[str, list[CatalogEntry]]] = {}
@@ -42,6 +51,7 @@ class VolumeIndex:
             fresh.setdefault(str(metadata.get("namespace")), {})[str(metadata.get("name"))] = catalog_entries(obj)
         with self._lock:
             self._by_namespace = fresh
+            self._catalogs = {}
         INDEXED.set(sum(len(managers) for managers in fresh.values()))
         self.synced.set()
 
@@ -49,6 +59,7 @@ class VolumeIndex:
         metadata = obj.get("metadata") or {}
         namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
         with self._lock:
+            self._catalogs.pop(namespace, None)
             managers = self._by_namespace.setdefault(namespace, {})
             if event_type == "DELETED":
                 managers.pop(name, None)

@@ -6,7 +6,7 @@ resolves only there, never across namespaces.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,21 +52,34 @@ def catalog_entries(volumemanager: Mapping[str, Any]) -> list[CatalogEntry]:
     return entries
 
 
-def _describe(entries: Sequence[CatalogEntry]) -> str:
-    return ", ".join(sorted({f"{e.manager}/{e.volume_id}" for e in entries})) or "none"
+class Catalog:
+    """The volumes of one namespace, found by id without scanning them all."""
+
+    def __init__(self, entries: Iterable[CatalogEntry]) -> None:
+        self.entries = tuple(entries)
+        self._by_id: dict[str, list[CatalogEntry]] = {}
+        for entry in self.entries:
+            self._by_id.setdefault(entry.volume_id, []).append(entry)
+
+    def matching(self, ref: grammar.VolumeRef) -> list[CatalogEntry]:
+        candidates = self._by_id.get(ref.volume_id, [])
+        return [e for e in candidates if ref.manager is None or e.manager == ref.manager]
+
+    def describe(self) -> str:
+        return ", ".join(sorted({f"{e.manager}/{e.volume_id}" for e in self.entries})) or "none"
 
 
-def resolve(request: grammar.VolumeRequest, namespace: str, entries: Iterable[CatalogEntry]) -> list[ResolvedVolume]:
+def resolve(
+    request: grammar.VolumeRequest, namespace: str, catalog: Catalog | Iterable[CatalogEntry]
+) -> list[ResolvedVolume]:
     """The requested volumes, or a MutationError saying which ref fails and why."""
-    available = list(entries)
+    available = catalog if isinstance(catalog, Catalog) else Catalog(catalog)
     resolved = []
     for ref in request.refs:
-        matches = [
-            e for e in available if e.volume_id == ref.volume_id and (ref.manager is None or e.manager == ref.manager)
-        ]
+        matches = available.matching(ref)
         if not matches:
             raise MutationError(
-                f"volume {ref} not found in namespace {namespace}; volumes there: {_describe(available)}"
+                f"volume {ref} not found in namespace {namespace}; volumes there: {available.describe()}"
             )
         if len(matches) > 1:
             options = " or ".join(f"{m.manager}/{m.volume_id}" for m in sorted(matches, key=lambda m: m.manager))

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 import threading
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
@@ -59,8 +59,8 @@ async def mutate(request: web.Request) -> web.Response:
         return web.json_response({"error": f"body larger than {MAX_BODY} bytes"}, status=413)
     try:
         body = await request.read()
-        review: Any = json.loads(body)
-        decision = admit(review, request.app[_INDEX_KEY].entries)
+        review: Any = orjson.loads(body)
+        decision = admit(review, request.app[_INDEX_KEY].catalog)
     except web.HTTPRequestEntityTooLarge:
         ADMISSIONS.labels("rejected").inc()
         return web.json_response({"error": f"body larger than {MAX_BODY} bytes"}, status=413)
@@ -75,7 +75,7 @@ async def mutate(request: web.Request) -> web.Response:
         ADMISSIONS.labels("denied").inc()
         DENIALS.labels(_denial_reason(response["status"]["message"])).inc()
     LATENCY.observe(time.perf_counter() - started)
-    return web.json_response(decision)
+    return web.Response(body=orjson.dumps(decision), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from webhook.admission import BadReviewError, admit, wants_volumes
-from webhook.resolve import CatalogEntry
+from e2e import pod_strategies
+from webhook.admission import BadReviewError, admit, json_patch, wants_volumes
+from webhook.mutation import MutationError, wire_pod
+from webhook.resolve import Catalog, CatalogEntry
 
 SOURCE = {"hostPath": {"path": "/var/lib/kvc/team-a/datasets/cifar-1", "type": "Directory"}}
 AFFINITY = {
@@ -22,8 +24,8 @@ AFFINITY = {
 ENTRIES = [CatalogEntry("datasets", "cifar", "Ready", "2/2 replicas ready", SOURCE, AFFINITY, "ReadOnlyMany")]
 
 
-def catalog(namespace: str) -> list[CatalogEntry]:
-    return ENTRIES if namespace == "team-a" else []
+def catalog(namespace: str) -> Catalog:
+    return Catalog(ENTRIES if namespace == "team-a" else [])
 
 
 def review(obj: dict[str, Any], operation: str = "CREATE", namespace: str = "team-a") -> dict[str, Any]:
@@ -116,7 +118,8 @@ def test_malformed_reviews_are_rejected(body: Any) -> None:
 
 
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    # The server parses bodies with orjson, which takes 64-bit integers only.
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=12,
 )
@@ -156,3 +159,15 @@ def test_any_object_gets_an_answer_never_a_crash(obj: Any) -> None:
         patched(admit(review(obj), catalog), obj)  # the patch applies to what was sent
     if not response["allowed"]:
         assert response["status"]["message"].startswith("KVC: ")
+
+
+@settings(max_examples=300, deadline=None)
+@given(pod_strategies.cases())
+def test_the_patch_of_the_differing_parts_turns_the_pod_into_the_wired_pod(case: pod_strategies.Case) -> None:
+    try:
+        wired = wire_pod(case.pod, case.request, case.volumes)
+    except MutationError:
+        return
+    patch = json_patch(case.pod, wired)
+    assert jsonpatch.apply_patch(copy.deepcopy(case.pod), patch) == wired
+    assert all(op["op"] in ("add", "replace") for op in patch)  # wiring never removes or moves anything
