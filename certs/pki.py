@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -61,11 +62,13 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
 
 
-def new_ca(common_name: str = "kvc-ca", validity: _dt.timedelta = DEFAULT_CA_VALIDITY) -> CertKeyPair:
-    """A self-signed CA that may sign leaf certificates only (path length 0)."""
+def new_ca(
+    common_name: str = "kvc-ca", validity: _dt.timedelta = DEFAULT_CA_VALIDITY, now: _dt.datetime | None = None
+) -> CertKeyPair:
+    """A self-signed CA that may sign leaf certificates only (path length 0), valid from ``now``."""
     key = _new_key()
     name = _name(common_name)
-    now = _now()
+    now = now or _now()
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -101,10 +104,12 @@ def _leaf(
     usage: x509.ObjectIdentifier,
     validity: _dt.timedelta,
     sans: list[x509.GeneralName],
+    *,
+    now: _dt.datetime | None = None,
 ) -> CertKeyPair:
     key = _new_key()
     ca_cert = ca.certificate
-    now = _now()
+    now = now or _now()
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -142,6 +147,7 @@ def new_serving_cert(
     dns_names: list[str],
     ip_addresses: list[str] = [],  # noqa: B006 - never mutated
     validity: _dt.timedelta = DEFAULT_LEAF_VALIDITY,
+    now: _dt.datetime | None = None,
 ) -> CertKeyPair:
     """A TLS server certificate for the given DNS names and IP addresses, signed by ``ca``."""
     if not dns_names and not ip_addresses:
@@ -149,7 +155,7 @@ def new_serving_cert(
     sans: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
     common_name = dns_names[0] if dns_names else ip_addresses[0]
-    return _leaf(ca, _name(common_name), ExtendedKeyUsageOID.SERVER_AUTH, validity, sans)
+    return _leaf(ca, _name(common_name), ExtendedKeyUsageOID.SERVER_AUTH, validity, sans, now=now)
 
 
 def new_client_cert(
@@ -177,3 +183,33 @@ def new_signing_key() -> tuple[bytes, bytes]:
     key = _new_key()
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return _key_pem(key), public
+
+
+def load_certificates(pem: bytes) -> list[x509.Certificate]:
+    """Every certificate in a PEM bundle (a caBundle may hold several CAs)."""
+    return x509.load_pem_x509_certificates(pem) if pem.strip() else []
+
+
+def is_signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca``'s key signed ``cert`` (the issuer name alone proves nothing)."""
+    if cert.issuer != ca.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def subject_alt_names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """(DNS names, IP addresses) of a certificate."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    return sans.get_values_for_type(x509.DNSName), [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """A short SHA-256 fingerprint to tell certificates apart in messages."""
+    return cert.fingerprint(hashes.SHA256()).hex()[:16]

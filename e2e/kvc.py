@@ -135,11 +135,11 @@ class KvcAgent(_KvcProcess):
 class KvcWebhook(_KvcProcess):
     """`kvc run webhook` on loopback with a certificate for 127.0.0.1, and its registration."""
 
-    def __init__(self, plane: ControlPlane) -> None:
-        super().__init__(plane, "kvc-webhook")
+    def __init__(self, plane: ControlPlane, name: str = "kvc-webhook") -> None:
+        super().__init__(plane, name)
         self.port = free_port()
         self.ca = pki.new_ca("kvc-e2e-webhook-ca")
-        directory = plane.workdir / "webhook"
+        directory = plane.workdir / name
         directory.mkdir(exist_ok=True)
         self.cert_file, self.key_file = directory / "tls.crt", directory / "tls.key"
         serving = pki.new_serving_cert(self.ca, ["localhost"], ["127.0.0.1"])

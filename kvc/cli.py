@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from certs.cli import certs as certs_group
 from kvc import __version__
 
 
@@ -156,6 +157,9 @@ def run_webhook(host: str, port: int, cert_file: Path, key_file: Path) -> None:
     from webhook.server import run as serve  # noqa: PLC0415
 
     serve(host, port, cert_file, key_file, kube.api_client())
+
+
+cli.add_command(certs_group)
 
 
 def main() -> None:
