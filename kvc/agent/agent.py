@@ -27,7 +27,7 @@ from typing import Any
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from kvc import __version__
+from kvc import __version__, metrics
 from kvc.agent.files import Manifest, ReplicaDir
 from kvc.api import names
 from kvc.sources.base import FetchRequest, Source
@@ -252,6 +252,12 @@ class Agent:
     def _collect(self, replica: _Replica, future: Future[Manifest]) -> None:
         replica.future = None
         error = future.exception()
+        source_type = str(replica.spec.get("sourceType"))
+        if replica.phase == "Downloading":
+            metrics.FETCHES.labels(source_type, "failed" if error else "ok").inc()
+            metrics.BYTES_FETCHED.labels(source_type).inc(replica.progress.bytes)
+        else:  # a deep verification of Ready data
+            metrics.VERIFICATIONS.labels("changed" if error else "ok").inc()
         if error is None:
             self._mark_ready(replica)
         else:
@@ -369,6 +375,8 @@ class Agent:
     def _report(self) -> None:
         usage = shutil.disk_usage(self.data_root)
         replicas = [r.report() for r in sorted(self._replicas.values(), key=lambda r: r.name)]
+        for phase in metrics.REPLICA_PHASES:
+            metrics.REPLICAS.labels(phase).set(sum(1 for r in replicas if r["phase"] == phase))
         status = {
             "heartbeatTime": _now(),
             "agentVersion": __version__,

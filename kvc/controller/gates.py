@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jsonpatch
+import kopf
 from kubernetes.client.rest import ApiException
 
 from kvc.api import names
@@ -63,5 +64,7 @@ def release_gated_pods(core: Any, custom: Any, namespace: str) -> int:
             logger.warning("releasing pod %s/%s failed: %s", namespace, pod.metadata.name, exc.reason)
             continue
         logger.info("released pod %s/%s: its data is ready", namespace, pod.metadata.name)
+        # Seen in `kubectl describe pod`: why a pod that waited is now scheduled.
+        kopf.event(current, type="Normal", reason="DataReady", message="its KVC volumes are ready: scheduling it")
         count += 1
     return count

@@ -9,7 +9,7 @@ import kopf
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kvc import kube
+from kvc import kube, metrics
 from kvc.agent.agent import DEFAULT_NODE_DATA_ROOT
 from kvc.api import names
 from kvc.api.models import State
@@ -62,7 +62,17 @@ def _context(body: kopf.Body, memo: kopf.Memo) -> SourceContext:
     )
 
 
-def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, trigger: str) -> None:
+    with metrics.RECONCILE_SECONDS.time():
+        try:
+            _reconcile_once(body, patch, memo)
+        except Exception:
+            metrics.RECONCILES.labels(trigger, "error").inc()
+            raise
+    metrics.RECONCILES.labels(trigger, "ok").inc()
+
+
+def _reconcile_once(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
     result = reconcile.reconcile(body, _context(body, memo), memo.registry)
     old = dict(body.get("status") or {})
     new = status.aggregate(
@@ -73,6 +83,7 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
     )
     for event in status.transitions(old.get("volumes") or [], result.volumes):
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        metrics.VOLUME_TRANSITIONS.labels(event.reason).inc()
     if old.get("state") != new["state"]:
         kind = "Warning" if new["state"] == State.FAILED else "Normal"
         kopf.event(body, type=kind, reason=new["state"], message=new["message"])
@@ -82,23 +93,24 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
 
 @kopf.on.create(*VMGR)
 def volumemanager_create(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, patch, memo)
+    _reconcile(body, patch, memo, "create")
 
 
 @kopf.on.update(*VMGR, field="spec")
 def volumemanager_update(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, patch, memo)
+    _reconcile(body, patch, memo, "update")
 
 
 @kopf.on.resume(*VMGR)
 def volumemanager_resume(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, patch, memo)
+    _reconcile(body, patch, memo, "resume")
 
 
 @kopf.timer(*VMGR, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
 def volumemanager_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, patch, memo)
-    gates.release_gated_pods(memo.core, memo.custom, body["metadata"]["namespace"])
+    _reconcile(body, patch, memo, "timer")
+    released = gates.release_gated_pods(memo.core, memo.custom, body["metadata"]["namespace"])
+    metrics.GATED_PODS_RELEASED.inc(released)
 
 
 @kopf.on.delete(*VMGR)
