@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import click
 
 from certs.cli import certs as certs_group
 from kvc import __version__
+from kvc.api import names
+from kvc.inspect import DATASET_HEADERS, Selector, dataset_rows, parse_selector, render_table, status_report
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +33,184 @@ def cli(verbose: bool) -> None:
 def version() -> None:
     """Print the KVC version."""
     click.echo(f"kvc {__version__}")
+
+
+class _Failure(click.ClickException):
+    """An error shown as one line, ``kvc: <message>``, with exit code 1."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        # Messages quote the API server, which may answer with several lines.
+        click.echo(f"kvc: {' '.join(self.format_message().split())}", err=True)
+
+
+# (connect, read) seconds: a CLI should give up on an unreachable cluster rather than hang.
+_REQUEST_TIMEOUT = (10, 60)
+_LIST_PAGE = 500
+
+
+class _Cluster:
+    """The kubeconfig's cluster, as `kvc status` and `kvc datasets` read it; failures become one line."""
+
+    def __init__(self) -> None:
+        import yaml  # noqa: PLC0415
+        from kubernetes import client, config  # noqa: PLC0415 - slow to import; only these commands need it
+
+        configuration = client.Configuration()
+        try:
+            config.load_kube_config(client_configuration=configuration)
+            _, context = config.list_kube_config_contexts()
+        except (config.ConfigException, yaml.YAMLError, OSError) as exc:
+            location = os.environ.get("KUBECONFIG") or "~/.kube/config"
+            raise _Failure(f"no usable kubeconfig at {location}: {exc} (set KUBECONFIG to a kubeconfig file)") from None
+        self.namespace: str = (context.get("context") or {}).get("namespace") or "default"
+        self.host: str = configuration.host
+        self.custom = client.CustomObjectsApi(client.ApiClient(configuration))
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            # urllib3 logs a warning per retried connection: the one error line below says it all.
+            logging.getLogger("urllib3").setLevel(logging.ERROR)
+
+    def volumemanager(self, namespace: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            self.custom.get_namespaced_custom_object,
+            names.GROUP,
+            names.VERSION,
+            namespace,
+            names.VOLUMEMANAGER_PLURAL,
+            name,
+            not_found=f'volumemanager "{name}" not found in namespace "{namespace}"',
+        )
+        return result
+
+    def volumemanagers(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Every VolumeManager in a namespace, or in all of them (None), page by page."""
+        items: list[dict[str, Any]] = []
+        token = None
+        while True:
+            page: dict[str, Any] = {"limit": _LIST_PAGE, **({"_continue": token} if token else {})}
+            if namespace is None:
+                listed = self._call(
+                    self.custom.list_cluster_custom_object,
+                    names.GROUP,
+                    names.VERSION,
+                    names.VOLUMEMANAGER_PLURAL,
+                    forbidden_hint="; -n NAMESPACE searches one namespace",
+                    **page,
+                )
+            else:
+                listed = self._call(
+                    self.custom.list_namespaced_custom_object,
+                    names.GROUP,
+                    names.VERSION,
+                    namespace,
+                    names.VOLUMEMANAGER_PLURAL,
+                    **page,
+                )
+            items.extend(listed.get("items") or [])
+            token = (listed.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+
+    def _call(
+        self, method: Callable[..., Any], *args: Any, not_found: str = "", forbidden_hint: str = "", **kwargs: Any
+    ) -> Any:
+        from kubernetes.client.rest import ApiException  # noqa: PLC0415
+        from urllib3.exceptions import HTTPError  # noqa: PLC0415
+
+        try:
+            return method(*args, _request_timeout=_REQUEST_TIMEOUT, **kwargs)
+        except ApiException as exc:
+            raise _Failure(_api_error(exc, not_found, forbidden_hint)) from None
+        except (HTTPError, OSError) as exc:
+            raise _Failure(f"cannot reach the cluster at {self.host}: {_root_cause(exc)}") from None
+
+
+def _api_error(exc: Any, not_found: str, forbidden_hint: str) -> str:
+    """One line for an error status from the API server."""
+    try:
+        body = json.loads(exc.body or "")
+    except (TypeError, ValueError):
+        body = None
+    body = body if isinstance(body, dict) else {}
+    message = body.get("message") or (exc.body or "").strip() or exc.reason
+    if exc.status == 404:
+        # A missing object names itself in the details; a 404 without them is a missing API.
+        if not_found and (body.get("details") or {}).get("name"):
+            return not_found
+        return (
+            f"the cluster does not serve {names.VOLUMEMANAGER_PLURAL}.{names.GROUP}/{names.VERSION}:"
+            " are KVC's CRDs installed?"
+        )
+    if exc.status == 401:
+        return "the cluster rejected the kubeconfig's credentials (401 Unauthorized)"
+    if exc.status == 403:
+        return f"forbidden: {message}{forbidden_hint}"
+    return f"the API server answered {exc.status} {exc.reason}: {message}"
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost reason of a connection error, e.g. "Connection refused", not urllib3's wrappers."""
+    cause: BaseException = exc
+    for _ in range(10):
+        inner = getattr(cause, "reason", None)
+        following = inner if isinstance(inner, BaseException) else cause.__cause__ or cause.__context__
+        if following is None:
+            break
+        cause = following
+    if isinstance(cause, OSError) and cause.strerror:
+        return str(cause.strerror)
+    return str(cause) or type(cause).__name__
+
+
+@cli.command("status")
+@click.argument("name", metavar="VOLUMEMANAGER")
+@click.option(
+    "-n", "--namespace", help="The VolumeManager's namespace (default: the kubeconfig context's, else default)."
+)
+def status_command(name: str, namespace: str | None) -> None:
+    """Show a VolumeManager's volumes, node by node.
+
+    Node-local volumes (S3, HTTP) list every node holding or fetching their data, with progress;
+    NFS and PVC volumes show the claim that workloads mount.
+    """
+    cluster = _Cluster()
+    click.echo(status_report(cluster.volumemanager(namespace or cluster.namespace, name)))
+
+
+def _parse_selectors(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Selector:
+    try:
+        return tuple(requirement for value in values for requirement in parse_selector(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+@cli.command("datasets")
+@click.option(
+    "-l",
+    "--selector",
+    multiple=True,
+    metavar="SELECTOR",
+    callback=_parse_selectors,
+    help="Label requirements: key=value, key!=value, key or !key, comma-separated or repeated; all must hold.",
+)
+@click.option("-A", "--all-namespaces", is_flag=True, help="Search every namespace.")
+@click.option("-n", "--namespace", help="Search this namespace (default: the kubeconfig context's, else default).")
+def datasets_command(selector: Selector, all_namespaces: bool, namespace: str | None) -> None:
+    """Find volumes by their labels.
+
+    Lists every volume (an entry of spec.volumeConfigs) whose labels meet all -l requirements,
+    with its phase and replicas; without -l, every volume.
+    """
+    if all_namespaces and namespace:
+        raise click.UsageError("use either -A/--all-namespaces or -n/--namespace, not both")
+    cluster = _Cluster()
+    scope = None if all_namespaces else namespace or cluster.namespace
+    rows = dataset_rows(cluster.volumemanagers(scope), selector)
+    if not rows:
+        matching = f" matching {','.join(map(str, selector))}" if selector else ""
+        where = "any namespace" if scope is None else f'namespace "{scope}"'
+        click.echo(f"No volumes{matching} in {where}.", err=True)
+        return
+    click.echo(render_table(DATASET_HEADERS, rows))
 
 
 @cli.group()

@@ -14,7 +14,7 @@ class JSONFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, exception, and `extra` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
