@@ -31,6 +31,12 @@ class _KvcProcess:
         self.plane = plane
         self.name = name
         self.component: Component | None = None
+        self.metrics_port = free_port()
+        self.env: dict[str, str] = {}
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def kill(self) -> None:
         """SIGKILL, as a crash or an OOM kill would."""
@@ -53,7 +59,7 @@ class _KvcProcess:
         self.component = self.plane.spawn(
             self.name,
             [sys.executable, "-m", "kvc", "run", *args],
-            env={"KUBECONFIG": str(self.plane.kubeconfig), "PYTHONUNBUFFERED": "1"},
+            env={"KUBECONFIG": str(self.plane.kubeconfig), "PYTHONUNBUFFERED": "1", **self.env},
         )
         return self.component
 
@@ -63,6 +69,8 @@ class KvcController(_KvcProcess):
 
     def __init__(self, plane: ControlPlane) -> None:
         super().__init__(plane, "kvc-controller")
+        # JSON lines, as a log collector would read them (the agents log text).
+        self.env["KVC_LOG_FORMAT"] = "json"
 
     def start(self) -> KvcController:
         port = free_port()
@@ -70,6 +78,7 @@ class KvcController(_KvcProcess):
             [
                 "controller",
                 f"--liveness-endpoint=http://127.0.0.1:{port}/healthz",
+                f"--metrics-port={self.metrics_port}",
                 # Agents here heartbeat every 2 s: notice a dead one quickly.
                 f"--agent-grace={AGENT_GRACE_SECONDS}",
                 f"--allowed-data-root={ALLOWED_DATA_ROOT}",
@@ -97,6 +106,7 @@ class KvcAgent(_KvcProcess):
             [
                 "agent",
                 f"--node={self.node}",
+                f"--metrics-port={self.metrics_port}",
                 f"--data-root={self.data_root}",
                 f"--node-data-root={NODE_DATA_ROOT}",
                 f"--extra-root={ALLOWED_DATA_ROOT}={self.data_root / 'extra'}",

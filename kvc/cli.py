@@ -14,19 +14,24 @@ from typing import IO, Any
 import click
 
 from certs.cli import certs as certs_group
-from kvc import __version__
+from kvc import __version__, logs
 from kvc.api import names
 from kvc.inspect import DATASET_HEADERS, Selector, dataset_rows, parse_selector, render_table, status_report
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def cli(verbose: bool) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="KVC_LOG_FORMAT",
+    help="json: one JSON object per line, for log collectors.",
+)
+def cli(verbose: bool, log_format: str) -> None:
     """KVC: bring datasets and models to the Kubernetes nodes where ML jobs run."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(verbose=verbose, json_lines=log_format == "json")
 
 
 @cli.command()
@@ -218,6 +223,11 @@ def run() -> None:
     """Run a KVC component in the foreground."""
 
 
+_METRICS_PORT = click.option(
+    "--metrics-port", default=0, show_default=True, help="Serve Prometheus /metrics on this port (0: off)."
+)
+
+
 @run.command("controller")
 @click.option("-n", "--namespace", "namespaces", multiple=True, help="Watch only these namespaces (default: all).")
 @click.option(
@@ -245,16 +255,20 @@ def run() -> None:
     metavar="NODE_PATH",
     help="A node path under which users may put data with options.dataPath (repeatable; default: none).",
 )
+@_METRICS_PORT
 def run_controller(
     namespaces: tuple[str, ...],
     liveness_endpoint: str | None,
     node_data_root: str,
     agent_grace: float,
     allowed_data_roots: tuple[str, ...],
+    metrics_port: int,
 ) -> None:
     """The VolumeManager controller."""
+    from kvc import metrics  # noqa: PLC0415
     from kvc.controller import run as run_kopf  # noqa: PLC0415 - imports kopf only for this command
 
+    metrics.serve(metrics_port)
     run_kopf(namespaces, liveness_endpoint, node_data_root, agent_grace, allowed_data_roots)
 
 
@@ -288,6 +302,7 @@ def run_controller(
     show_default=True,
     help="Seconds between re-reads of Ready data against the source's checksums.",
 )
+@_METRICS_PORT
 def run_agent(
     node: str,
     data_root: Path,
@@ -296,9 +311,10 @@ def run_agent(
     heartbeat: float,
     verify_interval: float,
     deep_verify_interval: float,
+    metrics_port: int,
 ) -> None:
     """The node agent: fetches the replicas assigned to this node."""
-    from kvc import kube  # noqa: PLC0415
+    from kvc import kube, metrics  # noqa: PLC0415
     from kvc.agent.agent import Agent  # noqa: PLC0415
 
     roots = {}
@@ -310,6 +326,7 @@ def run_agent(
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    metrics.serve(metrics_port)
     agent = Agent(
         node,
         data_root,
