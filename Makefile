@@ -70,6 +70,19 @@ fmt: $(VENV)/.installed ## Format the code and apply safe lint fixes.
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+##@ Deploy (needs Docker; kind-e2e also needs kind)
+
+IMG ?= kvc:dev
+KIND_CLUSTER ?= kvc-e2e
+
+.PHONY: docker-build
+docker-build: ## Build the one image of every component (IMG=kvc:dev).
+	docker build -t $(IMG) .
+
+.PHONY: kind-e2e
+kind-e2e: docker-build $(VENV)/.installed ## Install deploy/default with IMG into a kind cluster and smoke-check it.
+	IMG=$(IMG) KIND_CLUSTER=$(KIND_CLUSTER) KVC=$(VENV)/bin/kvc e2e/kind.sh
+
 ##@ Benchmarks
 
 BENCH_VENV ?= .venv-bench

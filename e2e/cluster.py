@@ -422,10 +422,8 @@ class ControlPlane:
         self.wait_healthy(f"{self.server}/readyz", process, "kube-apiserver", timeout=90)
         self._write_kubeconfig()
 
-    def _write_kubeconfig(self) -> None:
+    def _write_kubeconfig_file(self, path: Path, user: str, credentials: Mapping[str, str]) -> Path:
         assert self.ca is not None
-        admin_crt = Path(self._pki("admin.crt")).read_bytes()
-        admin_key = Path(self._pki("admin.key")).read_bytes()
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -435,17 +433,26 @@ class ControlPlane:
                     "cluster": {"server": self.server, "certificate-authority-data": _b64(self.ca.cert_pem)},
                 }
             ],
-            "users": [
-                {
-                    "name": "kvc-testenv-admin",
-                    "user": {"client-certificate-data": _b64(admin_crt), "client-key-data": _b64(admin_key)},
-                }
-            ],
-            "contexts": [{"name": "kvc-testenv", "context": {"cluster": "kvc-testenv", "user": "kvc-testenv-admin"}}],
+            "users": [{"name": user, "user": dict(credentials)}],
+            "contexts": [{"name": "kvc-testenv", "context": {"cluster": "kvc-testenv", "user": user}}],
             "current-context": "kvc-testenv",
         }
-        self.kubeconfig.write_text(yaml.safe_dump(config))
-        self.kubeconfig.chmod(0o600)
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
+
+    def _write_kubeconfig(self) -> None:
+        admin_crt = Path(self._pki("admin.crt")).read_bytes()
+        admin_key = Path(self._pki("admin.key")).read_bytes()
+        self._write_kubeconfig_file(
+            self.kubeconfig,
+            "kvc-testenv-admin",
+            {"client-certificate-data": _b64(admin_crt), "client-key-data": _b64(admin_key)},
+        )
+
+    def token_kubeconfig(self, name: str, token: str) -> Path:
+        """A kubeconfig that authenticates with a bearer token only (e.g. a ServiceAccount's)."""
+        return self._write_kubeconfig_file(self.workdir / f"kubeconfig-{name}", name, {"token": token})
 
     def _component_args(self, port: int) -> list[str]:
         kubeconfig = str(self.kubeconfig)
