@@ -183,6 +183,7 @@ class Component:
             start_new_session=True,
             preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl
         )
+        self.stopped = False  # on purpose: its exit is not a failure
 
     @property
     def pid(self) -> int:
@@ -190,10 +191,11 @@ class Component:
 
     def check_alive(self) -> None:
         code = self.popen.poll()
-        if code is not None:
+        if code is not None and not self.stopped:
             raise ControlPlaneError(f"{self.name} exited with code {code}:\n{tail(self.log_path)}")
 
     def stop(self) -> None:
+        self.stopped = True
         if self.popen.poll() is None:
             terminate_group(self.popen.pid)
         self.popen.wait()  # reap it: no zombie left behind
@@ -201,6 +203,7 @@ class Component:
 
     def kill(self) -> None:
         """SIGKILL, as a crash or an OOM kill would."""
+        self.stopped = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait()
