@@ -111,6 +111,7 @@ def test_failure_policy_refuses_only_kvc_workloads_and_the_ignore_component_admi
 EXPECTED_KUSTOMIZATIONS = {
     "agent",
     "certmanager",
+    "certs",
     "crd",
     "default",
     "manager",
@@ -771,3 +772,46 @@ def test_the_agent_writes_only_its_own_node_and_the_webhook_writes_nothing(
         for resource in ("volumemanagers.kvc.kubeflow.org", "pods", "secrets", "volumenodes.kvc.kubeflow.org"):
             answer = kubectl_as(control_plane, webhook, "auth", "can-i", verb, resource, "-A")
             assert answer.startswith("refused") or answer.strip() == "no", (verb, resource, answer)
+
+
+def kvc_certs_as(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvc", "certs", *args, *(["--propagation-wait", "0s"] if args[0] != "show" else [])],
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_the_rotation_cronjob_identity_rotates_and_reads_no_other_secret(
+    control_plane: ControlPlane, api: Any, default: list[dict[str, Any]]
+) -> None:
+    install_namespaces(control_plane, default)
+    control_plane.kubectl("apply", "--server-side", "-k", str(DEPLOY / "certs"))
+    control_plane.kubectl("apply", "--server-side", "-k", str(DEPLOY / "webhook"))
+    core = client.CoreV1Api(api)
+    core.create_namespaced_secret("kvc-system", {"metadata": {"name": "unrelated"}, "stringData": {"k": "v"}})
+    try:
+        installed = kvc_certs_as(control_plane.kubeconfig, "install")  # the admin's first install
+        assert installed.returncode == 0, installed.stderr
+        (cronjob,) = [doc for doc in default if doc["kind"] == "CronJob"]
+        spec = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        assert spec["containers"][0]["args"] == ["certs", "rotate"]
+        rotator = service_account_kubeconfig(control_plane, "kvc-system", spec["serviceAccountName"])
+        renewed = kvc_certs_as(rotator, "rotate", "--force")
+        assert renewed.returncode == 0, renewed.stderr
+        assert "new serving certificate: asked for (--force)" in renewed.stdout
+        rolled = kvc_certs_as(rotator, "rotate", "--ca")
+        assert rolled.returncode == 0, rolled.stderr
+        assert "new CA: asked for (--ca)" in rolled.stdout
+        assert "caBundle of kvc-webhook: matches the Secret" in kvc_certs_as(rotator, "show").stdout
+        assert kubectl_as(control_plane, rotator, "get", "secret", "unrelated", "-n", "kvc-system").startswith(
+            "refused"
+        )
+        assert kubectl_as(control_plane, rotator, "get", "secrets", "-n", "kvc-system").startswith("refused")
+    finally:
+        client.AdmissionregistrationV1Api(api).delete_mutating_webhook_configuration("kvc-webhook")
+        for name in ("unrelated", "kvc-webhook-tls", "kvc-webhook-ca"):
+            core.delete_namespaced_secret(name, "kvc-system")
