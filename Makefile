@@ -38,11 +38,11 @@ testenv-update: $(VENV)/.installed ## Regenerate e2e/testenv/gomod/* after chang
 ##@ Demo
 
 .PHONY: demo
-demo: testenv ## Start a local cluster with simulated nodes and show it (stop with `make demo-down`).
+demo: testenv ## All of KVC on one machine: 4 nodes, S3 and HTTP data, webhook, a Pod and a TFJob (`make demo-down` stops it).
 	$(PY) -m e2e.demo up
 
 .PHONY: demo-down
-demo-down: $(VENV)/.installed ## Stop the demo cluster and remove its files.
+demo-down: $(VENV)/.installed ## Stop every process of the demo and remove its files.
 	$(PY) -m e2e.demo down
 
 ##@ Test

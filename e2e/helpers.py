@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +110,22 @@ class VolumeManagers:
                 self.namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=VolumeManager"
             ).items
         )
+
+
+def operator_pods(stored: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The pods a training operator would create from the stored job's templates."""
+    field = "tfReplicaSpecs" if stored["kind"] == "TFJob" else "pytorchReplicaSpecs"
+    pods = []
+    for role, replica in stored["spec"][field].items():
+        for i in range(replica.get("replicas", 1)):
+            template = replica["template"]
+            pods.append(
+                {
+                    "metadata": {
+                        **template.get("metadata", {}),
+                        "name": f"{stored['metadata']['name']}-{role.lower()}-{i}",
+                    },
+                    "spec": template["spec"],
+                }
+            )
+    return pods

@@ -231,6 +231,8 @@ def test_samples_are_accepted_by_the_api_server(control_plane: ControlPlane, nam
     result = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-k", str(samples))
     applied = sorted(line.split()[0] for line in result.stdout.splitlines())
     assert applied == [
+        "volumemanager.kvc.kubeflow.org/datasets",
+        "volumemanager.kvc.kubeflow.org/models",
         "volumemanager.kvc.kubeflow.org/scratch",
         "volumemanager.kvc.kubeflow.org/shared-datasets",
     ]

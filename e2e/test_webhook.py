@@ -17,7 +17,7 @@ from kubernetes.client.rest import ApiException
 
 from e2e import pod_strategies
 from e2e.cluster import ControlPlane, NodeSpec
-from e2e.helpers import VolumeManagers, wait_for
+from e2e.helpers import VolumeManagers, operator_pods, wait_for
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
 from e2e.s3server import S3Server, credentials_secret
 from webhook.mutation import GATE, INJECTED, MutationError, wire_pod
@@ -439,25 +439,6 @@ def job(
             }
         },
     }
-
-
-def operator_pods(stored: dict[str, Any]) -> list[dict[str, Any]]:
-    """The pods a training operator would create from the stored job's templates."""
-    field = "tfReplicaSpecs" if stored["kind"] == "TFJob" else "pytorchReplicaSpecs"
-    pods = []
-    for role, replica in stored["spec"][field].items():
-        for i in range(replica.get("replicas", 1)):
-            template = replica["template"]
-            pods.append(
-                {
-                    "metadata": {
-                        **template.get("metadata", {}),
-                        "name": f"{stored['metadata']['name']}-{role.lower()}-{i}",
-                    },
-                    "spec": template["spec"],
-                }
-            )
-    return pods
 
 
 def test_training_jobs_are_wired_and_their_pods_land_on_the_data_nodes(
