@@ -88,6 +88,15 @@ def _run(action: Callable[[], None]) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
+_PROPAGATION_WAIT = click.option(
+    "--propagation-wait",
+    default="10s",
+    show_default=True,
+    callback=_duration,
+    help="Pause after a caBundle change before serving from a new CA.",
+)
+
+
 @click.group("certs")
 def certs() -> None:
     """The webhook's TLS certificates: install, rotate, show."""
@@ -95,13 +104,7 @@ def certs() -> None:
 
 @certs.command()
 @_where
-@click.option(
-    "--propagation-wait",
-    default="10s",
-    show_default=True,
-    callback=_duration,
-    help="Pause after a caBundle change before serving from a new CA.",
-)
+@_PROPAGATION_WAIT
 def install(propagation_wait: dt.timedelta, **params: Any) -> None:
     """Create the CA and serving certificate and patch caBundle (does nothing when all is valid)."""
     location, policy = _settings(params)
@@ -143,13 +146,7 @@ def install(propagation_wait: dt.timedelta, **params: Any) -> None:
     callback=_duration,
     help="How long an old CA stays trusted after a new one.",
 )
-@click.option(
-    "--propagation-wait",
-    default="10s",
-    show_default=True,
-    callback=_duration,
-    help="Pause after a caBundle change before serving from a new CA.",
-)
+@_PROPAGATION_WAIT
 def rotate(
     new_ca: bool,
     force: bool,

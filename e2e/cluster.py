@@ -585,10 +585,11 @@ class ControlPlane:
         return kubernetes.client.CoreV1Api(self.api_client())
 
     def kubectl(
-        self, *args: str, check: bool = True, input_text: str | None = None
+        self, *args: str, check: bool = True, input_text: str | None = None, kubeconfig: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
+        """kubectl as the harness' admin, or with another identity's ``kubeconfig``."""
         return subprocess.run(
-            [self.binary("kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            [self.binary("kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
             capture_output=True,
             text=True,
             input=input_text,
