@@ -711,14 +711,7 @@ def test_each_component_works_with_only_its_own_rbac(
 
 def kubectl_as(plane: ControlPlane, kubeconfig: Path, *args: str, input_text: str | None = None) -> str:
     """What kubectl prints (stderr on failure) when run with another identity."""
-    result = subprocess.run(
-        [plane.binary("kubectl"), f"--kubeconfig={kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        input=input_text,
-        check=False,
-        timeout=60,
-    )
+    result = plane.kubectl(*args, check=False, input_text=input_text, kubeconfig=kubeconfig)
     return result.stdout if result.returncode == 0 else f"refused: {result.stderr.strip()}"
 
 
@@ -733,7 +726,11 @@ def report_as(kubeconfig: Path, node: str, status: dict[str, Any]) -> str:
 
 
 def test_the_agent_writes_only_its_own_node_and_the_webhook_writes_nothing(
-    control_plane: ControlPlane, kvc_crds: None, namespace: str, default: list[dict[str, Any]]
+    control_plane: ControlPlane,
+    kvc_crds: None,
+    namespace: str,
+    default: list[dict[str, Any]],
+    agents: dict[str, KvcAgent],  # their VolumeNodes must exist for the status patches below
 ) -> None:
     kubeconfigs = install_rbac(control_plane, default)
     agent, webhook = kubeconfigs["agent"], kubeconfigs["webhook"]
