@@ -30,11 +30,23 @@ REGION = "us-east-1"
 
 
 class S3Server:
-    def __init__(self, log_path: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, log_path: Path, port: int | None = None, env: dict[str, str] | None = None, implementation: str = "moto"
+    ) -> None:
         self.port = port or free_port()
         self.log_path = log_path
         self.env = env or {}
+        self.implementation = implementation
         self._popen: subprocess.Popen[bytes] | None = None
+
+    def _command(self) -> tuple[list[str], str]:
+        """The server's command line and a path that answers once it serves."""
+        if self.implementation == "gofakes3":
+            from e2e.benchtools import binary  # noqa: PLC0415 - builds a Go tool; only benchmarks need it
+
+            server = str(binary("gofakes3"))
+            return [server, "-backend", "memory", "-host", f"127.0.0.1:{self.port}", "-quiet"], "/"
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)], "/moto-api/"
 
     @property
     def endpoint_url(self) -> str:
@@ -43,8 +55,9 @@ class S3Server:
     def start(self, timeout: float = 30) -> S3Server:
         log = self.log_path.open("ab")
         env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true", **self.env}
+        command, ready_path = self._command()
         self._popen = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            command,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -58,7 +71,7 @@ class S3Server:
             if self._popen.poll() is not None:
                 raise ControlPlaneError(f"S3 server exited with {self._popen.returncode}:\n{tail(self.log_path)}")
             try:
-                with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=2):  # noqa: S310
+                with urllib.request.urlopen(f"{self.endpoint_url}{ready_path}", timeout=2):  # noqa: S310
                     return self
             except (urllib.error.URLError, OSError):
                 time.sleep(0.1)

@@ -19,8 +19,16 @@ HERE = Path(__file__).resolve().parent
 
 def _pins() -> dict[str, str]:
     """Binary name -> Go package, from the go.mod ``tool`` directives."""
-    tools = re.findall(r"^tool\s+(\S+)$", (HERE / "go.mod").read_text(), flags=re.MULTILINE)
-    return {package.rstrip("/").rsplit("/", 1)[-1]: package for package in tools}
+    text = (HERE / "go.mod").read_text()
+    block = re.search(r"^tool \((.*?)^\)", text, flags=re.MULTILINE | re.DOTALL)
+    tools = re.findall(r"^tool\s+([^\s(]\S*)$", text, flags=re.MULTILINE) + (block.group(1).split() if block else [])
+    return {_command_name(package): package for package in tools}
+
+
+def _command_name(package: str) -> str:
+    """The name ``go build`` gives a package's binary: its last element, or the one before a /vN suffix."""
+    parts = package.rstrip("/").split("/")
+    return parts[-2] if re.fullmatch(r"v[0-9]+", parts[-1]) and len(parts) > 1 else parts[-1]
 
 
 def binary(name: str) -> Path:

@@ -7,16 +7,22 @@ the replica's directory are skipped and reported), bounded in time.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import fnmatch
+import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -30,7 +36,8 @@ from kvc.agent.files import (
     remove_unexpected,
     safe_join,
 )
-from kvc.sources.transfer import CHUNK, RETRIES, FetchError, Progress, finish_unpack, run_parallel
+from kvc.sources._s3http import ObjectGetter
+from kvc.sources.transfer import CHUNK, RETRIES, FetchError, Progress, finish_unpack
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +76,17 @@ class S3Object:
 
 
 def make_client(
-    endpoint_url: str | None, region: str | None, access_key: str | None, secret_key: str | None, workers: int
+    endpoint_url: str | None,
+    region: str | None,
+    access_key: str | None,
+    secret_key: str | None,
+    workers: int,
 ) -> Any:
-    return boto3.client(
+    session = botocore.session.Session()
+    # Listings are parsed into objects of which KVC reads key, size and ETag; turning every
+    # LastModified into a datetime (dateutil) cost more CPU than the rest of a listing.
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+    return boto3.session.Session(botocore_session=session).client(
         "s3",
         endpoint_url=endpoint_url or None,
         region_name=region or "us-east-1",
@@ -122,8 +137,131 @@ def _relative_name(location: S3Location, key: str) -> str:
     return key[len(location.key) :]
 
 
-def _download(
-    client: Any,
+class _BotoBodies:
+    """Object bodies through boto3, for endpoints the direct path does not serve (proxies)."""
+
+    def __init__(self, client: Any, bucket: str) -> None:
+        self._client, self._bucket = client, bucket
+
+    async def get(
+        self, key: str, start: int = 0, chunk: int = CHUNK, checksums: dict[str, str] | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        extra: dict[str, str] = {"Range": f"bytes={start}-"} if start else {}
+        if checksums is not None:
+            extra["ChecksumMode"] = "ENABLED"
+        response = await asyncio.to_thread(self._client.get_object, Bucket=self._bucket, Key=key, **extra)
+        if checksums is not None:
+            for name in ("CRC32", "SHA256", "SHA1"):
+                if value := response.get(f"Checksum{name}"):
+                    checksums[name.lower()] = value
+        chunks = response["Body"].iter_chunks(chunk)
+        try:
+            while (block := await asyncio.to_thread(next, chunks, None)) is not None:
+                yield block
+        finally:
+            response["Body"].close()
+
+    def close(self) -> None:
+        """Nothing to release: boto3 pools its own connections."""
+
+
+_Bodies = ObjectGetter | _BotoBodies
+# Chunks at least this big are written and hashed on a thread (both release the GIL),
+# so large files use every core; small ones are cheaper to write in place.
+_OFFLOAD = 256 << 10
+_FATAL_CODES = ("NoSuchKey", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket")
+
+
+class _Digest:
+    """A check computed while a file is written in one piece, against what S3 says the object is."""
+
+    def __init__(self, name: str, hasher: Any, expected: str) -> None:
+        self.name, self._hasher, self._expected = name, hasher, expected
+
+    def update(self, chunk: bytes) -> None:
+        self._hasher.update(chunk)
+
+    def matches(self) -> bool:
+        if self.name == "MD5":
+            return bool(self._hasher.hexdigest() == self._expected)
+        return base64.b64encode(self._hasher.digest()).decode() == self._expected
+
+
+class _Crc32:
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, chunk: bytes) -> None:
+        self._value = zlib.crc32(chunk, self._value)
+
+    def digest(self) -> bytes:
+        return self._value.to_bytes(4, "big")
+
+
+def _digest_for(obj: S3Object, checksums: dict[str, str]) -> _Digest | None:
+    """The cheapest check S3 offers for the whole object: CRC32 (a quarter of MD5's CPU), SHA, or the ETag's MD5.
+
+    Composite checksums of multipart uploads (``...-3``) cover parts, not the file: not used.
+    """
+    whole = {name: value for name, value in checksums.items() if "-" not in value}
+    if "crc32" in whole:
+        return _Digest("CRC32", _Crc32(), whole["crc32"])
+    for name in ("sha256", "sha1"):
+        if name in whole:
+            return _Digest(name.upper(), hashlib.new(name), whole[name])
+    if obj.md5:
+        return _Digest("MD5", hashlib.md5(usedforsecurity=False), obj.md5)
+    return None
+
+
+def _write(handle: Any, digest: _Digest | None, chunk: bytes) -> None:
+    handle.write(chunk)
+    if digest is not None:
+        digest.update(chunk)
+
+
+async def _append(
+    bodies: _Bodies,
+    obj: S3Object,
+    target: Path,
+    *,
+    start: int,
+    progress: Progress,
+    should_stop: Callable[[], bool],
+) -> _Digest | None:
+    """Append the object's bytes from ``start``; a download from 0 returns the check computed on the way."""
+    checksums: dict[str, str] = {}
+    digest: _Digest | None = None
+    # Creating a file costs the most on slow file systems; threads let several creations overlap.
+    handle = await asyncio.to_thread(target.open, "ab")
+    try:
+        async with contextlib.aclosing(bodies.get(obj.key, start, CHUNK, checksums if start == 0 else None)) as chunks:
+            async for chunk in chunks:
+                if start == 0 and digest is None:
+                    digest = _digest_for(obj, checksums)
+                if len(chunk) >= _OFFLOAD:
+                    await asyncio.to_thread(_write, handle, digest, chunk)
+                else:
+                    _write(handle, digest, chunk)
+                progress.add(len(chunk))
+                if should_stop():
+                    raise FetchError("stopped")
+    finally:
+        handle.close()
+    return digest
+
+
+async def _matches(obj: S3Object, target: Path, streamed: _Digest | None) -> bool:
+    """Whether a file of the object's size is the object: the check made while writing, else its MD5."""
+    if streamed is not None:
+        return streamed.matches()
+    if obj.md5 is None:
+        return True
+    return bool(await asyncio.to_thread(md5_of, target) == obj.md5)
+
+
+async def _download(
+    bodies: _Bodies,
     bucket: str,
     obj: S3Object,
     target: Path,
@@ -133,40 +271,44 @@ def _download(
     should_stop: Callable[[], bool],
 ) -> None:
     """Bring ``target`` to the object's content, resuming from what is on disk."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     attempt = 0
+    # The MD5 of a file written in one piece is computed on the way in; a resumed or
+    # pre-existing file is read back once to check it.
+    streamed: _Digest | None = None
     while True:
-        have = target.stat().st_size if target.exists() else 0
+        try:
+            have = target.stat().st_size
+        except FileNotFoundError:
+            have = 0
         if have > obj.size:
             target.unlink()
             have = 0
         if have == obj.size:
-            if obj.md5 is None or md5_of(target) == obj.md5:
+            if await _matches(obj, target, streamed):
                 break
+            check = streamed.name if streamed else "MD5"
+            streamed = None
             # Same size, other content (a corrupted or changed file): fetch it again.
-            logger.warning("s3://%s/%s: MD5 differs from its ETag; fetching it again", bucket, obj.key)
+            logger.warning("s3://%s/%s: %s differs from the object's; fetching it again", bucket, obj.key, check)
             progress.add(-have)
             target.unlink()
             attempt += 1
             if attempt > RETRIES:
-                raise FetchError(f"s3://{bucket}/{obj.key} keeps failing verification: its MD5 differs from its ETag")
+                raise FetchError(
+                    f"s3://{bucket}/{obj.key} keeps failing verification: its {check} differs from the object's"
+                )
             continue
         if should_stop():
             raise FetchError("stopped")
         if time.monotonic() > deadline:
             raise FetchError(f"timed out downloading s3://{bucket}/{obj.key}")
         try:
-            extra = {"Range": f"bytes={have}-"} if have else {}
-            body = client.get_object(Bucket=bucket, Key=obj.key, **extra)["Body"]
-            with target.open("ab") as handle:
-                for chunk in body.iter_chunks(CHUNK):
-                    handle.write(chunk)
-                    progress.add(len(chunk))
-                    if should_stop():
-                        raise FetchError("stopped")
+            streamed = None
+            streamed = await _append(bodies, obj, target, start=have, progress=progress, should_stop=should_stop)
         except (ClientError, BotoCoreError, OSError) as exc:
+            streamed = None
             code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
-            if code in ("NoSuchKey", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket"):
+            if code in _FATAL_CODES:
                 raise FetchError(_describe(exc, S3Location(bucket, obj.key))) from exc
             attempt += 1
             if attempt > RETRIES:
@@ -175,8 +317,40 @@ def _download(
                 ) from exc
             delay = min(0.5 * 2**attempt, 15.0)
             logger.warning("retrying s3://%s/%s in %.1fs (%s)", bucket, obj.key, delay, type(exc).__name__)
-            time.sleep(delay)
+            await asyncio.sleep(delay)
     progress.file_done()
+
+
+async def _download_all(
+    bodies: _Bodies,
+    bucket: str,
+    planned: list[tuple[S3Object, Path]],
+    *,
+    workers: int,
+    progress: Progress,
+    deadline: float,
+    should_stop: Callable[[], bool],
+) -> None:
+    """Every object on ``workers`` concurrent transfers; the first failure stops the others."""
+    pending = iter(planned)
+
+    async def transfer() -> None:
+        for obj, target in pending:  # one shared iterator: each object is taken once
+            await _download(bodies, bucket, obj, target, progress=progress, deadline=deadline, should_stop=should_stop)
+
+    tasks = [asyncio.create_task(transfer()) for _ in range(max(1, min(workers, len(planned))))]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        error = next((task.exception() for task in done if task.exception() is not None), None)
+        if isinstance(error, FetchError):
+            raise error
+        if error is not None:
+            raise FetchError(f"download failed: {type(error).__name__}: {error}") from error
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        bodies.close()
 
 
 def fetch(
@@ -217,20 +391,28 @@ def fetch(
     if not planned:
         raise FetchError(f"no safe objects under {location}: every key would escape the volume's directory")
     remove_unexpected(root, [relative for _, _, relative in planned])
+    # Directories once per fetch, not once per file (thousands of mkdir calls otherwise).
+    for directory in sorted({target.parent for _, target, _ in planned}):
+        directory.mkdir(parents=True, exist_ok=True)
     progress.total_bytes = sum(obj.size for obj, _, _ in planned)
     progress.bytes = sum(min(t.stat().st_size, o.size) for o, t, _ in planned if t.exists())
 
-    abort = threading.Event()
-
-    def should_stop() -> bool:
-        return abort.is_set() or (stop is not None and stop.is_set())
-
-    def job(obj: S3Object, target: Path) -> Callable[[], None]:
-        return lambda: _download(
-            client, location.bucket, obj, target, progress=progress, deadline=deadline, should_stop=should_stop
+    bodies: _Bodies = (
+        ObjectGetter(client, location.bucket, connections=workers)
+        if ObjectGetter.usable(client)
+        else _BotoBodies(client, location.bucket)
+    )
+    asyncio.run(
+        _download_all(
+            bodies,
+            location.bucket,
+            [(obj, target) for obj, target, _ in planned],
+            workers=workers,
+            progress=progress,
+            deadline=deadline,
+            should_stop=lambda: stop is not None and stop.is_set(),
         )
-
-    run_parallel([job(o, t) for o, t, _ in planned], workers, abort, "s3-fetch")
+    )
     if unpack:
         finish_unpack(replica, unpack, manifest)
     else:
