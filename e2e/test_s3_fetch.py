@@ -119,11 +119,12 @@ def test_symlink_planted_in_staging_is_not_followed(bucket: tuple[Any, str], age
     assert manifest.skipped == ["p/sub/file.txt"]
 
 
+@pytest.mark.parametrize("mib", [3, 9], ids=["streamed", "large-on-a-thread"])
 def test_a_partial_file_is_resumed_with_a_range_request(
-    s3: S3Server, bucket: tuple[Any, str], agent_client: Any, tmp_path: Path
+    s3: S3Server, bucket: tuple[Any, str], agent_client: Any, tmp_path: Path, mib: int
 ) -> None:
     client, name = bucket
-    body = os.urandom(3 * 1024 * 1024 + 17)
+    body = os.urandom(mib * 1024 * 1024 + 17)
     seed(client, name, {"big/blob.bin": body})
     replica = ReplicaDir(tmp_path / "vol")
     replica.prepare()

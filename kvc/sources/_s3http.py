@@ -18,11 +18,12 @@ import contextlib
 import datetime as dt
 import hashlib
 import hmac
+import http.client
 import re
 import ssl
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _MAX_HEADER_LINES = 100
 _CHECKSUM_HEADER = "x-amz-checksum-"
+_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -190,11 +192,7 @@ class ObjectGetter:
                 raise ConnectionError(f"GET {key}: answer without Content-Length")
             remaining = int(length)
             if checksums is not None:
-                checksums.update(
-                    (name.removeprefix(_CHECKSUM_HEADER), value)
-                    for name, value in headers.items()
-                    if name.startswith(_CHECKSUM_HEADER) and name != "x-amz-checksum-type"
-                )
+                checksums.update(_checksums(headers))
             if status not in (200, 206):
                 async with asyncio.timeout(self._read_timeout):
                     body = await connection.reader.readexactly(min(remaining, 64 << 10))
@@ -219,11 +217,61 @@ class ObjectGetter:
             else:
                 connection.close()
 
+    def copy_into(
+        self, key: str, start: int, sink: Callable[[memoryview], None], checksums: dict[str, str] | None = None
+    ) -> None:
+        """Blocking: the object's bytes from ``start`` handed to ``sink`` a buffer at a time.
+
+        For large objects, run on a thread: the socket is read straight into one buffer
+        with the GIL released, so several large objects use several cores (the event
+        loop's reader copies every byte three times on one core).
+        """
+        path = self._prefix + urllib.parse.quote(key, safe="/~")
+        headers = self._headers(path, start, checksums is not None)
+        connection: http.client.HTTPConnection = (
+            http.client.HTTPSConnection(self._hostname, self._port, timeout=self._read_timeout, context=self._ssl)
+            if self._ssl is not None
+            else http.client.HTTPConnection(self._hostname, self._port, timeout=self._read_timeout)
+        )
+        try:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            if response.status not in (200, 206):
+                found = _ERROR_CODE.search(response.read(64 << 10))
+                code = found.group(1).decode() if found else str(response.status)
+                raise ClientError(
+                    {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": response.status}}, "GetObject"
+                )
+            if response.length is None:
+                raise ConnectionError(f"GET {key}: answer without Content-Length")
+            if checksums is not None:
+                checksums.update(_checksums(dict(response.getheaders())))
+            buffer = memoryview(bytearray(_BUFFER))
+            while count := response.readinto(buffer):
+                sink(buffer[:count])
+            if response.length:
+                raise ConnectionError(f"connection closed with {response.length} bytes of {key} unread")
+        except http.client.HTTPException as exc:
+            raise ConnectionError(f"{type(exc).__name__} reading {key}") from exc
+        except TimeoutError as exc:
+            raise TimeoutError(f"no answer for {key} within {self._read_timeout:.0f}s") from exc
+        finally:
+            connection.close()
+
     def close(self) -> None:
         for connection in self._idle:
             with contextlib.suppress(Exception):
                 connection.close()
         self._idle.clear()
+
+
+def _checksums(headers: Mapping[str, str]) -> dict[str, str]:
+    """``x-amz-checksum-<algorithm>`` headers by algorithm."""
+    return {
+        name.lower().removeprefix(_CHECKSUM_HEADER): value
+        for name, value in headers.items()
+        if name.lower().startswith(_CHECKSUM_HEADER) and name.lower() != "x-amz-checksum-type"
+    }
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:

@@ -13,10 +13,12 @@ import contextlib
 import fnmatch
 import hashlib
 import logging
+import queue
 import threading
 import time
 import zlib
 from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -169,6 +171,8 @@ _Bodies = ObjectGetter | _BotoBodies
 # Chunks at least this big are written and hashed on a thread (both release the GIL),
 # so large files use every core; small ones are cheaper to write in place.
 _OFFLOAD = 256 << 10
+# Objects at least this big are copied by a thread of their own (see ObjectGetter.copy_into).
+_LARGE = 8 << 20
 _FATAL_CODES = ("NoSuchKey", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket")
 
 
@@ -178,7 +182,7 @@ class _Digest:
     def __init__(self, name: str, hasher: Any, expected: str) -> None:
         self.name, self._hasher, self._expected = name, hasher, expected
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: bytes | memoryview) -> None:
         self._hasher.update(chunk)
 
     def matches(self) -> bool:
@@ -191,7 +195,7 @@ class _Crc32:
     def __init__(self) -> None:
         self._value = 0
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: bytes | memoryview) -> None:
         self._value = zlib.crc32(chunk, self._value)
 
     def digest(self) -> bytes:
@@ -214,10 +218,91 @@ def _digest_for(obj: S3Object, checksums: dict[str, str]) -> _Digest | None:
     return None
 
 
-def _write(handle: Any, digest: _Digest | None, chunk: bytes) -> None:
+def _write(handle: Any, digest: _Digest | None, chunk: bytes | memoryview) -> None:
     handle.write(chunk)
     if digest is not None:
         digest.update(chunk)
+
+
+def _copy_large(
+    bodies: ObjectGetter,
+    obj: S3Object,
+    target: Path,
+    *,
+    start: int,
+    progress: Progress,
+    should_stop: Callable[[], bool],
+) -> _Digest | None:
+    """Blocking, on a thread: a large object from ``start`` into ``target``, checked on the way from 0."""
+    checksums: dict[str, str] = {}
+    digest: list[_Digest | None] = []
+
+    def sink(block: memoryview) -> None:
+        if not digest:
+            digest.append(_digest_for(obj, checksums) if start == 0 else None)
+        _write(handle, digest[0], block)
+        progress.add(len(block))
+        if should_stop():
+            raise FetchError("stopped")
+
+    with target.open("ab") as handle:
+        bodies.copy_into(obj.key, start, sink, checksums if start == 0 else None)
+    return digest[0] if digest else None
+
+
+class _Writer:
+    """Threads that create and fill small files handed over by the event loop.
+
+    Creating a file is the costliest step of a small download on some file systems
+    (0.7 ms of kernel time each was measured here); on a thread it overlaps with the
+    network work of the loop instead of stalling it. A plain queue hand-off costs far
+    less than one ``asyncio.to_thread`` call per file.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._queue: queue.SimpleQueue[tuple[Path, bytes] | None] = queue.SimpleQueue()
+        self._errors: list[str] = []
+        self._threads = [threading.Thread(target=self._run, name="s3-write", daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def put(self, target: Path, body: bytes) -> None:
+        self._queue.put((target, body))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            target, body = item
+            try:
+                target.write_bytes(body)
+            except OSError as exc:
+                self._errors.append(f"cannot write {target.name}: {exc.strerror or exc}")
+
+    def close(self) -> None:
+        """Wait for every file handed over."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def raise_failure(self) -> None:
+        if self._errors:
+            raise FetchError(self._errors[0])
+
+
+async def _handed_over(bodies: _Bodies, obj: S3Object, target: Path, writer: _Writer, progress: Progress) -> bool:
+    """Receive a small object whole, check it in memory and hand it to ``writer``; False if it failed its check."""
+    checksums: dict[str, str] = {}
+    async with contextlib.aclosing(bodies.get(obj.key, 0, CHUNK, checksums)) as chunks:
+        body = b"".join([chunk async for chunk in chunks])
+    digest = _digest_for(obj, checksums)
+    if digest is not None:
+        digest.update(body)
+    if len(body) != obj.size or (digest is not None and not digest.matches()):
+        logger.warning("s3://%s: the bytes received fail their check; fetching again", obj.key)
+        return False
+    writer.put(target, body)
+    progress.add(len(body))
+    return True
 
 
 async def _append(
@@ -231,11 +316,16 @@ async def _append(
 ) -> _Digest | None:
     """Append the object's bytes from ``start``; a download from 0 returns the check computed on the way."""
     checksums: dict[str, str] = {}
-    digest: _Digest | None = None
-    # Creating a file costs the most on slow file systems; threads let several creations overlap.
-    handle = await asyncio.to_thread(target.open, "ab")
+    chunks = bodies.get(obj.key, start, CHUNK, checksums if start == 0 else None)
+    if isinstance(bodies, ObjectGetter) and obj.size - start >= _LARGE:
+        await chunks.aclose()  # never started: no request was made
+        return await asyncio.to_thread(
+            _copy_large, bodies, obj, target, start=start, progress=progress, should_stop=should_stop
+        )
+    digest = None
+    handle = target.open("ab")
     try:
-        async with contextlib.aclosing(bodies.get(obj.key, start, CHUNK, checksums if start == 0 else None)) as chunks:
+        async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 if start == 0 and digest is None:
                     digest = _digest_for(obj, checksums)
@@ -260,6 +350,18 @@ async def _matches(obj: S3Object, target: Path, streamed: _Digest | None) -> boo
     return bool(await asyncio.to_thread(md5_of, target) == obj.md5)
 
 
+def _usable_size(target: Path, size: int) -> int:
+    """How much of the object is on disk; a file longer than the object is removed."""
+    try:
+        have = target.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if have > size:
+        target.unlink()
+        return 0
+    return have
+
+
 async def _download(
     bodies: _Bodies,
     bucket: str,
@@ -269,20 +371,18 @@ async def _download(
     progress: Progress,
     deadline: float,
     should_stop: Callable[[], bool],
+    writer: _Writer | None = None,
 ) -> None:
-    """Bring ``target`` to the object's content, resuming from what is on disk."""
+    """Bring ``target`` to the object's content, resuming from what is on disk.
+
+    A small object not on disk yet is checked in memory and handed to ``writer``.
+    """
     attempt = 0
     # The MD5 of a file written in one piece is computed on the way in; a resumed or
     # pre-existing file is read back once to check it.
     streamed: _Digest | None = None
     while True:
-        try:
-            have = target.stat().st_size
-        except FileNotFoundError:
-            have = 0
-        if have > obj.size:
-            target.unlink()
-            have = 0
+        have = _usable_size(target, obj.size)
         if have == obj.size:
             if await _matches(obj, target, streamed):
                 break
@@ -304,6 +404,14 @@ async def _download(
             raise FetchError(f"timed out downloading s3://{bucket}/{obj.key}")
         try:
             streamed = None
+            if writer is not None and have == 0 and 0 < obj.size <= CHUNK:
+                if await _handed_over(bodies, obj, target, writer, progress):
+                    break
+                # A changed object or bytes damaged on the way: nothing was written; again.
+                attempt += 1
+                if attempt > RETRIES:
+                    raise FetchError(f"s3://{bucket}/{obj.key} keeps failing verification")
+                continue
             streamed = await _append(bodies, obj, target, start=have, progress=progress, should_stop=should_stop)
         except (ClientError, BotoCoreError, OSError) as exc:
             streamed = None
@@ -333,11 +441,23 @@ async def _download_all(
 ) -> None:
     """Every object on ``workers`` concurrent transfers; the first failure stops the others."""
     pending = iter(planned)
+    writer = _Writer(threads=2)
 
     async def transfer() -> None:
         for obj, target in pending:  # one shared iterator: each object is taken once
-            await _download(bodies, bucket, obj, target, progress=progress, deadline=deadline, should_stop=should_stop)
+            await _download(
+                bodies,
+                bucket,
+                obj,
+                target,
+                progress=progress,
+                deadline=deadline,
+                should_stop=should_stop,
+                writer=writer,
+            )
 
+    # Large objects and big writes run on threads: as many as there are transfers.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix="s3-fetch"))
     tasks = [asyncio.create_task(transfer()) for _ in range(max(1, min(workers, len(planned))))]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -346,11 +466,14 @@ async def _download_all(
             raise error
         if error is not None:
             raise FetchError(f"download failed: {type(error).__name__}: {error}") from error
+        writer.close()
+        writer.raise_failure()
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         bodies.close()
+        writer.close()
 
 
 def fetch(

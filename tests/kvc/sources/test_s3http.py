@@ -7,7 +7,8 @@ import base64
 import datetime as dt
 import hashlib
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -20,8 +21,10 @@ from botocore.exceptions import ClientError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvc.sources import s3_fetch
 from kvc.sources._s3http import Credentials, ObjectGetter, signed_headers
 from kvc.sources.s3_fetch import S3Object, _digest_for
+from kvc.sources.transfer import FetchError, Progress
 
 NOW = dt.datetime(2026, 11, 28, 21, 0, 5, tzinfo=dt.UTC)
 
@@ -228,3 +231,71 @@ def test_the_cheapest_whole_object_check_is_chosen_and_it_holds_for_the_right_by
     assert other is not None
     other.update(DATA[:-1] + b"?")
     assert not other.matches()
+
+
+class CorruptingBodies:
+    """An S3 whose checksum header is right and whose bytes are wrong the first ``bad`` times."""
+
+    def __init__(self, bad: int) -> None:
+        self.bad, self.requests = bad, 0
+
+    async def get(
+        self, key: str, start: int = 0, chunk: int = 1 << 20, checksums: dict[str, str] | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        self.requests += 1
+        if checksums is not None:
+            checksums["crc32"] = CRC32
+        yield DATA[start:] if self.requests > self.bad else b"?" * (len(DATA) - start)
+
+    def close(self) -> None:
+        pass
+
+
+def download(bodies: Any, target: Path, small_in_memory: bool) -> None:
+    """Streamed to disk and checked there, or (small objects) checked in memory and handed to the writer."""
+    writer = s3_fetch._Writer(threads=1) if small_in_memory else None
+    try:
+        asyncio.run(
+            s3_fetch._download(
+                bodies,
+                "bucket",
+                S3Object("k", len(DATA), '"9b2cf535f27731c974343645a3985328-2"'),
+                target,
+                progress=Progress(),
+                deadline=float("inf"),
+                should_stop=lambda: False,
+                writer=writer,
+            )
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+@pytest.mark.parametrize("small_in_memory", [False, True], ids=["streamed", "in-memory"])
+def test_bytes_corrupted_in_transit_are_fetched_again(tmp_path: Path, small_in_memory: bool) -> None:
+    bodies = CorruptingBodies(bad=2)
+    download(bodies, tmp_path / "k", small_in_memory)
+    assert (tmp_path / "k").read_bytes() == DATA
+    assert bodies.requests == 3
+
+
+@pytest.mark.parametrize(
+    ("small_in_memory", "message"),
+    [(False, "keeps failing verification: its CRC32 differs"), (True, "keeps failing verification")],
+    ids=["streamed", "in-memory"],
+)
+def test_bytes_that_never_match_their_checksum_fail_and_nothing_is_kept(
+    tmp_path: Path, small_in_memory: bool, message: str
+) -> None:
+    with pytest.raises(FetchError, match=rf"s3://bucket/k {message}"):
+        download(CorruptingBodies(bad=100), tmp_path / "k", small_in_memory)
+    assert not (tmp_path / "k").exists()
+
+
+def test_a_file_the_writer_cannot_create_fails_the_fetch_naming_it(tmp_path: Path) -> None:
+    writer = s3_fetch._Writer(threads=1)
+    writer.put(tmp_path / "no-such-directory" / "k", b"data")
+    writer.close()
+    with pytest.raises(FetchError, match=r"cannot write k: No such file or directory"):
+        writer.raise_failure()
