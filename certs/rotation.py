@@ -155,10 +155,27 @@ def install(state: TLSState, policy: Policy, now: dt.datetime) -> list[Step]:
     return steps
 
 
+def _keeping_served_names(state: TLSState, policy: Policy) -> Policy:
+    if state.serving is None:
+        return policy
+    dns, ips = pki.subject_alt_names(state.serving.certificate)
+    return replace(
+        policy,
+        dns_names=tuple(dict.fromkeys([*policy.dns_names, *dns])),
+        ip_addresses=tuple(dict.fromkeys([*policy.ip_addresses, *ips])),
+    )
+
+
 def rotate(
     state: TLSState, policy: Policy, now: dt.datetime, *, new_ca: bool = False, force: bool = False
 ) -> list[Step]:
-    """Renew what is due (or forced): CA rollover in steps, the serving certificate, pruning."""
+    """Renew what is due (or forced): CA rollover in steps, the serving certificate, pruning.
+
+    Renewal keeps every name the served certificate covers (those given to ``install``
+    with --dns/--ip too), so a scheduled run without those options never narrows it;
+    ``install`` is where the names are set exactly.
+    """
+    policy = _keeping_served_names(state, policy)
     ca_reason = "asked for (--ca)" if new_ca else _ca_problem(state, policy, now)
     if state.ca is not None and ca_reason:
         roll = _roll_ca(_with_ca_in_bundle(state, state.ca), policy, now, ca_reason)

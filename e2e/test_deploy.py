@@ -432,11 +432,20 @@ def test_certmanager_overlay_issues_the_serving_certificate_and_injects_its_ca(
     for doc in issued:
         assert doc["metadata"]["namespace"] == webhook["metadata"]["namespace"]
 
-    # Everything else is deploy/default, with the cainjector's annotation on the registration.
+    # Everything else is deploy/default, with the cainjector's annotation on the registration
+    # and without the `kvc certs rotate` CronJob and its identity (two writers would fight).
     unannotated = copy.deepcopy(by_key(rest))
     annotations = unannotated["MutatingWebhookConfiguration/kvc-webhook"]["metadata"].pop("annotations")
     assert annotations == {"cert-manager.io/inject-ca-from": "kvc-system/kvc-webhook-serving"}
-    assert unannotated == by_key(default)
+    rotation = {
+        "CronJob/kvc-certs-rotate",
+        *(
+            f"{kind}/kvc-certs"
+            for kind in ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+        ),
+    }
+    assert rotation <= set(by_key(default))
+    assert unannotated == {key: doc for key, doc in by_key(default).items() if key not in rotation}
 
     # cert-manager's kinds are unknown here; the rest is applied (dry run) as rendered.
     install_namespaces(control_plane, default)

@@ -59,6 +59,28 @@ def test_new_names_get_a_new_serving_certificate_from_the_same_ca(installed: TLS
     assert "covers" in step.reasons[0]
 
 
+@pytest.mark.parametrize("new_ca", [False, True], ids=["serving-renewal", "ca-rollover"])
+def test_rotation_without_the_extra_names_keeps_them(installed: TLSState, new_ca: bool) -> None:
+    # Installed with --dns/--ip; the scheduled `kvc certs rotate` runs without them.
+    extra = replace(POLICY, dns_names=(*POLICY.dns_names, "kvc.example.com"), ip_addresses=("127.0.0.1", "10.0.0.9"))
+    wide = final(install(installed, extra, NOW), installed)
+    base = replace(POLICY, ip_addresses=())
+    assert rotate(wide, base, NOW) == []
+    renewed = final(rotate(wide, base, NOW, force=True, new_ca=new_ca))
+    assert renewed.serving is not None
+    dns, ips = pki.subject_alt_names(renewed.serving.certificate)
+    assert set(dns) == {*POLICY.dns_names, "kvc.example.com"}
+    assert set(ips) == {"127.0.0.1", "10.0.0.9"}
+
+
+def test_install_sets_the_names_exactly(installed: TLSState) -> None:
+    extra = replace(POLICY, dns_names=(*POLICY.dns_names, "kvc.example.com"))
+    wide = final(install(installed, extra, NOW), installed)
+    narrowed = final(install(wide, POLICY, NOW), wide)
+    assert narrowed.serving is not None
+    assert "kvc.example.com" not in pki.subject_alt_names(narrowed.serving.certificate)[0]
+
+
 def test_a_serving_certificate_near_expiry_is_renewed_and_nothing_else(installed: TLSState) -> None:
     later = NOW + POLICY.validity - POLICY.renew_before + dt.timedelta(hours=1)
     (step,) = rotate(installed, POLICY, later)
