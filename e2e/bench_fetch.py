@@ -153,22 +153,19 @@ def measure(
     server: S3Server,
     bucket: str,
     prefix: str,
-    runs: int,
     expected: tuple[int, int] | None,
-) -> list[float]:
-    """Seconds of each run; every copy is checked for its file count and bytes before it counts."""
-    times = []
-    for _ in range(runs):
-        target = Path(tempfile.mkdtemp(prefix="kvc-bench-"))
-        shutil.rmtree(target)
-        started = time.perf_counter()
-        tool(server, bucket, prefix, target)
-        times.append(time.perf_counter() - started)
-        if expected is not None and _copied(target) != expected:
-            raise SystemExit(f"{tool} copied {_copied(target)} (files, bytes) of {prefix}, expected {expected}")
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.rmtree(target.with_name(target.name + ".partial"), ignore_errors=True)
-    return times
+) -> float:
+    """Seconds of one run; the copy is checked for its file count and bytes before it counts."""
+    target = Path(tempfile.mkdtemp(prefix="kvc-bench-"))
+    shutil.rmtree(target)
+    started = time.perf_counter()
+    tool(server, bucket, prefix, target)
+    elapsed = time.perf_counter() - started
+    if expected is not None and _copied(target) != expected:
+        raise SystemExit(f"{tool} copied {_copied(target)} (files, bytes) of {prefix}, expected {expected}")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(target.with_name(target.name + ".partial"), ignore_errors=True)
+    return elapsed
 
 
 def _ratio(numerator: float | None, denominator: float) -> str:
@@ -191,13 +188,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.aws:
                 tools[AWSCLI] = awscli(args.aws)
             for shape, prefix in (("small", "small/"), ("large", "large/")):
-                results = {
-                    name: statistics.median(
-                        measure(tool, server, "bench", prefix, args.runs, None if name == FLOOR else shapes[shape])
-                    )
-                    for name, tool in tools.items()
-                }
-                rows.append((shape, shapes[shape], results))
+                # Round robin, so that what one tool leaves behind (page cache to reclaim,
+                # dirty pages to flush) weighs on every tool alike.
+                times: dict[str, list[float]] = {name: [] for name in tools}
+                for _ in range(args.runs):
+                    for name, tool in tools.items():
+                        expected = None if name == FLOOR else shapes[shape]
+                        times[name].append(measure(tool, server, "bench", prefix, expected))
+                rows.append((shape, shapes[shape], {name: statistics.median(t) for name, t in times.items()}))
         finally:
             server.stop()
     print(f"\nS3 fetch, median of {args.runs} runs, loopback gofakes3 server (in memory), same machine")
