@@ -23,7 +23,7 @@ from kvc.api import names
 from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
 from kvc.api.units import parse_duration, parse_quantity
 from kvc.placement import NodeInfo, VolumeRequest, place
-from kvc.sources.base import Source, SourceContext, VolumeManagerRef
+from kvc.sources.base import Source, SourceContext, VolumeManagerRef, object_name_problem
 
 logger = logging.getLogger(__name__)
 
@@ -449,8 +449,11 @@ class NodeLocalSource(Source):
         )
 
     def validate_options(self, config: VolumeConfig) -> list[str]:
-        """Options every node-local type shares: unpack and timeoutForDataDownload."""
+        """Options every node-local type shares: unpack, timeoutForDataDownload, the credentials Secret."""
         problems = []
+        secret = config.options.get(self.credentials_option, "").strip()
+        if secret and (problem := object_name_problem(self.credentials_option, secret, "Secret")):
+            problems.append(problem)
         kind = config.options.get("unpack", "").strip()
         if kind and kind not in KINDS:
             problems.append(f"options.unpack must be one of {', '.join(KINDS)}, not {kind!r}")

@@ -9,6 +9,7 @@ never changes for it.
 from __future__ import annotations
 
 import abc
+import difflib
 import ipaddress
 import threading
 from collections.abc import Mapping
@@ -93,6 +94,9 @@ class Source(abc.ABC):
 
     source_type: ClassVar[str]
     access_modes: ClassVar[frozenset[str]]
+    # Every option the type reads, in the order messages list them: any other key is a
+    # mistake (a misspelt endpointURL would silently fetch from AWS) and is refused.
+    known_options: ClassVar[tuple[str, ...]]
     # Node-local types copy data onto nodes (replicas); the others mount shared storage.
     node_local: ClassVar[bool] = False
 
@@ -104,7 +108,19 @@ class Source(abc.ABC):
             problems.append(
                 f"accessMode {config.access_mode} is not supported by {self.source_type} volumes: use {allowed}"
             )
-        return problems + self.validate_options(config)
+        return problems + self.validate_options(config) + self._unknown_options(config)
+
+    def _unknown_options(self, config: VolumeConfig) -> list[str]:
+        problems = []
+        for option in config.options:
+            if option in self.known_options:
+                continue
+            same_but_case = [known for known in self.known_options if known.lower() == option.lower()]
+            close = same_but_case or difflib.get_close_matches(option, self.known_options, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            known = ", ".join(self.known_options)
+            problems.append(f"unknown option options.{option}{hint}: {self.source_type} volumes read {known}")
+        return problems
 
     @abc.abstractmethod
     def validate_options(self, config: VolumeConfig) -> list[str]:
@@ -149,6 +165,13 @@ def url_problem(option: str, url: str) -> str | None:
         return (
             f"options.{option} uses plaintext http: credentials and data would cross the network unencrypted; use https"
         )
+    return None
+
+
+def object_name_problem(option: str, value: str, kind: str) -> str | None:
+    """Why ``value`` cannot name a namespaced object of this namespace (a Secret, a claim)."""
+    if len(value) > 253 or not all(names.is_dns_label(part) for part in value.split(".")):
+        return f"options.{option} {value!r} is not a valid {kind} name"
     return None
 
 

@@ -114,6 +114,7 @@ def _sha256_of(path: Path) -> str:
 class HTTPSource(_nodelocal.NodeLocalSource):
     source_type = "HTTP"
     agent_options = ("url", "sha256", "unpack", "timeoutForDataDownload")
+    known_options = ("url", "sha256", "unpack", "headersSecretName", "timeoutForDataDownload")
     credentials_option = "headersSecretName"
 
     def validate_options(self, config: VolumeConfig) -> list[str]:

@@ -120,6 +120,7 @@ def claim_status(config: VolumeConfig, owner: VolumeManagerRef, claim_phase: str
 
 class NFSSource(Source):
     source_type = "NFS"
+    known_options = ("server", "path", "mountOptions")
     access_modes = frozenset({AccessMode.READ_WRITE_MANY.value, AccessMode.READ_ONLY_MANY.value})
 
     def validate_options(self, config: VolumeConfig) -> list[str]:

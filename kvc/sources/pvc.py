@@ -7,8 +7,7 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
-from kvc.api.names import is_dns_label
-from kvc.sources.base import Source, SourceContext, required_options
+from kvc.sources.base import Source, SourceContext, object_name_problem, required_options
 
 
 def claim_status(config: VolumeConfig, namespace: str, claim: Any | None) -> VolumeStatus:
@@ -49,14 +48,14 @@ def claim_status(config: VolumeConfig, namespace: str, claim: Any | None) -> Vol
 
 class PVCSource(Source):
     source_type = "PVC"
+    known_options = ("claimName",)
     access_modes = frozenset(mode.value for mode in AccessMode)
 
     def validate_options(self, config: VolumeConfig) -> list[str]:
         problems = required_options(config, {"claimName": "the name of a PersistentVolumeClaim in this namespace"})
         name = config.options.get("claimName", "").strip()
-        if name and (len(name) > 253 or not all(is_dns_label(part) for part in name.split("."))):
-            problems.append(f"options.claimName {name!r} is not a valid PersistentVolumeClaim name")
-        return problems
+        problem = object_name_problem("claimName", name, "PersistentVolumeClaim") if name else None
+        return [*problems, problem] if problem else problems
 
     def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
         name = config.options["claimName"].strip()

@@ -17,8 +17,6 @@ ACCESS_KEY_FIELD = "awsAccessKeyID"
 SECRET_KEY_FIELD = "awsSecretAccessKey"  # noqa: S105 - the name of a key in the user's Secret
 
 
-# Options from the original KVC that this version does not implement yet: refusing them is
-# better than ignoring them silently.
 def source_digest(config: VolumeConfig) -> str:
     """New data at a new path whenever what is fetched changes."""
     return names.short_hash(
@@ -57,6 +55,16 @@ def distribution(config: VolumeConfig) -> dict[str, int]:
 
 class S3Source(_nodelocal.NodeLocalSource):
     source_type = "S3"
+    known_options = (
+        "sourceURL",
+        "awsCredentialsSecretName",
+        "endpointURL",
+        "region",
+        "distributionStrategy",
+        "timeoutForDataDownload",
+        "dataPath",
+        "unpack",
+    )
     agent_options = ("sourceURL", "endpointURL", "region", "timeoutForDataDownload", "unpack")
     credentials_option = "awsCredentialsSecretName"
 
