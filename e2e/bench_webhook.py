@@ -4,15 +4,18 @@ A local control plane holds 1,000 VolumeManagers (one namespace, each with a Rea
 volume) and the webhook process indexes them from its watch, as in production. bombardier
 (built from its Go module) sends AdmissionReviews over HTTPS keep-alive connections:
 
-- floor: a bare aiohttp HTTPS server on the same stack answering allowed:true (what the
-  stack can give);
+- floor: a bare aiohttp HTTPS server on the same stack (event loop, orjson, processes)
+  answering allowed:true (what the stack can give);
 - plain: a pod without KVC annotations (the webhook's fast path);
 - annotated: a pod asking for one of the 1,000 volumes (resolved, wired, JSON Patch).
 
 Each is run for a fixed time after a warm-up; the table gives throughput, p50 and p99
 latency, and the ratio to the floor, with the targets of the benchmark plan.
 
-    python -m e2e.bench_webhook [--seconds 10] [--connections 16] [--managers 1000]
+    python -m e2e.bench_webhook [--seconds 10] [--connections 4 16] [--managers 1000] [--workers N] [--rounds 1]
+
+The webhook runs ``--workers`` processes (default: as `kvc run webhook` chooses), and the
+floor as many processes on one port, so that the ratio compares like with like.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +41,8 @@ from e2e import benchtools
 from e2e.cluster import ControlPlane, free_port
 from e2e.kvc import KvcWebhook
 from kvc.api import names
+from webhook.server import new_event_loop
+from webhook.workers import default_workers
 
 NAMESPACE = "bench"
 TARGETS = {"plain": (4000.0, None), "annotated": (2000.0, 5.0)}  # req/s at least, p99 ms at most
@@ -154,8 +160,9 @@ def seed(plane: ControlPlane, count: int) -> float:
 # --------------------------------------------------------------------------- the floor
 
 
-def serve_floor(port: int, cert: Path, key: Path) -> None:
-    """A bare HTTPS server of the same stack (aiohttp, orjson): parse the review, answer allowed:true."""
+def serve_floor(port: int, cert: Path, key: Path, ready_dir: Path) -> None:
+    """A bare HTTPS server of the same stack (aiohttp on the webhook's event loop, orjson,
+    SO_REUSEPORT beside its siblings): parse the review, answer allowed:true."""
 
     async def allow(request: web.Request) -> web.Response:
         review = orjson.loads(await request.read())
@@ -171,18 +178,35 @@ def serve_floor(port: int, cert: Path, key: Path) -> None:
     app.router.add_post("/mutate", allow)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    web.run_app(app, host="127.0.0.1", port=port, ssl_context=context, access_log=None, print=None)
+
+    async def listening(app: web.Application) -> None:
+        (ready_dir / str(os.getpid())).touch()
+
+    app.on_startup.append(listening)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=port,
+        ssl_context=context,
+        access_log=None,
+        print=None,
+        reuse_port=True,
+        loop=new_event_loop(),
+    )
 
 
-def _wait_up(url: str, timeout: float = 30) -> None:
+def _wait_up(url: str, ready_dir: Path, processes: int, timeout: float = 30) -> None:
+    """Until every floor process has started (each leaves a file) and the port answers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             requests.post(url, data=b"{}", verify=False, timeout=1)  # noqa: S501 - loopback, self-signed
-            return
+            if len(list(ready_dir.iterdir())) >= processes:
+                return
         except requests.ConnectionError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer from {processes} processes within {timeout}s")
 
 
 # --------------------------------------------------------------------------- load
@@ -217,16 +241,36 @@ def check_answers(url: str, plain: Path, annotated: Path) -> None:
         raise RuntimeError(f"annotated pod not wired: {wired}")
 
 
+def _median(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+
+
+def _spawn_floor(plane: ControlPlane, cert: Path, key: Path, processes: int, scratch: Path) -> tuple[str, list[Any]]:
+    """``processes`` floor servers sharing one port, as the webhook's workers do."""
+    port = free_port()
+    ready_dir = scratch / "floor-ready"
+    ready_dir.mkdir()
+    argv = [sys.executable, "-m", "e2e.bench_webhook", "--floor-server", str(port), str(cert), str(key), str(ready_dir)]
+    floors = [plane.spawn(f"bench-floor-{i}", argv, env={"PYTHONPATH": os.getcwd()}) for i in range(processes)]
+    url = f"https://127.0.0.1:{port}/mutate"
+    _wait_up(url, ready_dir, processes)
+    return url, floors
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--connections", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--managers", type=int, default=1000)
-    parser.add_argument("--floor-server", nargs=3, metavar=("PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(), help="webhook worker processes, and as many floor servers"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="measure every row this many times; print medians")
+    parser.add_argument("--floor-server", nargs=4, metavar=("PORT", "CERT", "KEY", "READY_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.floor_server:
-        port, cert, key = args.floor_server
-        serve_floor(int(port), Path(cert), Path(key))
+        port, cert, key, ready_dir = args.floor_server
+        serve_floor(int(port), Path(cert), Path(key), Path(ready_dir))
         return 0
 
     import urllib3  # noqa: PLC0415
@@ -235,65 +279,64 @@ def main(argv: list[str] | None = None) -> int:
     benchtools.binary("bombardier")  # built before anything is timed
     with ControlPlane() as plane, tempfile.TemporaryDirectory(prefix="kvc-bench-") as scratch:
         seeded = seed(plane, args.managers)
-        webhook = KvcWebhook(plane).start()
+        webhook = KvcWebhook(plane)
+        webhook.env["KVC_WEBHOOK_WORKERS"] = str(args.workers)
+        webhook.start()
         deadline = time.monotonic() + 60
         metrics = ""
         while time.monotonic() < deadline:
+            # With several workers the gauge is the smallest index among them: all have it.
             metrics = requests.get(f"{webhook.url}/metrics", verify=False, timeout=5).text  # noqa: S501
             if f"kvc_webhook_indexed_volumemanagers {float(args.managers)}" in metrics:
                 break
             time.sleep(0.2)
         else:
             raise RuntimeError(f"the webhook did not index {args.managers} VolumeManagers")
-        floor_port = free_port()
-        floor = plane.spawn(
-            "bench-floor",
-            [
-                sys.executable,
-                "-m",
-                "e2e.bench_webhook",
-                "--floor-server",
-                str(floor_port),
-                str(webhook.cert_file),
-                str(webhook.key_file),
-            ],
-            env={"PYTHONPATH": os.getcwd()},
-        )
-        floor_url = f"https://127.0.0.1:{floor_port}/mutate"
-        _wait_up(floor_url)
+        floor_url, floors = _spawn_floor(plane, webhook.cert_file, webhook.key_file, args.workers, Path(scratch))
         bodies = Path(scratch)
         plain, annotated = bodies / "plain.json", bodies / "annotated.json"
         plain.write_text(json.dumps(pod_review({"team": "vision"})))
         annotated.write_text(json.dumps(pod_review({"kvc/volume": f"data-{args.managers // 2:04d}"})))
         check_answers(f"{webhook.url}/mutate", plain, annotated)
 
-        rows = [
-            ("floor (bare aiohttp, allowed:true)", load(floor_url, plain, args.seconds, args.connections)),
-            ("plain pod", load(f"{webhook.url}/mutate", plain, args.seconds, args.connections)),
-            ("annotated pod", load(f"{webhook.url}/mutate", annotated, args.seconds, args.connections)),
+        targets = [
+            ("floor (bare aiohttp, allowed:true)", floor_url, plain),
+            ("plain pod", f"{webhook.url}/mutate", plain),
+            ("annotated pod", f"{webhook.url}/mutate", annotated),
         ]
-        floor.stop()
+        measured: dict[tuple[int, str], list[dict[str, float]]] = {}
+        for _ in range(args.rounds):
+            for connections in args.connections:
+                for label, url, body in targets:
+                    measured.setdefault((connections, label), []).append(load(url, body, args.seconds, connections))
+        for floor in floors:
+            floor.stop()
         webhook.stop()
 
     print(
-        f"\nWebhook admission over HTTPS keep-alive, bombardier {args.connections} connections, "
-        f"{args.seconds:.0f} s per row, {args.managers} VolumeManagers indexed "
-        f"(created with status in {seeded:.1f} s), {os.cpu_count()} CPUs shared by server and load generator"
+        f"\nWebhook admission over HTTPS keep-alive, {args.workers} worker process(es) (and as many floor "
+        f"servers), {args.seconds:.0f} s per row"
+        + (f", median of {args.rounds} rounds" if args.rounds > 1 else "")
+        + f", {args.managers} VolumeManagers indexed (created with status in {seeded:.1f} s), "
+        f"{os.cpu_count()} CPUs shared by server and load generator"
     )
-    print(f"{'request':<36} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'vs floor':>9} {'errors':>7}  target")
-    floor_rps = rows[0][1]["rps"]
-    for label, row in rows:
-        target = ""
-        key = label.split()[0]
-        if key in TARGETS:
-            minimum, p99 = TARGETS[key]
-            met = row["rps"] >= minimum and (p99 is None or row["p99"] <= p99)
-            wanted = f">= {minimum:.0f} req/s" + (f", p99 <= {p99:.0f} ms" if p99 else "")
-            target = f"{wanted}: {'met' if met else 'NOT met'}"
-        print(
-            f"{label:<36} {row['rps']:>8.0f} {row['p50']:>7.2f} {row['p99']:>7.2f} "
-            f"{row['rps'] / floor_rps:>8.2f}x {row['failed']:>7.0f}  {target}"
-        )
+    for connections in args.connections:
+        print(f"\nbombardier, {connections} connections")
+        print(f"{'request':<36} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'vs floor':>9} {'errors':>7}  target")
+        floor_rps = _median(measured[(connections, targets[0][0])])["rps"]
+        for label, _url, _body in targets:
+            row = _median(measured[(connections, label)])
+            target = ""
+            key = label.split()[0]
+            if key in TARGETS:
+                minimum, p99 = TARGETS[key]
+                met = row["rps"] >= minimum and (p99 is None or row["p99"] <= p99)
+                wanted = f">= {minimum:.0f} req/s" + (f", p99 <= {p99:.0f} ms" if p99 else "")
+                target = f"{wanted}: {'met' if met else 'NOT met'}"
+            print(
+                f"{label:<36} {row['rps']:>8.0f} {row['p50']:>7.2f} {row['p99']:>7.2f} "
+                f"{row['rps'] / floor_rps:>8.2f}x {row['failed']:>7.0f}  {target}"
+            )
     return 0
 
 

@@ -352,12 +352,28 @@ def run_agent(
 @click.option(
     "--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Its private key."
 )
-def run_webhook(host: str, port: int, cert_file: Path, key_file: Path) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    envvar="KVC_WEBHOOK_WORKERS",
+    help="Processes serving the port, each with its own index. 0: one per CPU the container may use, at most 4.",
+)
+def run_webhook(host: str, port: int, cert_file: Path, key_file: Path, workers: int) -> None:
     """The mutating admission webhook (HTTPS only)."""
-    from kvc import kube  # noqa: PLC0415
-    from webhook.server import run as serve  # noqa: PLC0415
+    import functools  # noqa: PLC0415
 
-    serve(host, port, cert_file, key_file, kube.api_client())
+    from kvc import kube  # noqa: PLC0415
+    from webhook.server import Settings, run  # noqa: PLC0415
+    from webhook.workers import default_workers  # noqa: PLC0415
+
+    # Worker processes start afresh: they set up logging as this command was told to.
+    options = click.get_current_context().find_root().params
+    setup_logging = functools.partial(
+        logs.configure, verbose=options["verbose"], json_lines=options["log_format"] == "json"
+    )
+    settings = Settings(host, port, cert_file, key_file, api_client=kube.api_client, setup_logging=setup_logging)
+    run(settings, workers or default_workers())
 
 
 cli.add_command(certs_group)

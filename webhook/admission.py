@@ -11,11 +11,18 @@ import base64
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jsonpatch
 import orjson
 
 from webhook import grammar
-from webhook.mutation import REPLICA_SPECS, MutationError, check_pod_shape, job_templates, json_copy, wire_job, wire_pod
+from webhook.mutation import (
+    REPLICA_SPECS,
+    MutationError,
+    check_metadata,
+    job_templates,
+    json_copy,
+    wire_job,
+    wire_pod,
+)
 from webhook.resolve import Catalog, resolve
 
 REVIEW_VERSION = "admission.k8s.io/v1"
@@ -58,59 +65,62 @@ def _get(obj: Any, *path: str) -> Any:
 
 
 def _asks(obj: Any) -> bool:
+    """Any ``kvc/*`` key, not only kvc/volume: a misspelt or stray key must reach the
+    grammar and be refused with a message, never be admitted as if it were not there."""
     annotations = _get(obj, "metadata", "annotations")
-    return isinstance(annotations, dict) and grammar.VOLUME in annotations
+    return isinstance(annotations, dict) and any(key.startswith(grammar.PREFIX) for key in annotations)
 
 
-def _without_common_parts(src: Any, dst: Any) -> tuple[Any, Any]:
-    """``src`` and ``dst`` stripped of what they share, for a cheaper diff giving the same patch.
+def _same(old: Any, new: Any) -> bool:
+    # Python's == takes 1, 1.0 and True for one another. The type check sees such a change
+    # where the value itself is compared, but not deeper inside equal-looking containers;
+    # the wiring copies the pod exactly and only adds members and items, so it never makes
+    # one. (A strict comparison would walk every unchanged part of the pod in Python.)
+    return old == new and type(old) is type(new)
 
-    Object members equal on both sides are dropped (members are addressed by name, so no
-    path moves); list items equal at the same index become the same empty placeholder (so
-    indexes stay put and the differ sees no change there). The wiring only adds members and
-    appends items, so the differ never has to move a placeholder; the property tests check
-    that the patch, applied to the original, gives the wired object.
-    """
-    if isinstance(src, dict) and isinstance(dst, dict):
-        small_src: dict[str, Any] = {}
-        small_dst: dict[str, Any] = {}
-        for key, value in src.items():
-            if key not in dst:
-                small_src[key] = value
-            elif value != dst[key]:
-                small_src[key], small_dst[key] = _without_common_parts(value, dst[key])
-        for key, value in dst.items():
-            if key not in src:
-                small_dst[key] = value
-        return small_src, small_dst
-    if isinstance(src, list) and isinstance(dst, list):
-        small_src_items: list[Any] = []
-        small_dst_items: list[Any] = []
-        for index in range(max(len(src), len(dst))):
-            if index >= len(src):
-                small_dst_items.append(dst[index])
-            elif index >= len(dst):
-                small_src_items.append(src[index])
-            elif src[index] == dst[index]:
-                small_src_items.append({})
-                small_dst_items.append({})
-            else:
-                item_src, item_dst = _without_common_parts(src[index], dst[index])
-                small_src_items.append(item_src)
-                small_dst_items.append(item_dst)
-        return small_src_items, small_dst_items
-    return src, dst
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _diff(old: Any, new: Any, path: str, patch: list[dict[str, Any]]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in old.keys() - new.keys():
+            patch.append({"op": "remove", "path": f"{path}/{_escape(key)}"})
+        for key, value in new.items():
+            if key not in old:
+                patch.append({"op": "add", "path": f"{path}/{_escape(key)}", "value": value})
+            elif not _same(old[key], value):
+                _diff(old[key], value, f"{path}/{_escape(key)}", patch)
+    elif isinstance(old, list) and isinstance(new, list) and len(new) >= len(old):
+        for index, item in enumerate(old):
+            if not _same(item, new[index]):
+                _diff(item, new[index], f"{path}/{index}", patch)
+        for index in range(len(old), len(new)):
+            patch.append({"op": "add", "path": f"{path}/{index}", "value": new[index]})
+    else:
+        patch.append({"op": "replace", "path": path, "value": new})
 
 
 def json_patch(original: Any, wired: Any) -> list[dict[str, Any]]:
-    """The JSON Patch from ``original`` to ``wired`` (jsonpatch's diff of their differing parts)."""
-    src, dst = _without_common_parts(original, wired)
-    patch: list[dict[str, Any]] = jsonpatch.make_patch(src, dst).patch
+    """The JSON Patch (RFC 6902) that turns ``original`` into ``wired``.
+
+    Built for what the wiring does: members added to objects become ``add`` at their key,
+    items appended to lists ``add`` at their index, and only the parts that differ are
+    visited. Every path is taken from the two objects themselves, so an ``add`` always
+    lands in an object or list that exists in the original. Anything else (a member gone,
+    a list that shrank, a value of another type) is still patched correctly, as
+    ``remove`` or ``replace`` of that part. Tests apply these patches with jsonpatch and
+    compare with jsonpatch's own diff.
+    """
+    patch: list[dict[str, Any]] = []
+    if not _same(original, wired):
+        _diff(original, wired, "", patch)
     return patch
 
 
 def wants_volumes(obj: Mapping[str, Any]) -> bool:
-    """The fast path: does the object (or a pod template in it) ask for a KVC volume at all?"""
+    """The fast path: does the object (or a pod template in it) carry any ``kvc/*`` annotation?"""
     if _asks(obj):
         return True
     field = REPLICA_SPECS.get(str(obj.get("kind")))
@@ -122,12 +132,15 @@ def _wire(obj: Mapping[str, Any], namespace: str, lookup: Lookup) -> dict[str, A
     kind = str(obj.get("kind"))
     entries = lookup(namespace)
     if kind == "Pod":
-        check_pod_shape(obj)
+        check_metadata(obj, "the pod")  # the grammar reads the annotations; wire_pod checks the rest
         request = grammar.parse(obj.get("metadata", {}).get("annotations", {}))
         if request is None:
             return dict(obj)
         return wire_pod(obj, request, resolve(request, namespace, entries))
     if kind in REPLICA_SPECS:
+        # The job's own metadata is as typed as the installed CRD's schema: check it before
+        # the grammar reads its annotations.
+        check_metadata(obj, f"the {kind}")
         job_annotations = _get(obj, "metadata", "annotations")
         job_request = grammar.parse(job_annotations) if isinstance(job_annotations, dict) else None
         if job_request is not None:
@@ -148,6 +161,8 @@ def admit(review: Any, lookup: Lookup) -> dict[str, Any]:
     request = _request(review)
     uid = request["uid"]
     obj = request.get("object")
+    if request.get("operation") == "CREATE" and not isinstance(obj, dict):
+        raise BadReviewError("the AdmissionReview has no request.object")
     if request.get("operation") != "CREATE" or not isinstance(obj, dict) or not wants_volumes(obj):
         return _response(uid, allowed=True)
     namespace = str(request.get("namespace") or (obj.get("metadata") or {}).get("namespace") or "")

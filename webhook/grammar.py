@@ -11,8 +11,11 @@ Every mistake is a ``GrammarError`` whose message names the annotation and the f
 
 from __future__ import annotations
 
+import difflib
+import functools
 import posixpath
 import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -118,8 +121,14 @@ def _mount_paths(ours: Mapping[str, str], refs: tuple[VolumeRef, ...]) -> dict[V
         mount_paths.setdefault(ref, f"{DEFAULT_MOUNT_ROOT}/{ref.volume_id}")
     paths = list(mount_paths.values())
     for path in paths:
-        if paths.count(path) > 1 or any(other.startswith(path + "/") for other in paths):
+        if paths.count(path) > 1:
             raise GrammarError(f"two volumes would be mounted at {path}: give each its own {MOUNT_PATH_FOR}<id>")
+        inner = next((other for other in paths if other.startswith(path.rstrip("/") + "/")), None)
+        if inner is not None:
+            raise GrammarError(
+                f"two volumes would be mounted one inside the other, at {path} and {inner}: "
+                f"give each its own {MOUNT_PATH_FOR}<id>"
+            )
     return mount_paths
 
 
@@ -140,20 +149,48 @@ def _read_only(value: str) -> bool:
     return normalised == "true"
 
 
+_EXACT = (VOLUME, MOUNT_PATH, CONTAINERS, READ_ONLY)
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, _EXACT, n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def parse(annotations: Mapping[str, str]) -> VolumeRequest | None:
     """The request in ``annotations``; None when they ask for no KVC volume."""
-    ours = {key: value for key, value in annotations.items() if key.startswith(PREFIX)}
+    ours = tuple(sorted((key, value) for key, value in annotations.items() if key.startswith(PREFIX)))
+    if all(isinstance(value, str) for _, value in ours) and sum(len(k) + len(v) for k, v in ours) <= _CACHED_SIZE:
+        return _parse_cached(ours)
+    return _parse(dict(ours))
+
+
+# Admission sees the same few annotation sets over and over (every pod of a job, every
+# retry); parsing is pure, so its results are shared. Mistakes raise and are not cached.
+# Only small sets are kept, so that odd annotations (up to 256 KiB each) cannot fill memory.
+_CACHED_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(ours: tuple[tuple[str, str], ...]) -> VolumeRequest | None:
+    return _parse(dict(ours))
+
+
+def _parse(ours: Mapping[str, str]) -> VolumeRequest | None:
+    # Unknown keys first: a misspelt kvc/volume (kvc/volumes) is better named as such than
+    # reported as a missing kvc/volume.
+    for key in sorted(ours):
+        if key not in _EXACT and not key.startswith(MOUNT_PATH_FOR):
+            raise GrammarError(f"unknown annotation {key}{_did_you_mean(key)}: KVC reads {', '.join(KNOWN)}")
     if VOLUME not in ours:
         if ours:
             raise GrammarError(f"{', '.join(sorted(ours))} given without {VOLUME}: add {VOLUME}: <id>")
         return None
-    for key in ours:
-        if key not in (VOLUME, MOUNT_PATH, CONTAINERS, READ_ONLY) and not key.startswith(MOUNT_PATH_FOR):
-            raise GrammarError(f"unknown annotation {key}: KVC reads {', '.join(KNOWN)}")
     refs = _refs(ours[VOLUME])
     return VolumeRequest(
         refs=refs,
-        mount_paths=_mount_paths(ours, refs),
+        # Read-only: the request may be shared by many admissions (see _parse_cached).
+        mount_paths=types.MappingProxyType(_mount_paths(ours, refs)),
         containers=_containers(ours[CONTAINERS]) if CONTAINERS in ours else None,
         read_only=_read_only(ours[READ_ONLY]) if READ_ONLY in ours else True,
     )

@@ -21,7 +21,13 @@ from webhook.resolve import Catalog, CatalogEntry, catalog_entries
 
 logger = logging.getLogger(__name__)
 
-INDEXED = Gauge("kvc_webhook_indexed_volumemanagers", "VolumeManagers held in the admission index")
+# With several workers (webhook.workers), each holds an index: /metrics shows the smallest
+# among the live ones, so the number is what every worker can resolve.
+INDEXED = Gauge(
+    "kvc_webhook_indexed_volumemanagers",
+    "VolumeManagers held in the admission index",
+    multiprocess_mode="livemin",
+)
 
 
 class VolumeIndex:

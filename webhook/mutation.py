@@ -2,13 +2,13 @@
 
 The caller resolves the requested volumes against the VolumeManager index and passes
 them here with the pod; everything here works on plain dicts and returns a new object,
-so the admission patch is ``jsonpatch.make_patch(original, mutated)`` and a second pass
-over a mutated pod changes nothing.
+so the admission patch is the diff from the original to the mutated copy
+(``admission.json_patch``) and a second pass over a mutated pod changes nothing.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,18 +45,30 @@ class ResolvedVolume:
     def ready(self) -> bool:
         return self.phase in ("Ready", "Degraded")
 
-    @property
+    @functools.cached_property
     def volume_name(self) -> str:
+        # Read several times per admission; bounded_name hashes.
         return names.bounded_name("kvc", self.manager, self.volume_id)
 
 
 _JSON_KINDS: dict[type, str] = {dict: "an object", list: "a list", str: "a string"}
 
 
+def json_kind(value: Any) -> str:
+    """The JSON name of a value's type, as users write it (never a Python type name)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return next((kind for python, kind in _JSON_KINDS.items() if isinstance(value, python)), "another type")
+
+
 def _check_type(value: Any, expected: type, where: str) -> None:
     if not isinstance(value, expected):
         kind = _JSON_KINDS[expected]
-        raise MutationError(f"{where} must be {kind}, not {type(value).__name__}")
+        raise MutationError(f"{where} must be {kind}, not {json_kind(value)}")
 
 
 def _check_items(values: Any, where: str) -> list[Any]:
@@ -69,18 +81,23 @@ def _check_items(values: Any, where: str) -> list[Any]:
     return list(values)
 
 
-def check_pod_shape(pod: Any, where: str = "the pod") -> None:
-    """Refuse, naming the field, any pod (or template) whose fields the wiring touches have
-    the wrong JSON type. The API server types Pods itself, but a TFJob's templates are only
-    as typed as the installed CRD's schema."""
-    _check_type(pod, dict, where)
-    metadata = pod.get("metadata", {})
+def check_metadata(obj: Any, where: str) -> None:
+    """Refuse, naming the field, metadata whose annotations or labels are not string maps."""
+    _check_type(obj, dict, where)
+    metadata = obj.get("metadata", {})
     _check_type(metadata, dict, f"{where} metadata")
     for field in ("annotations", "labels"):
         values = metadata.get(field, {})
         _check_type(values, dict, f"{where} metadata.{field}")
         for key, value in values.items():
             _check_type(value, str, f"{where} metadata.{field}[{key}]")
+
+
+def check_pod_shape(pod: Any, where: str = "the pod") -> None:
+    """Refuse, naming the field, any pod (or template) whose fields the wiring touches have
+    the wrong JSON type. The API server types Pods itself, but a TFJob's templates are only
+    as typed as the installed CRD's schema."""
+    check_metadata(pod, where)
     spec = pod.get("spec", {})
     _check_type(spec, dict, f"{where} spec")
     _check_items(spec.get("volumes"), f"{where} spec.volumes")
@@ -133,7 +150,7 @@ def data_expressions(volumes: Sequence[ResolvedVolume]) -> list[dict[str, Any]]:
 
 
 def _pod_volume(volume: ResolvedVolume, read_only: bool) -> dict[str, Any]:
-    source = copy.deepcopy(dict(volume.volume_source))
+    source: dict[str, Any] = json_copy(volume.volume_source)
     if "persistentVolumeClaim" in source:
         source["persistentVolumeClaim"]["readOnly"] = read_only
     return {"name": volume.volume_name, **source}

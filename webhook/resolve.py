@@ -57,6 +57,9 @@ class Catalog:
 
     def __init__(self, entries: Iterable[CatalogEntry]) -> None:
         self.entries = tuple(entries)
+        # What resolve() found here, by refs: a Catalog never changes (the index builds a
+        # new one when a VolumeManager changes), so neither do its answers.
+        self._resolved: dict[tuple[grammar.VolumeRef, ...], tuple[ResolvedVolume, ...]] = {}
         self._by_id: dict[str, list[CatalogEntry]] = {}
         for entry in self.entries:
             self._by_id.setdefault(entry.volume_id, []).append(entry)
@@ -74,6 +77,19 @@ def resolve(
 ) -> list[ResolvedVolume]:
     """The requested volumes, or a MutationError saying which ref fails and why."""
     available = catalog if isinstance(catalog, Catalog) else Catalog(catalog)
+    known = available._resolved.get(request.refs)
+    if known is None:
+        known = tuple(_resolve(request, namespace, available))
+        if len(available._resolved) >= _RESOLVED_KEPT:
+            available._resolved.clear()
+        available._resolved[request.refs] = known
+    return list(known)
+
+
+_RESOLVED_KEPT = 1024
+
+
+def _resolve(request: grammar.VolumeRequest, namespace: str, available: Catalog) -> list[ResolvedVolume]:
     resolved = []
     for ref in request.refs:
         matches = available.matching(ref)

@@ -103,6 +103,56 @@ def test_a_pytorchjob_template_that_asks_is_wired_alone() -> None:
 
 
 @pytest.mark.parametrize(
+    ("annotations", "message"),
+    [
+        ({"kvc/volumes": "cifar"}, "KVC: unknown annotation kvc/volumes (did you mean kvc/volume?)"),
+        ({"kvc/x": "1", "team": "vision"}, "KVC: unknown annotation kvc/x: KVC reads kvc/volume"),
+        ({"kvc/mount-path": "/data"}, "KVC: kvc/mount-path given without kvc/volume"),
+        ({"kvc/volume": "cifar", "kvc/readonly": "true"}, "KVC: unknown annotation kvc/readonly"),
+    ],
+)
+def test_any_kvc_key_goes_to_the_grammar_even_without_kvc_volume(annotations: dict[str, str], message: str) -> None:
+    obj = pod(annotations)
+    assert wants_volumes(obj)
+    response = admit(review(obj), catalog)["response"]
+    assert response["allowed"] is False
+    assert response["status"]["message"].startswith(message)
+
+
+def test_keys_that_only_look_like_ours_take_the_fast_path() -> None:
+    obj = pod({"kvc.kubeflow.org/injected": "[]", "example.com/kvc/volume": "cifar", "kvc": "x"})
+    assert not wants_volumes(obj)
+    assert admit(review(obj), catalog)["response"] == {"uid": "0d6b-uid", "allowed": True}
+
+
+@pytest.mark.parametrize("where", ["job", "template"])
+def test_a_misspelt_key_on_a_job_or_its_template_is_refused(where: str) -> None:
+    template: dict[str, Any] = {"metadata": {}, "spec": {"containers": [{"name": "tensorflow"}]}}
+    job: dict[str, Any] = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "TFJob",
+        "metadata": {"name": "j"},
+        "spec": {"tfReplicaSpecs": {"Worker": {"template": template}}},
+    }
+    (job if where == "job" else template)["metadata"]["annotations"] = {"kvc/volumes": "cifar"}
+    assert wants_volumes(job)
+    response = admit(review(job), catalog)["response"]
+    assert response["allowed"] is False
+    assert "unknown annotation kvc/volumes" in response["status"]["message"]
+
+
+def test_a_job_annotation_that_is_not_a_string_is_refused_not_a_crash() -> None:
+    job = {
+        "kind": "PyTorchJob",
+        "metadata": {"annotations": {"kvc/volume": 7}},
+        "spec": {"pytorchReplicaSpecs": {"Master": {"template": pod()}}},
+    }
+    response = admit(review(job), catalog)["response"]
+    assert response["allowed"] is False
+    assert "metadata.annotations[kvc/volume] must be a string" in response["status"]["message"]
+
+
+@pytest.mark.parametrize(
     "body",
     [
         [],
@@ -163,7 +213,7 @@ def test_any_object_gets_an_answer_never_a_crash(obj: Any) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(pod_strategies.cases())
-def test_the_patch_of_the_differing_parts_turns_the_pod_into_the_wired_pod(case: pod_strategies.Case) -> None:
+def test_the_patch_turns_the_pod_into_the_wired_pod_as_jsonpatch_would(case: pod_strategies.Case) -> None:
     try:
         wired = wire_pod(case.pod, case.request, case.volumes)
     except MutationError:
@@ -171,3 +221,83 @@ def test_the_patch_of_the_differing_parts_turns_the_pod_into_the_wired_pod(case:
     patch = json_patch(case.pod, wired)
     assert jsonpatch.apply_patch(copy.deepcopy(case.pod), patch) == wired
     assert all(op["op"] in ("add", "replace") for op in patch)  # wiring never removes or moves anything
+    # jsonpatch's own diff of the same pair: the same result, and never a shorter patch.
+    reference = jsonpatch.make_patch(case.pod, wired).patch
+    assert jsonpatch.apply_patch(copy.deepcopy(case.pod), reference) == wired
+    assert len(patch) <= len(reference)
+    assert json_patch(wired, wire_pod(wired, case.request, case.volumes)) == []  # a second pass adds nothing
+
+
+# Leaves without booleans and floats: Python's == takes 1, 1.0 and True for one another
+# inside containers, and the wiring never turns one into another (see admission._same).
+_PLAIN_JSON = st.recursive(
+    st.none() | st.integers() | st.text(max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["a", "b", "a/b", "~0", "~1/", ""]) | st.text(max_size=3), children, max_size=4
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@st.composite
+def _json_pairs(draw: st.DrawFn) -> tuple[Any, Any]:
+    """A document and another: often the first with parts changed, added or removed."""
+    original = draw(st.dictionaries(st.text(max_size=3), _PLAIN_JSON, max_size=4))
+    changed = draw(
+        st.sampled_from(
+            [
+                draw(st.dictionaries(st.text(max_size=3), _PLAIN_JSON, max_size=4)),
+                {**original, **draw(st.dictionaries(st.text(max_size=3), _PLAIN_JSON, max_size=2))},
+                {key: draw(_PLAIN_JSON) if draw(st.booleans()) else value for key, value in original.items()},
+                {key: value for key, value in original.items() if draw(st.booleans())},
+                {
+                    key: (value + draw(st.lists(_PLAIN_JSON, max_size=3)) if isinstance(value, list) else value)
+                    for key, value in original.items()
+                },
+            ]
+        )
+    )
+    return original, changed
+
+
+@settings(max_examples=500, deadline=None)
+@given(_json_pairs())
+def test_the_patch_of_any_two_documents_turns_one_into_the_other(pair: tuple[Any, Any]) -> None:
+    original, changed = pair
+    before = copy.deepcopy(original)
+    patch = json_patch(original, changed)
+    assert original == before  # the differ reads, never writes
+    assert jsonpatch.apply_patch(copy.deepcopy(original), patch) == changed
+    if original == changed:
+        assert patch == []
+
+
+@pytest.mark.parametrize(
+    ("original", "changed", "expected"),
+    [
+        (
+            {"a": 1, "b": 0},
+            {"a": True, "b": 0, "c": 1.0},
+            [
+                {"op": "replace", "path": "/a", "value": True},
+                {"op": "add", "path": "/c", "value": 1.0},
+            ],
+        ),
+        ({"a": [1, 2]}, {"a": [1]}, [{"op": "replace", "path": "/a", "value": [1]}]),
+        ({"a/b": {"~": 1}}, {"a/b": {"~": 1, "c": 2}}, [{"op": "add", "path": "/a~1b/c", "value": 2}]),
+        ({"x": 1, "y": 2}, {"y": 2}, [{"op": "remove", "path": "/x"}]),
+        (
+            {"l": [{"n": 1}]},
+            {"l": [{"n": 1, "m": 2}, {}]},
+            [
+                {"op": "add", "path": "/l/0/m", "value": 2},
+                {"op": "add", "path": "/l/1", "value": {}},
+            ],
+        ),
+    ],
+)
+def test_patch_operations_address_the_parts_that_changed(original: Any, changed: Any, expected: Any) -> None:
+    assert json_patch(original, changed) == expected

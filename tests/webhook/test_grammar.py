@@ -68,12 +68,18 @@ def test_single_mount_path_applies_to_the_only_volume() -> None:
             {"kvc/volume": "a,b", "kvc/mount-path.a": "/d", "kvc/mount-path.b": "/d"},
             "two volumes would be mounted at /d",
         ),
-        ({"kvc/volume": "a,b", "kvc/mount-path.a": "/d", "kvc/mount-path.b": "/d/sub"}, "mounted at /d"),
+        (
+            {"kvc/volume": "a,b", "kvc/mount-path.a": "/d", "kvc/mount-path.b": "/d/sub"},
+            "mounted one inside the other, at /d and /d/sub",
+        ),
         ({"kvc/volume": "a", "kvc/containers": ""}, "must list container names"),
         ({"kvc/volume": "a", "kvc/containers": "Main"}, "'Main' is not a container name"),
         ({"kvc/volume": "a", "kvc/read-only": "no"}, 'kvc/read-only must be "true" or "false"'),
         ({"kvc/volume": "a", "kvc/mountpath": "/d"}, "unknown annotation kvc/mountpath"),
         ({"kvc/mount-path": "/d"}, "kvc/mount-path given without kvc/volume"),
+        # A misspelt kvc/volume is named as unknown, with the key meant, not as a missing kvc/volume.
+        ({"kvc/volumes": "a"}, "unknown annotation kvc/volumes (did you mean kvc/volume?): KVC reads kvc/volume,"),
+        ({"kvc/mount-path": "/d", "kvc/zzz": "1"}, "unknown annotation kvc/zzz: KVC reads"),
     ],
 )
 def test_mistakes_name_the_annotation_and_the_fix(annotations: dict[str, str], message: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from cryptography import x509
 
 from certs import pki
 from webhook.index import VolumeIndex
-from webhook.server import MAX_BODY, ReloadingTLS, make_app
+from webhook.server import MAX_BODY, ReloadingTLS, make_app, new_event_loop
 
 SOURCE = {"hostPath": {"path": "/var/lib/kvc/team-a/datasets/cifar-1", "type": "Directory"}}
 
@@ -34,12 +34,18 @@ def synced_index() -> VolumeIndex:
     return index
 
 
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """On the event loop the webhook serves on."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(main)
+
+
 def with_client(index: VolumeIndex, body: Callable[[TestClient[Any, Any]], Awaitable[None]]) -> None:
     async def main() -> None:
         async with TestClient(TestServer(make_app(index))) as client:
             await body(client)
 
-    asyncio.run(main())
+    run(main())
 
 
 def review(annotations: dict[str, str]) -> dict[str, Any]:
@@ -133,7 +139,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path) -> No
         finally:
             await runner.cleanup()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_a_broken_certificate_pair_keeps_the_old_one(tmp_path: Path) -> None:
@@ -158,4 +164,4 @@ def test_a_broken_certificate_pair_keeps_the_old_one(tmp_path: Path) -> None:
         finally:
             await runner.cleanup()
 
-    asyncio.run(main())
+    run(main())
