@@ -4,9 +4,11 @@ from this source tree against the local control plane, as local processes."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from kubernetes.client.rest import ApiException
 
 from certs import pki
 from e2e.cluster import Component, ControlPlane, free_port
+from e2e.helpers import wait_for
 from kvc.api import names
 
 WEBHOOK_MANIFEST = Path(__file__).resolve().parent.parent / "deploy" / "webhook" / "mutatingwebhookconfiguration.yaml"
@@ -182,3 +185,29 @@ class KvcWebhook(_KvcProcess):
                 "caBundle": base64.b64encode(self.ca.cert_pem).decode(),
             }
         return dict(manifest)
+
+    @contextlib.contextmanager
+    def registered(self, api: Any) -> Iterator[KvcWebhook]:
+        """Registered with the API server, and called by it, until the block ends."""
+        admission = kubernetes.client.AdmissionregistrationV1Api(api)
+        registration = self.registration()
+        admission.create_mutating_webhook_configuration(registration)
+        core = kubernetes.client.CoreV1Api(api)
+        probe = {
+            "metadata": {"name": "probe", "annotations": {"kvc/volume": "probe"}},
+            "spec": {"containers": [{"name": "main", "image": "busybox:1.36"}]},
+        }
+
+        def active() -> bool:
+            # A request the webhook denies proves the API server now calls it.
+            try:
+                core.create_namespaced_pod("default", probe, dry_run="All")
+            except ApiException as exc:
+                return "KVC: volume probe not found" in str(exc.body)
+            return False
+
+        wait_for(active, what="the webhook registration to take effect")
+        try:
+            yield self
+        finally:
+            admission.delete_mutating_webhook_configuration(registration["metadata"]["name"])

@@ -225,26 +225,8 @@ def corpus_webhook(
         "crd/pytorchjobs.kubeflow.org",
     )
     running = KvcWebhook(control_plane, name="kvc-corpus-webhook").start()
-    admission = client.AdmissionregistrationV1Api(api)
-    registration = running.registration()
-    admission.create_mutating_webhook_configuration(registration)
-    core = client.CoreV1Api(api)
-    probe = {
-        "metadata": {"name": "probe", "annotations": {"kvc/volume": "probe"}},
-        "spec": {"containers": DEFAULT_CONTAINERS},
-    }
-
-    def active() -> bool:
-        # A request the webhook denies proves the API server now calls it.
-        try:
-            core.create_namespaced_pod("default", probe, dry_run="All")
-        except ApiException as exc:
-            return "KVC: volume probe not found" in str(exc.body)
-        return False
-
-    wait_for(active, what="the webhook registration to take effect")
-    yield running
-    admission.delete_mutating_webhook_configuration(registration["metadata"]["name"])
+    with running.registered(api):
+        yield running
     running.stop()
 
 

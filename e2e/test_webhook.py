@@ -43,22 +43,8 @@ def wait_running(core: Any, namespace: str, name: str, timeout: float = 60) -> A
 @pytest.fixture(scope="module")
 def webhook(control_plane: ControlPlane, api: Any, kvc_crds: None) -> Iterator[KvcWebhook]:
     running = KvcWebhook(control_plane).start()
-    admission = client.AdmissionregistrationV1Api(api)
-    registration = running.registration()
-    admission.create_mutating_webhook_configuration(registration)
-    core = client.CoreV1Api(api)
-
-    def active() -> bool:
-        # A request the webhook denies proves the API server now calls it.
-        try:
-            core.create_namespaced_pod("default", annotated_pod("probe", {"kvc/volume": "probe"}), dry_run="All")
-        except ApiException as exc:
-            return "KVC: volume probe not found" in str(exc.body)
-        return False
-
-    wait_for(active, what="the webhook registration to take effect")
-    yield running
-    admission.delete_mutating_webhook_configuration(registration["metadata"]["name"])
+    with running.registered(api):
+        yield running
     running.stop()
 
 
