@@ -59,6 +59,10 @@ test-unit: $(VENV)/.installed ## Run the fast unit tests only.
 test-e2e: testenv ## Run the e2e tests against the real control plane.
 	$(PY) -m pytest e2e $(PYTEST_ARGS)
 
+.PHONY: test-faults
+test-faults: testenv ## Fault suite: seeded kills and restarts of every component, then invariants (KVC_FAULT_SEED=n replays).
+	$(PY) -m pytest e2e/faults $(PYTEST_ARGS)
+
 .PHONY: lint
 lint: $(VENV)/.installed ## ruff (lint + format check) and mypy --strict.
 	$(VENV)/bin/ruff check .
@@ -96,6 +100,7 @@ $(BENCH_VENV)/bin/aws:
 bench: $(VENV)/.installed $(BENCH_VENV)/bin/aws testenv ## Benchmarks, printed as tables with ratios against baselines.
 	$(PY) -m e2e.bench_webhook
 	$(PY) -m e2e.bench_fetch --aws $(BENCH_VENV)/bin/aws
+	$(PY) -m e2e.bench_controller
 
 ##@ Cleanup
 

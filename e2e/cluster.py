@@ -515,6 +515,26 @@ class ControlPlane:
         )
         self.wait_healthy(f"http://127.0.0.1:{port}/healthz", process, "kwok")
 
+    def restart_apiserver(self, downtime: float = 0.0, *, kill: bool = True) -> None:
+        """Stop kube-apiserver (SIGKILL by default, as a crash would), wait ``downtime`` seconds
+        and start it again with the same flags on the same port.
+
+        etcd keeps the cluster's state and the kubeconfig's URL stays valid, so every client
+        (controllers, kwok, KVC) reconnects on its own; returns once the new one is ready.
+        """
+        process = self.processes["kube-apiserver"]
+        args = process.popen.args
+        assert isinstance(args, list), args  # Component always starts an argument list
+        argv = [str(arg) for arg in args]
+        if kill:
+            process.kill()
+        else:
+            process.stop()
+        time.sleep(downtime)
+        restarted = self.spawn("kube-apiserver", argv)
+        self.wait_healthy(f"{self.server}/readyz", restarted, "kube-apiserver", timeout=90)
+        self._save_state()
+
     def wait_healthy(
         self,
         url: str,

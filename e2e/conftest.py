@@ -22,7 +22,7 @@ import pytest
 from kubernetes import client
 
 from e2e.cluster import ControlPlane, NodeSpec
-from e2e.kvc import KvcAgent, KvcController
+from e2e.kvc import KvcAgent, KvcController, apply_crds
 from e2e.s3server import S3Server
 
 NODE_NAMES = ("kvc-node-1", "kvc-node-2", "kvc-node-3")
@@ -102,20 +102,10 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server.stop()
 
 
-CRD_DIR = Path(__file__).resolve().parent.parent / "deploy" / "crd"
-
-
 @pytest.fixture(scope="session")
 def kvc_crds(control_plane: ControlPlane) -> None:
     """KVC's CRDs from deploy/crd, applied with kustomize as an admin would, and Established."""
-    control_plane.kubectl("apply", "--server-side", "-k", str(CRD_DIR))
-    control_plane.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/volumemanagers.kvc.kubeflow.org",
-        "crd/volumenodes.kvc.kubeflow.org",
-    )
+    apply_crds(control_plane)
 
 
 @pytest.fixture(scope="session")

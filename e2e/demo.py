@@ -41,14 +41,13 @@ from kubernetes.client.rest import ApiException
 from e2e.cluster import ControlPlane, ControlPlaneError, NodeSpec, pid_alive, tail, terminate_group
 from e2e.helpers import operator_pods
 from e2e.httpserver import FileServer
-from e2e.kvc import WEBHOOK_MANIFEST, KvcAgent, KvcController, KvcWebhook
+from e2e.kvc import WEBHOOK_MANIFEST, KvcAgent, KvcController, KvcWebhook, apply_crds
 from e2e.s3server import S3Server, credentials_secret
 from e2e.testenv import build
 from kvc.api import names
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = ROOT / "deploy" / "samples"
-CRD_DIR = ROOT / "deploy" / "crd"
 TRAINING_CRDS = Path(__file__).resolve().parent / "manifests" / "kubeflow-training-crds.yaml"
 DEMO_DIR = Path(".demo")
 SUPERVISOR_FILE = "supervisor.json"
@@ -188,19 +187,6 @@ def _write_record(demo_dir: Path, record: Mapping[str, Any]) -> None:
     staged.replace(demo_dir / SUPERVISOR_FILE)  # readers never see half a record
 
 
-def _apply_crds(plane: ControlPlane) -> None:
-    plane.kubectl("apply", "--server-side", "-k", str(CRD_DIR))
-    plane.kubectl("apply", "--server-side", "-f", str(TRAINING_CRDS))
-    plane.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/volumemanagers.kvc.kubeflow.org",
-        "crd/volumenodes.kvc.kubeflow.org",
-        "crd/tfjobs.kubeflow.org",
-    )
-
-
 def _start_webhook(plane: ControlPlane) -> KvcWebhook:
     """As an admin installs it: register deploy/webhook, `kvc certs install`, serve the Secret's certificate."""
     core = plane.core_v1()
@@ -273,7 +259,7 @@ def serve(demo_dir: Path, s3_port: int) -> int:
         files = cleanup.enter_context(FileServer(http_root).running())
         _say(f"==> registering {len(NODES)} simulated nodes and KVC's CRDs; one agent per node, the controller")
         plane.add_nodes(NODES)
-        _apply_crds(plane)
+        apply_crds(plane, TRAINING_CRDS, names_=("crd/tfjobs.kubeflow.org",))
         agents = [KvcAgent(plane, node.name).start() for node in NODES]
         KvcController(plane).start()
         _say("==> webhook: registering deploy/webhook by url, then `kvc certs install --ip 127.0.0.1`")

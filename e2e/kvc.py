@@ -68,10 +68,16 @@ class _KvcProcess:
 
 
 class KvcController(_KvcProcess):
-    """`kvc run controller` against the control plane."""
+    """`kvc run controller` against the control plane.
 
-    def __init__(self, plane: ControlPlane) -> None:
+    ``agent_grace``: agents here heartbeat every 2 s, so by default a dead one is noticed
+    quickly; a benchmark without agents passes a grace that outlasts it.
+    """
+
+    def __init__(self, plane: ControlPlane, agent_grace: float = AGENT_GRACE_SECONDS, timeout: float = 60) -> None:
         super().__init__(plane, "kvc-controller")
+        self.agent_grace = agent_grace
+        self.timeout = timeout
         # JSON lines, as a log collector would read them (the agents log text).
         self.env["KVC_LOG_FORMAT"] = "json"
 
@@ -82,13 +88,25 @@ class KvcController(_KvcProcess):
                 "controller",
                 f"--liveness-endpoint=http://127.0.0.1:{port}/healthz",
                 f"--metrics-port={self.metrics_port}",
-                # Agents here heartbeat every 2 s: notice a dead one quickly.
-                f"--agent-grace={AGENT_GRACE_SECONDS}",
+                f"--agent-grace={self.agent_grace}",
                 f"--allowed-data-root={ALLOWED_DATA_ROOT}",
             ]
         )
-        self.plane.wait_healthy(f"http://127.0.0.1:{port}/healthz", component, self.name, timeout=60)
+        self.plane.wait_healthy(f"http://127.0.0.1:{port}/healthz", component, self.name, timeout=self.timeout)
         return self
+
+
+CRD_DIR = Path(__file__).resolve().parent.parent / "deploy" / "crd"
+KVC_CRDS = ("crd/volumemanagers.kvc.kubeflow.org", "crd/volumenodes.kvc.kubeflow.org")
+
+
+def apply_crds(plane: ControlPlane, *manifests: Path, names_: tuple[str, ...] = ()) -> None:
+    """KVC's CRDs from deploy/crd (and any other CRD ``manifests``), applied as an admin would,
+    until the API server serves them (``names_``: the other CRDs to wait for)."""
+    plane.kubectl("apply", "--server-side", "-k", str(CRD_DIR))
+    for manifest in manifests:
+        plane.kubectl("apply", "--server-side", "-f", str(manifest))
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", *KVC_CRDS, *names_)
 
 
 NODE_DATA_ROOT = "/var/lib/kvc"
@@ -186,12 +204,10 @@ class KvcWebhook(_KvcProcess):
             }
         return dict(manifest)
 
-    @contextlib.contextmanager
-    def registered(self, api: Any) -> Iterator[KvcWebhook]:
-        """Registered with the API server, and called by it, until the block ends."""
-        admission = kubernetes.client.AdmissionregistrationV1Api(api)
+    def register(self, api: Any) -> str:
+        """Register with the API server and wait until it calls this webhook; returns the configuration's name."""
         registration = self.registration()
-        admission.create_mutating_webhook_configuration(registration)
+        kubernetes.client.AdmissionregistrationV1Api(api).create_mutating_webhook_configuration(registration)
         core = kubernetes.client.CoreV1Api(api)
         probe = {
             "metadata": {"name": "probe", "annotations": {"kvc/volume": "probe"}},
@@ -207,7 +223,13 @@ class KvcWebhook(_KvcProcess):
             return False
 
         wait_for(active, what="the webhook registration to take effect")
+        return str(registration["metadata"]["name"])
+
+    @contextlib.contextmanager
+    def registered(self, api: Any) -> Iterator[KvcWebhook]:
+        """Registered with the API server, and called by it, until the block ends."""
+        name = self.register(api)
         try:
             yield self
         finally:
-            admission.delete_mutating_webhook_configuration(registration["metadata"]["name"])
+            kubernetes.client.AdmissionregistrationV1Api(api).delete_mutating_webhook_configuration(name)

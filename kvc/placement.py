@@ -9,6 +9,7 @@ so the same cluster state always gives the same answer.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,49 +66,84 @@ def _compare(value: str | None, values: list[str], greater: bool) -> bool:
     return left > right if greater else left < right
 
 
-_OPERATORS: dict[str, Callable[[str | None, list[str]], bool]] = {
-    "In": lambda value, values: value is not None and value in values,
-    "NotIn": lambda value, values: value is None or value not in values,
-    "Exists": lambda value, values: value is not None,
-    "DoesNotExist": lambda value, values: value is None,
-    "Gt": lambda value, values: _compare(value, values, greater=True),
-    "Lt": lambda value, values: _compare(value, values, greater=False),
-}
+Test = Callable[[str | None], bool]
+NodeTest = Callable[[NodeInfo], bool]
 
 
-def _expression_matches(expression: Mapping[str, Any], value: str | None) -> bool:
-    operator = _OPERATORS.get(str(expression.get("operator")))
-    return operator is not None and operator(value, [str(v) for v in expression.get("values") or []])
+def _expression(expression: Mapping[str, Any]) -> Test:
+    """One match expression as a test of a label's (or field's) value; unknown operators match nothing."""
+    operator = str(expression.get("operator"))
+    values = [str(v) for v in expression.get("values") or []]
+    listed = frozenset(values)
+    if operator == "In":
+        return lambda value: value is not None and value in listed
+    if operator == "NotIn":
+        return lambda value: value is None or value not in listed
+    if operator == "Exists":
+        return lambda value: value is not None
+    if operator == "DoesNotExist":
+        return lambda value: value is None
+    if operator in ("Gt", "Lt"):
+        greater = operator == "Gt"
+        return lambda value: _compare(value, values, greater)
+    return lambda value: False
+
+
+def compile_term(term: Mapping[str, Any]) -> NodeTest:
+    """A node selector term as a test: every expression must match (an empty term matches nothing).
+
+    Compiled once per placement, then applied to every node: with thousands of nodes,
+    reading the term's dictionaries again for each node would cost more than the matching.
+    """
+    expressions = [(str(e.get("key")), _expression(e)) for e in term.get("matchExpressions") or []]
+    fields = [(e.get("key") == "metadata.name", _expression(e)) for e in term.get("matchFields") or []]
+    if not expressions and not fields:
+        return lambda node: False
+
+    def matches(node: NodeInfo) -> bool:
+        labels = node.labels
+        for key, test in expressions:
+            if not test(labels.get(key)):
+                return False
+        return all(test(node.name if by_name else None) for by_name, test in fields)
+
+    return matches
 
 
 def term_matches(term: Mapping[str, Any], node: NodeInfo) -> bool:
     """A node selector term: every expression must match (an empty term matches nothing)."""
-    expressions = term.get("matchExpressions") or []
-    fields = term.get("matchFields") or []
-    if not expressions and not fields:
-        return False
-    for expression in expressions:
-        if not _expression_matches(expression, node.labels.get(str(expression.get("key")))):
-            return False
-    for expression in fields:
-        value = node.name if expression.get("key") == "metadata.name" else None
-        if not _expression_matches(expression, value):
-            return False
-    return True
+    return compile_term(term)(node)
+
+
+def compile_required(node_affinity: Mapping[str, Any] | None) -> NodeTest | None:
+    """Required node affinity as kube-scheduler reads it (the terms are ORed); None: no requirement."""
+    required = (node_affinity or {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+    if not required:
+        return None
+    terms = [compile_term(term) for term in required.get("nodeSelectorTerms") or []]
+    if len(terms) == 1:
+        return terms[0]
+
+    def matches(node: NodeInfo) -> bool:
+        return any(term(node) for term in terms)
+
+    return matches
+
+
+def compile_preferred(node_affinity: Mapping[str, Any] | None) -> tuple[tuple[int, NodeTest], ...]:
+    preferred = (node_affinity or {}).get("preferredDuringSchedulingIgnoredDuringExecution") or []
+    return tuple((int(p.get("weight", 0)), compile_term(p.get("preference") or {})) for p in preferred)
 
 
 def affinity_matches(node_affinity: Mapping[str, Any] | None, node: NodeInfo) -> bool:
     """Required node affinity, as kube-scheduler reads it: the terms are ORed."""
-    required = (node_affinity or {}).get("requiredDuringSchedulingIgnoredDuringExecution")
-    if not required:
-        return True
-    return any(term_matches(term, node) for term in required.get("nodeSelectorTerms") or [])
+    required = compile_required(node_affinity)
+    return required is None or required(node)
 
 
 def preference_score(node_affinity: Mapping[str, Any] | None, node: NodeInfo) -> int:
     """Sum of the weights of the preferred terms the node matches."""
-    preferred = (node_affinity or {}).get("preferredDuringSchedulingIgnoredDuringExecution") or []
-    return sum(int(p.get("weight", 0)) for p in preferred if term_matches(p.get("preference") or {}, node))
+    return sum(weight for weight, term in compile_preferred(node_affinity) if term(node))
 
 
 def tolerates(tolerations: Sequence[Mapping[str, Any]], taint: Mapping[str, Any]) -> bool:
@@ -125,13 +161,12 @@ def tolerates(tolerations: Sequence[Mapping[str, Any]], taint: Mapping[str, Any]
     return False
 
 
-def ineligibility(node: NodeInfo, request: VolumeRequest) -> str | None:
-    """Why a node may not hold a new replica of the volume, or None if it may."""
+def _ineligibility(node: NodeInfo, request: VolumeRequest, required: NodeTest | None) -> str | None:
     if not node.ready:
         return "not Ready"
     if not node.agent_alive:
         return "without a live KVC agent"
-    if not affinity_matches(request.node_affinity, node):
+    if required is not None and not required(node):
         return "not matching nodeAffinity"
     for taint in node.taints:
         if taint.get("effect") in _BLOCKING_EFFECTS and not tolerates(request.tolerations, taint):
@@ -139,6 +174,11 @@ def ineligibility(node: NodeInfo, request: VolumeRequest) -> str | None:
     if request.capacity_bytes and node.free_bytes is not None and node.free_bytes < request.capacity_bytes:
         return "short of free disk"
     return None
+
+
+def ineligibility(node: NodeInfo, request: VolumeRequest) -> str | None:
+    """Why a node may not hold a new replica of the volume, or None if it may."""
+    return _ineligibility(node, request, compile_required(request.node_affinity))
 
 
 def place(
@@ -152,31 +192,30 @@ def place(
     ``current`` are nodes already assigned and still healthy (kept, up to ``replicas``);
     ``holding`` are nodes that already have the data on disk (preferred for new replicas).
     """
-    by_name = {node.name: node for node in nodes}
-    kept = [name for name in current if name in by_name][: request.replicas]
+    known = {node.name for node in nodes}
+    kept = [name for name in current if name in known][: request.replicas]
     missing = request.replicas - len(kept)
     if missing <= 0:
         return Placement(tuple(kept), (), 0, {})
-    holds = set(holding)
+    required = compile_required(request.node_affinity)
     reasons: dict[str, int] = {}
     candidates = []
     taken = set(kept)
     for node in nodes:
         if node.name in taken:
             continue
-        reason = ineligibility(node, request)
+        reason = _ineligibility(node, request, required)
         if reason:
             reasons[reason] = reasons.get(reason, 0) + 1
             continue
         candidates.append(node)
-    candidates.sort(
-        key=lambda n: (
-            n.name not in holds,
-            -preference_score(request.node_affinity, n),
-            n.replicas,
-            n.assigned_bytes,
-            n.name,
-        )
-    )
-    added = tuple(node.name for node in candidates[:missing])
+    holds = set(holding)
+    preferred = compile_preferred(request.node_affinity)
+
+    def rank(node: NodeInfo) -> tuple[Any, ...]:
+        score = sum(weight for weight, term in preferred if term(node)) if preferred else 0
+        return (node.name not in holds, -score, node.replicas, node.assigned_bytes, node.name)
+
+    # The first `missing` of the sorted candidates, without sorting thousands of them.
+    added = tuple(node.name for node in heapq.nsmallest(missing, candidates, key=rank))
     return Placement(tuple(kept) + added, added, missing - len(added), reasons)

@@ -32,6 +32,7 @@ import math
 import multiprocessing
 import os
 import selectors
+import shutil
 import signal
 import socket
 import tempfile
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 # and each worker holds its own watch and index.
 MAX_DEFAULT_WORKERS = 4
 _PR_SET_PDEATHSIG = 1
+_METRICS_PREFIX = "kvc-webhook-metrics-"
 _SHM = "/dev/shm"  # noqa: S108 - a fresh private directory is made inside
 _CGROUP_V2_MAX = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
@@ -92,6 +94,15 @@ def _metrics_parent() -> str | None:
     """The shared-memory mount where it is writable: memory-backed, and writable in a
     container with a read-only root filesystem without a volume. Else the temporary directory."""
     return _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
+
+
+def _remove_stale_metrics(parent: Path) -> None:
+    """Remove the metrics directories of supervisors that were killed (SIGKILL leaves them)."""
+    for directory in parent.glob(f"{_METRICS_PREFIX}*-*"):
+        owner = directory.name[len(_METRICS_PREFIX) :].split("-", 1)[0]
+        if not owner.isdigit() or Path(f"/proc/{owner}").exists() or not Path("/proc/self").exists():
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _work(settings: Settings, number: int, synced: Any, supervisor: int, handoff: socket.socket) -> None:
@@ -203,7 +214,10 @@ def supervise(settings: Settings, workers: int) -> None:
     listener = _listen(settings.host, settings.port)
     # Message boundaries: one message, one descriptor.
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(workers)]
-    with tempfile.TemporaryDirectory(prefix="kvc-webhook-metrics-", dir=_metrics_parent()) as metrics_dir, listener:
+    parent = _metrics_parent()
+    _remove_stale_metrics(Path(parent or tempfile.gettempdir()))
+    prefix = f"{_METRICS_PREFIX}{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as metrics_dir, listener:
         # The workers inherit it. Always a new directory: files left by an earlier run (or
         # by anything else) must not be added to this one's counters.
         os.environ[MULTIPROC_ENV] = metrics_dir

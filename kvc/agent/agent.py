@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import urllib3
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
@@ -40,6 +41,8 @@ DEFAULT_NODE_DATA_ROOT = "/var/lib/kvc"
 STATE_FILE = ".kvc-agent-state.json"
 RETRY_BASE_SECONDS = 5.0
 RETRY_MAX_SECONDS = 300.0
+# What a call to an API server that is down or restarting raises (besides 5xx ApiExceptions).
+UNREACHABLE = (urllib3.exceptions.HTTPError, OSError)
 
 
 def _now() -> str:
@@ -61,6 +64,8 @@ class _Replica:
     verified_at: float = 0.0
     deep_verified_at: float = 0.0
     verified_time: str | None = None
+    # Settings the controller changed while a fetch for the old ones was still running.
+    changed_spec: dict[str, Any] | None = None
 
     def report(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -107,6 +112,8 @@ class Agent:
         self.registry = registry or load_registry()
         self._pool = ThreadPoolExecutor(max_workers=parallel_replicas, thread_name_prefix="replica")
         self._replicas: dict[str, _Replica] = {}
+        # Unassigned while a fetch was writing: their data is deleted once the fetch has stopped.
+        self._retiring: dict[str, _Replica] = {}
         self._desired: dict[str, dict[str, Any]] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -114,7 +121,16 @@ class Agent:
     # ------------------------------------------------------------------ main loop
     def run(self, stop: threading.Event) -> None:
         self.data_root.mkdir(parents=True, exist_ok=True)
-        self._ensure_volumenode()
+        while not stop.is_set():
+            try:
+                self._ensure_volumenode()
+                break
+            except (ApiException, *UNREACHABLE) as exc:
+                if isinstance(exc, ApiException) and (exc.status or 0) < 500:
+                    raise
+                # The API server is not up (yet), or restarting: it will be back.
+                logger.warning("cannot register VolumeNode %s yet (%s); retrying", self.node, type(exc).__name__)
+                stop.wait(2.0)
         watcher = threading.Thread(target=self._watch, args=(stop,), name="watch", daemon=True)
         watcher.start()
         next_report = 0.0
@@ -188,22 +204,66 @@ class Agent:
             desired = self._desired
         if desired is None:
             return  # no word from the API server yet: change nothing on disk
+        for name, retiring in list(self._retiring.items()):
+            if name in desired:  # assigned again before its fetch stopped: it stays
+                self._replicas[name] = self._retiring.pop(name)
+            elif retiring.future is None or retiring.future.done():
+                self._remove(self._retiring.pop(name), "no longer assigned")
         for name, spec in desired.items():
             replica = self._replicas.get(name)
             if replica is None:
-                try:
-                    local = self.local_path(spec["path"])
-                except (ValueError, KeyError) as exc:
-                    self._replicas[name] = _Replica(
-                        name, spec, Path(), phase="Failed", message=str(exc), retry_at=float("inf")
-                    )
-                    continue
-                replica = self._replicas[name] = _Replica(name, spec, local)
-                self._save_state()
-            self._advance(replica)
+                replica = self._replicas[name] = _Replica(name, spec, Path())
+            elif replica.spec != spec:
+                replica.changed_spec = spec
+                replica.stop.set()  # a fetch for the old settings stops; the new one starts after it
+            if replica.future is None and (replica.changed_spec is not None or replica.local == Path()):
+                self._apply_spec(replica)
+            if replica.local != Path():
+                self._advance(replica)
         for name in [n for n in self._replicas if n not in desired]:
             self._forget(self._replicas.pop(name))
         self._remove_unknown(set(desired))
+
+    def _apply_spec(self, replica: _Replica) -> None:
+        """Take the replica's new settings, if any, then map its node path onto this machine.
+
+        Called only while no fetch of the replica runs. A path that maps nowhere is retried
+        with the backoff of a failed fetch: the controller may yet change it.
+        """
+        if replica.changed_spec is not None:
+            old_local, old_options = replica.local, replica.spec.get("options")
+            replica.spec, replica.changed_spec = replica.changed_spec, None
+            replica.phase, replica.message = "Pending", "settings changed"
+            replica.failures, replica.retry_at = 0, 0.0
+            if old_local != Path() and self._maps_to(replica.spec) != old_local:
+                logger.info("deleting replica %s at %s (its path changed)", replica.name, old_local)
+                ReplicaDir(old_local).remove()
+                self._prune_empty_parents(old_local)
+                replica.local = Path()
+            elif old_local != Path() and replica.spec.get("options") != old_options:
+                # E.g. another part of the data for this node: what is on disk is checked
+                # again and completed by the next fetch.
+                ReplicaDir(old_local).unpublish()
+        if replica.local != Path() or time.monotonic() < replica.retry_at:
+            return
+        try:
+            replica.local = self.local_path(str(replica.spec.get("path", "")))
+        except ValueError as exc:
+            replica.failures += 1
+            delay = min(RETRY_BASE_SECONDS * 2 ** (replica.failures - 1), RETRY_MAX_SECONDS)
+            replica.retry_at = time.monotonic() + delay
+            replica.phase = "Failed"
+            replica.message = f"{exc} (attempt {replica.failures}; retrying in {delay:.0f}s)"
+            return
+        replica.phase, replica.message = "Pending", "waiting to start"
+        replica.failures, replica.retry_at = 0, 0.0
+        self._save_state()
+
+    def _maps_to(self, spec: Mapping[str, Any]) -> Path:
+        try:
+            return self.local_path(str(spec.get("path", "")))
+        except ValueError:
+            return Path()
 
     def _advance(self, replica: _Replica) -> None:
         """One step for one replica: collect a finished fetch, verify, or start a fetch."""
@@ -322,17 +382,28 @@ class Agent:
 
     def _forget(self, replica: _Replica) -> None:
         replica.stop.set()
-        if replica.future is not None:
-            replica.future.cancel()
+        if replica.future is not None and not replica.future.cancel() and not replica.future.done():
+            # A fetch is writing into the staging directory: deleting it now would leave
+            # whatever the fetch writes until it notices the stop. Delete once it has stopped.
+            self._retiring[replica.name] = replica
+            self._save_state()
+            return
+        self._remove(replica, "no longer assigned")
+
+    def _remove(self, replica: _Replica, why: str) -> None:
         if replica.local != Path():
-            logger.info("deleting replica %s at %s (no longer assigned)", replica.name, replica.local)
+            logger.info("deleting replica %s at %s (%s)", replica.name, replica.local, why)
             ReplicaDir(replica.local).remove()
             self._prune_empty_parents(replica.local)
         self._save_state()
 
+    def _root_of(self, path: Path) -> Path | None:
+        return next((root for root in self.roots.values() if root in path.parents), None)
+
     def _prune_empty_parents(self, path: Path) -> None:
+        root = self._root_of(path)
         parent = path.parent
-        while parent != self.data_root and self.data_root in parent.parents:
+        while root is not None and parent != root and root in parent.parents:
             try:
                 parent.rmdir()
             except OSError:
@@ -343,10 +414,12 @@ class Agent:
         return self.data_root / STATE_FILE
 
     def _save_state(self) -> None:
-        known = {name: str(r.local) for name, r in self._replicas.items() if r.local != Path()}
+        replicas = [*self._replicas.values(), *self._retiring.values()]
+        known = {r.name: str(r.local) for r in replicas if r.local != Path()}
         previous = self._load_state()
-        # Keep entries of replicas whose data still exists until they are removed.
-        merged = {**{k: v for k, v in previous.items() if Path(v).exists()}, **known}
+        # Keep entries of replicas whose data still exists, published or staged, until it is removed.
+        on_disk = {k: v for k, v in previous.items() if ReplicaDir(Path(v)).exists}
+        merged = {**on_disk, **known}
         temporary = self._state_path().with_suffix(".tmp")
         temporary.write_text(json.dumps(merged))
         temporary.replace(self._state_path())
@@ -361,10 +434,11 @@ class Agent:
     def _remove_unknown(self, desired: set[str]) -> None:
         """Delete data of replicas unassigned while the agent was down (found in its state file)."""
         state = self._load_state()
-        stale = {name: path for name, path in state.items() if name not in desired and name not in self._replicas}
+        mine = {*desired, *self._replicas, *self._retiring}
+        stale = {name: path for name, path in state.items() if name not in mine}
         for name, path in stale.items():
             local = Path(path)
-            if self.data_root in local.parents:
+            if self._root_of(local) is not None:
                 logger.info("deleting replica %s at %s (unassigned while the agent was down)", name, local)
                 ReplicaDir(local).remove()
                 self._prune_empty_parents(local)
@@ -391,3 +465,5 @@ class Agent:
             )
         except ApiException as exc:
             logger.warning("reporting status of VolumeNode %s failed: %s", self.node, exc.reason)
+        except UNREACHABLE as exc:  # the API server restarts: report again at the next heartbeat
+            logger.warning("reporting status of VolumeNode %s failed: %s", self.node, type(exc).__name__)

@@ -112,6 +112,11 @@ class ReplicaDir:
         self.staging = final.with_name(final.name + STAGING_SUFFIX)
 
     @property
+    def exists(self) -> bool:
+        """Whether anything of the replica is on disk, published or staged."""
+        return self.final.exists() or self.staging.exists()
+
+    @property
     def complete(self) -> bool:
         return (self.final / MANIFEST).is_file()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -13,7 +14,7 @@ from kvc import kube, metrics
 from kvc.agent.agent import DEFAULT_NODE_DATA_ROOT
 from kvc.api import names
 from kvc.api.models import State
-from kvc.controller import gates, reconcile, status
+from kvc.controller import caches, gates, reconcile, status
 from kvc.sources.base import SourceContext
 from kvc.sources.registry import load_registry
 
@@ -24,6 +25,13 @@ logger = logging.getLogger(__name__)
 RESYNC_SECONDS = 2.0
 
 VMGR: tuple[str, str, str] = (names.GROUP, names.VERSION, names.VOLUMEMANAGER_PLURAL)
+
+# Threads running the (synchronous) handlers. Passes mostly compute from the informers;
+# these threads cover the API calls of passes that write (creates, node labels, assignments).
+WORKERS = 16
+
+# One look for gated pods per namespace per resync, whatever number of VolumeManagers it has.
+GATED_POD_PASSES = gates.Throttle(RESYNC_SECONDS)
 
 
 @kopf.on.startup()
@@ -37,10 +45,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Our own events describe what happens; kopf's become events only when a handler fails.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = 8
-    api = kube.api_client()
+    settings.execution.max_workers = WORKERS
+    # The client's pool defaults to 5 connections per CPU: the workers and the informers'
+    # watches would queue for a connection.
+    api = kube.api_client(pool_size=2 * WORKERS)
     memo.core = client.CoreV1Api(api)
     memo.custom = client.CustomObjectsApi(api)
+    caches.start(api, on_node_deleted=functools.partial(node_deleted, memo.custom))
     memo.registry = load_registry()
     memo.setdefault("node_data_root", DEFAULT_NODE_DATA_ROOT)
     memo.setdefault("agent_grace_seconds", 45.0)
@@ -109,8 +120,9 @@ def volumemanager_resume(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
 @kopf.timer(*VMGR, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
 def volumemanager_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     _reconcile(body, patch, memo, "timer")
-    released = gates.release_gated_pods(memo.core, memo.custom, body["metadata"]["namespace"])
-    metrics.GATED_PODS_RELEASED.inc(released)
+    namespace = body["metadata"]["namespace"]
+    if GATED_POD_PASSES.due(namespace):
+        metrics.GATED_PODS_RELEASED.inc(gates.release_gated_pods(memo.core, memo.custom, namespace))
 
 
 @kopf.on.delete(*VMGR)
@@ -122,14 +134,18 @@ def volumemanager_delete(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
         raise kopf.TemporaryError("; ".join(remaining), delay=5)
 
 
-@kopf.on.event("", "v1", "nodes")
-def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    """A deleted Node takes its VolumeNode along (its replicas are re-placed by the timer)."""
-    if event["type"] != "DELETED":
-        return
-    name = event["object"]["metadata"]["name"]
+@kopf.on.cleanup()
+def controller_cleanup(**_: Any) -> None:
+    kube.stop_informers()
+
+
+def node_deleted(custom: Any, name: str) -> None:
+    """A deleted Node takes its VolumeNode along (its replicas are re-placed by the timer).
+
+    Called by the Node informer, which also notices deletions missed while its watch was down.
+    """
     try:
-        memo.custom.delete_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, name)
+        custom.delete_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, name)
         logger.info("deleted VolumeNode %s: its node is gone", name)
     except ApiException as exc:
         if exc.status != 404:

@@ -1,21 +1,126 @@
 """PersistentVolumeClaims and PersistentVolumes KVC made: who uses them, removing stale ones.
 
-Shared by the source types that expose data through a PVC they create.
+Shared by the source types that expose data through a PVC they create. In the controller
+the claims and volumes KVC made are read from informers (``kvc.controller.caches``), so a
+pass over a VolumeManager whose claims are in place makes no API call; elsewhere, and
+when a VolumeManager is deleted, they are listed from the API.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client.rest import ApiException
 
+from kvc import kube
 from kvc.api import names
 from kvc.api.models import VolumeConfig
-from kvc.sources.base import SourceContext
+from kvc.sources.base import SourceContext, VolumeManagerRef
 
 logger = logging.getLogger(__name__)
+
+# Only what KVC made is kept by the informers.
+SELECTOR = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRecord:
+    """What the controller reads of a PersistentVolumeClaim."""
+
+    namespace: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    phase: str | None = None
+    deleting: bool = False
+
+    @classmethod
+    def from_raw(cls, raw: Mapping[str, Any]) -> ClaimRecord:
+        metadata = raw.get("metadata") or {}
+        return cls(
+            namespace=str(metadata.get("namespace")),
+            name=str(metadata.get("name")),
+            labels=dict(metadata.get("labels") or {}),
+            phase=(raw.get("status") or {}).get("phase"),
+            deleting=bool(metadata.get("deletionTimestamp")),
+        )
+
+    @classmethod
+    def from_model(cls, claim: Any) -> ClaimRecord:
+        return cls(
+            namespace=str(claim.metadata.namespace),
+            name=str(claim.metadata.name),
+            labels=dict(claim.metadata.labels or {}),
+            phase=claim.status.phase if claim.status else None,
+            deleting=claim.metadata.deletion_timestamp is not None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRecord:
+    """What the controller reads of a PersistentVolume."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    claim_name: str | None = None
+    deleting: bool = False
+
+    @classmethod
+    def from_raw(cls, raw: Mapping[str, Any]) -> VolumeRecord:
+        metadata = raw.get("metadata") or {}
+        return cls(
+            name=str(metadata.get("name")),
+            labels=dict(metadata.get("labels") or {}),
+            claim_name=((raw.get("spec") or {}).get("claimRef") or {}).get("name"),
+            deleting=bool(metadata.get("deletionTimestamp")),
+        )
+
+    @classmethod
+    def from_model(cls, volume: Any) -> VolumeRecord:
+        claim_ref = volume.spec.claim_ref if volume.spec else None
+        return cls(
+            name=str(volume.metadata.name),
+            labels=dict(volume.metadata.labels or {}),
+            claim_name=claim_ref.name if claim_ref else None,
+            deleting=volume.metadata.deletion_timestamp is not None,
+        )
+
+
+def owner_uid(record: ClaimRecord | VolumeRecord) -> list[str]:
+    """Index of claims and volumes by the VolumeManager they were made for."""
+    uid = record.labels.get(names.LABEL_VOLUMEMANAGER_UID)
+    return [uid] if uid else []
+
+
+def claims_of(ctx: SourceContext, cached: bool = True) -> list[ClaimRecord]:
+    owner = ctx.owner
+    informer = kube.informer(kube.CLAIMS) if cached else None
+    if informer is not None:
+        return [c for c in informer.by("owner", owner.uid) if c.namespace == owner.namespace]
+    listed = ctx.core.list_namespaced_persistent_volume_claim(owner.namespace, label_selector=owner.selector())
+    return [ClaimRecord.from_model(c) for c in listed.items]
+
+
+def volumes_of(ctx: SourceContext, cached: bool = True) -> list[VolumeRecord]:
+    informer = kube.informer(kube.VOLUMES) if cached else None
+    if informer is not None:
+        return list(informer.by("owner", ctx.owner.uid))
+    listed = ctx.core.list_persistent_volume(label_selector=ctx.owner.selector())
+    return [VolumeRecord.from_model(v) for v in listed.items]
+
+
+def cached_claim(owner: VolumeManagerRef, name: str) -> ClaimRecord | None:
+    """The claim as the informer last saw it; None when unknown (or without informer)."""
+    informer = kube.informer(kube.CLAIMS)
+    found = informer.get(f"{owner.namespace}/{name}") if informer is not None else None
+    return found if isinstance(found, ClaimRecord) else None
+
+
+def cached_volume_exists(name: str) -> bool:
+    informer = kube.informer(kube.VOLUMES)
+    return informer is not None and informer.get(name) is not None
 
 
 def pods_using_claims(pods: list[Any]) -> dict[str, list[str]]:
@@ -31,52 +136,72 @@ def pods_using_claims(pods: list[Any]) -> dict[str, list[str]]:
     return users
 
 
+def stale_claims(
+    claims: Iterable[ClaimRecord],
+    source_type: str,
+    current: Mapping[str, VolumeConfig | None],
+    source_hash: Callable[[VolumeConfig], str],
+) -> list[ClaimRecord]:
+    """The claims no current volume needs: its id is gone from the spec or its source changed (pure)."""
+    stale = []
+    for claim in claims:
+        if claim.labels.get(names.LABEL_MANAGED_BY) != names.MANAGED_BY or claim.deleting:
+            continue
+        volume_id = claim.labels.get(names.LABEL_VOLUME_ID, "")
+        if volume_id in current:
+            config = current[volume_id]
+            if config is None or config.source_type != source_type:
+                continue  # invalid config: keep what exists until it is fixed
+            if claim.labels.get(names.LABEL_SOURCE_HASH) == source_hash(config):
+                continue
+        stale.append(claim)
+    return stale
+
+
+def orphaned_volumes(volumes: Iterable[VolumeRecord], live_claims: set[str], keep: set[str]) -> list[VolumeRecord]:
+    """The volumes whose claim is gone or going, except those in ``keep`` (pure)."""
+    return [
+        v
+        for v in volumes
+        if not v.deleting and v.name not in keep and not (v.claim_name and v.claim_name in live_claims)
+    ]
+
+
 def remove_stale_claims(
     ctx: SourceContext,
     source_type: str,
     current: Mapping[str, VolumeConfig | None],
     source_hash: Callable[[VolumeConfig], str],
+    *,
     force: bool = False,
+    keep_volumes: Iterable[str] = (),
 ) -> list[str]:
     """Delete this VolumeManager's claims (and their PVs) that no current volume needs.
 
     A claim is stale when its volume id is gone from the spec or its source changed.
     Stale claims still mounted by a pod are kept (and reported) unless ``force``: the
     VolumeManager is being deleted, and Kubernetes' own pvc-protection then keeps the
-    claim until its last pod is gone.
+    claim until its last pod is gone. ``keep_volumes`` are the PVs of the current volumes:
+    never deleted, even when their claim, made a moment ago, is not in the informer yet.
+    Deleting the VolumeManager (``force``) reads the API, not the informers: what a pass
+    made just before must not be missed, or it would outlive its VolumeManager.
     """
     owner = ctx.owner
-    claims = ctx.core.list_namespaced_persistent_volume_claim(owner.namespace, label_selector=owner.selector()).items
-    stale = []
-    for claim in claims:
-        labels = claim.metadata.labels or {}
-        if labels.get(names.LABEL_MANAGED_BY) != names.MANAGED_BY or claim.metadata.deletion_timestamp:
-            continue
-        volume_id = labels.get(names.LABEL_VOLUME_ID, "")
-        if volume_id in current:
-            config = current[volume_id]
-            if config is None or config.source_type != source_type:
-                continue  # invalid config: keep what exists until it is fixed
-            if labels.get(names.LABEL_SOURCE_HASH) == source_hash(config):
-                continue
-        stale.append(claim)
+    claims = claims_of(ctx, cached=not force)
+    stale = stale_claims(claims, source_type, current, source_hash)
     kept = []
     users = pods_using_claims(ctx.core.list_namespaced_pod(owner.namespace).items) if stale and not force else {}
     for claim in stale:
-        name = claim.metadata.name
-        if users.get(name):
-            pods = ", ".join(sorted(users[name])[:5])
-            kept.append(f"previous claim {name} is kept until pod(s) {pods} stop using it")
+        if users.get(claim.name):
+            pods = ", ".join(sorted(users[claim.name])[:5])
+            kept.append(f"previous claim {claim.name} is kept until pod(s) {pods} stop using it")
             continue
-        logger.info("deleting stale PersistentVolumeClaim %s/%s", owner.namespace, name)
-        _delete_ignoring_not_found(ctx.core.delete_namespaced_persistent_volume_claim, name, owner.namespace)
-    live_claims = {c.metadata.name for c in claims if c not in stale or users.get(c.metadata.name)}
-    for volume in ctx.core.list_persistent_volume(label_selector=owner.selector()).items:
-        claim_ref = volume.spec.claim_ref
-        if volume.metadata.deletion_timestamp or (claim_ref and claim_ref.name in live_claims):
-            continue
-        logger.info("deleting PersistentVolume %s (its claim is gone or going)", volume.metadata.name)
-        _delete_ignoring_not_found(ctx.core.delete_persistent_volume, volume.metadata.name)
+        logger.info("deleting stale PersistentVolumeClaim %s/%s", owner.namespace, claim.name)
+        _delete_ignoring_not_found(ctx.core.delete_namespaced_persistent_volume_claim, claim.name, owner.namespace)
+    live_claims = {c.name for c in claims if c not in stale or users.get(c.name)}
+    for volume in orphaned_volumes(volumes_of(ctx, cached=not force), live_claims, set(keep_volumes)):
+        logger.info("deleting PersistentVolume %s (its claim is gone or going)", volume.name)
+        _delete_ignoring_not_found(ctx.core.delete_persistent_volume, volume.name)
     return kept
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import abc
 import datetime as dt
 import logging
+import math
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -69,19 +72,70 @@ def _parse_time(value: str | None) -> dt.datetime | None:
 
 @dataclass
 class ClusterView:
-    """Nodes and VolumeNodes as one reconcile pass sees them."""
+    """Nodes and VolumeNodes as one reconcile pass sees them.
 
-    nodes: dict[str, Any]  # name -> V1Node
+    In the controller both come from informers (``kvc.controller.caches``): reading them
+    costs no API call, and one view serves every pass for a second while nothing changed.
+    Without informers (or before their first list) ``load`` lists them from the API.
+    """
+
+    nodes: dict[str, Any]  # name -> V1Node, or from an informer kube.NodeRecord (the same attributes)
     volumenodes: dict[str, dict[str, Any]]  # name -> VolumeNode object
     agent_grace_seconds: float = 45.0
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    # Replica key -> nodes assigned it, and VolumeManager uid -> nodes holding its replicas:
+    # the informer's indexes; a listed view scans its VolumeNodes instead.
+    by_replica: Mapping[str, frozenset[str]] | None = field(default=None, repr=False)
+    by_owner: Mapping[str, frozenset[str]] | None = field(default=None, repr=False)
+    # node_infos(), once computed: a view serves several passes.
+    _node_infos: list[NodeInfo] | None = field(default=None, repr=False)
+
+    # How long a view built from the informers serves later passes while nothing changed.
+    REUSE_SECONDS: ClassVar[float] = 1.0
+    # (informer revisions, grace, monotonic time built, view) of the last view built.
+    _last: ClassVar[tuple[tuple[int, int, float], float, ClusterView] | None] = None
+    # name -> (Node, VolumeNode, NodeInfo, heartbeat): a node's NodeInfo is computed again
+    # only when one of its two objects changed (with thousands of nodes, most did not).
+    _infos: ClassVar[dict[str, tuple[Any, Any, NodeInfo, dt.datetime | None]]] = {}
+
+    @staticmethod
+    def replica_keys(vnode: Mapping[str, Any]) -> list[str]:
+        """Index of a VolumeNode by the replicas assigned to it."""
+        return [str(r.get("name")) for r in (vnode.get("spec") or {}).get("replicas") or []]
+
+    @staticmethod
+    def owner_uids(vnode: Mapping[str, Any]) -> set[str]:
+        """Index of a VolumeNode by the VolumeManagers whose replicas it holds."""
+        return {str((r.get("volumeManager") or {}).get("uid")) for r in (vnode.get("spec") or {}).get("replicas") or []}
 
     @classmethod
     def load(cls, ctx: SourceContext) -> ClusterView:
-        nodes = {n.metadata.name: n for n in ctx.core.list_node().items}
-        listed = ctx.custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL)
-        volumenodes = {v["metadata"]["name"]: v for v in listed.get("items", [])}
-        return cls(nodes, volumenodes, ctx.agent_grace_seconds)
+        from kvc import kube  # noqa: PLC0415 - informers exist in the controller only
+
+        nodes, volumenodes = kube.informer(kube.NODES), kube.informer(kube.VOLUMENODES)
+        if nodes is None or volumenodes is None:
+            listed_nodes = {n.metadata.name: n for n in ctx.core.list_node().items}
+            listed = ctx.custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL)
+            volumenodes_listed = {v["metadata"]["name"]: v for v in listed.get("items", [])}
+            return cls(listed_nodes, volumenodes_listed, ctx.agent_grace_seconds)
+        clock = time.monotonic()
+        last = cls._last
+        if (
+            last is not None
+            and last[0] == (nodes.revision, volumenodes.revision, ctx.agent_grace_seconds)
+            and clock - last[1] < cls.REUSE_SECONDS
+        ):
+            return last[2]
+        node_items, vnode_items = nodes.snapshot(), volumenodes.snapshot()
+        view = cls(
+            dict(node_items.items),
+            dict(vnode_items.items),
+            ctx.agent_grace_seconds,
+            by_replica=vnode_items.indexes.get("replica"),
+            by_owner=vnode_items.indexes.get("owner"),
+        )
+        cls._last = ((node_items.revision, vnode_items.revision, ctx.agent_grace_seconds), clock, view)
+        return view
 
     def node_ready(self, name: str) -> bool:
         node = self.nodes.get(name)
@@ -97,11 +151,9 @@ class ClusterView:
         return self.node_ready(name) and self.agent_alive(name)
 
     def assigned(self, key: str) -> list[str]:
-        return sorted(
-            name
-            for name, vnode in self.volumenodes.items()
-            if any(r.get("name") == key for r in (vnode.get("spec") or {}).get("replicas") or [])
-        )
+        if self.by_replica is not None:
+            return sorted(self.by_replica.get(key, ()))
+        return sorted(name for name, vnode in self.volumenodes.items() if key in self.replica_keys(vnode))
 
     def entry(self, node: str, key: str) -> dict[str, Any]:
         for entry in ((self.volumenodes.get(node) or {}).get("spec") or {}).get("replicas") or []:
@@ -115,37 +167,170 @@ class ClusterView:
                 return dict(entry)
         return {}
 
+    def _node_info(self, name: str, node: Any, vnode: Mapping[str, Any], alive: bool) -> NodeInfo:
+        status = vnode.get("status") or {}
+        try:
+            free = int(((status.get("disk") or {}).get("free")) or "")
+        except ValueError:
+            free = None
+        return NodeInfo(
+            name=name,
+            labels=node.metadata.labels or {},
+            taints=[{"key": t.key, "value": t.value, "effect": t.effect} for t in node.spec.taints or []],
+            ready=self.node_ready(name),
+            agent_alive=alive,
+            free_bytes=free,
+            replicas=len((vnode.get("spec") or {}).get("replicas") or []),
+            assigned_bytes=sum(int(r.get("totalBytes") or 0) for r in status.get("replicas") or []),
+        )
+
+    @staticmethod
+    def _heartbeat(vnode: Mapping[str, Any] | None) -> dt.datetime | None:
+        # fromisoformat: strptime takes 30 us, too long for thousands of nodes in a pass.
+        value = ((vnode or {}).get("status") or {}).get("heartbeatTime")
+        try:
+            parsed = dt.datetime.fromisoformat(str(value)) if value else None
+        except ValueError:
+            return None
+        return parsed.replace(tzinfo=dt.UTC) if parsed is not None and parsed.tzinfo is None else parsed
+
     def node_infos(self) -> list[NodeInfo]:
+        if self._node_infos is None:
+            self._node_infos = self._compute_node_infos()
+        return list(self._node_infos)
+
+    def _compute_node_infos(self) -> list[NodeInfo]:
+        from dataclasses import replace  # noqa: PLC0415
+
+        known = ClusterView._infos
+        fresh: dict[str, tuple[Any, Any, NodeInfo, dt.datetime | None]] = {}
+        oldest_alive = self.now - dt.timedelta(seconds=self.agent_grace_seconds)
         infos = []
         for name, node in self.nodes.items():
-            vnode = self.volumenodes.get(name) or {}
-            status = vnode.get("status") or {}
-            try:
-                free = int(((status.get("disk") or {}).get("free")) or "")
-            except ValueError:
-                free = None
-            infos.append(
-                NodeInfo(
-                    name=name,
-                    labels=node.metadata.labels or {},
-                    taints=[{"key": t.key, "value": t.value, "effect": t.effect} for t in node.spec.taints or []],
-                    ready=self.node_ready(name),
-                    agent_alive=self.agent_alive(name),
-                    free_bytes=free,
-                    replicas=len((vnode.get("spec") or {}).get("replicas") or []),
-                    assigned_bytes=sum(int(r.get("totalBytes") or 0) for r in status.get("replicas") or []),
-                )
-            )
+            vnode = self.volumenodes.get(name)
+            seen = known.get(name)
+            if seen is not None and seen[0] is node and seen[1] is vnode:
+                info, heartbeat = seen[2], seen[3]
+                alive = heartbeat is not None and heartbeat > oldest_alive
+                if info.agent_alive != alive:
+                    info = replace(info, agent_alive=alive)
+            else:
+                heartbeat = self._heartbeat(vnode)
+                alive = heartbeat is not None and heartbeat > oldest_alive
+                info = self._node_info(name, node, vnode or {}, alive)
+            fresh[name] = (node, vnode, info, heartbeat)
+            infos.append(info)
+        ClusterView._infos = fresh
         return infos
 
     def entries_of(self, owner: VolumeManagerRef) -> list[tuple[str, dict[str, Any]]]:
         """(node, replica entry) for every replica of this VolumeManager on any node."""
+        holders = sorted(self.by_owner.get(owner.uid, ())) if self.by_owner is not None else list(self.volumenodes)
         found = []
-        for name, vnode in self.volumenodes.items():
-            for entry in (vnode.get("spec") or {}).get("replicas") or []:
+        for name in holders:
+            for entry in ((self.volumenodes.get(name) or {}).get("spec") or {}).get("replicas") or []:
                 if (entry.get("volumeManager") or {}).get("uid") == owner.uid:
                     found.append((name, entry))
         return found
+
+
+# --------------------------------------------------------------------------- node health
+
+
+class HeartbeatWatch:
+    """How long this controller has seen each agent's heartbeat stand still, on its own clock.
+
+    A heartbeat's age on the wall clock alone blames agents for outages that were not theirs:
+    once kube-apiserver (or this controller) has been away for longer than the grace, every
+    heartbeat is old, and every replica in the cluster would be released and fetched again.
+    So an agent is gone only when its heartbeat is old *and* this controller, while able to
+    look, has seen it stand still for the whole grace.  A gap between two looks longer than
+    half the grace (the API server was down, this process was stopped) restarts every count,
+    and so does a restart of the controller: it waits one grace before it blames anyone.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[str, float]] = {}  # node -> (heartbeat, when first seen)
+        self._last_look: float | None = None
+
+    def observe(self, volumenodes: Mapping[str, Mapping[str, Any]], grace_seconds: float) -> None:
+        now = self._clock()
+        with self._lock:
+            blind = self._last_look is None or now - self._last_look > grace_seconds / 2
+            self._last_look = now
+            for name, vnode in volumenodes.items():
+                beat = str((vnode.get("status") or {}).get("heartbeatTime") or "")
+                seen = self._seen.get(name)
+                if blind or seen is None or seen[0] != beat:
+                    self._seen[name] = (beat, now)
+
+    def still_for(self, name: str) -> float:
+        """Seconds this controller has seen the node's heartbeat unchanged (0: never seen)."""
+        with self._lock:
+            seen = self._seen.get(name)
+            return 0.0 if seen is None else self._clock() - seen[1]
+
+
+HEARTBEATS = HeartbeatWatch()
+
+
+def load_view(ctx: SourceContext) -> ClusterView:
+    view = ClusterView.load(ctx)
+    HEARTBEATS.observe(view.volumenodes, view.agent_grace_seconds)
+    return view
+
+
+def agent_gone(view: ClusterView, name: str, watch: HeartbeatWatch = HEARTBEATS) -> bool:
+    return not view.agent_alive(name) and watch.still_for(name) >= view.agent_grace_seconds
+
+
+def _as_time(value: Any) -> dt.datetime | None:
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    return _parse_time(str(value)) if value else None
+
+
+def unready_seconds(view: ClusterView, name: str) -> float | None:
+    """How long the node has been NotReady; None when it is Ready or does not exist."""
+    node = view.nodes.get(name)
+    if node is None:
+        return None
+    for condition in (node.status.conditions if node.status else None) or []:
+        if condition.type != "Ready":
+            continue
+        if condition.status == "True":
+            return None
+        since = _as_time(condition.last_transition_time)
+        return max(0.0, (view.now - since).total_seconds()) if since else math.inf
+    return math.inf  # never reported Ready
+
+
+def node_lost(view: ClusterView, name: str, watch: HeartbeatWatch = HEARTBEATS) -> bool:
+    """Whether the node's replicas are lost: node deleted, NotReady past the grace, or agent gone.
+
+    Within the grace a NotReady node keeps its replicas: a kubelet restart or a short
+    network partition must not throw away data that is still on the disk.
+    """
+    if name not in view.nodes:
+        return True
+    unready = unready_seconds(view, name)
+    if unready is not None and unready >= view.agent_grace_seconds:
+        return True
+    return agent_gone(view, name, watch)
+
+
+def keeps_replica(view: ClusterView, name: str, watch: HeartbeatWatch = HEARTBEATS) -> bool:
+    """Whether an assigned node still counts as one of the volume's replicas.
+
+    A cordoned node does not: no new pod can land there, so the replica is placed elsewhere
+    (the data itself stays while running pods use it).
+    """
+    node = view.nodes.get(name)
+    if node is None or (node.spec is not None and node.spec.unschedulable):
+        return False
+    return not node_lost(view, name, watch)
 
 
 # --------------------------------------------------------------------------- writes
@@ -193,23 +378,26 @@ def unassign(ctx: SourceContext, node: str, keys: Iterable[str]) -> None:
     _update_replicas(ctx, node, lambda replicas: [r for r in replicas if r.get("name") not in drop])
 
 
-def set_label(ctx: SourceContext, view: ClusterView, node: str, label: str, present: bool) -> None:
+def set_label(ctx: SourceContext, view: ClusterView, node: str, label: str, present: bool) -> bool:
+    """Add or remove a node's data label; True when this call changed it."""
     current = view.nodes.get(node)
     if current is None:
-        return
+        return False
     has = label in (current.metadata.labels or {})
     if has == present:
-        return
+        return False
     try:
         ctx.core.patch_node(node, {"metadata": {"labels": {label: "true" if present else None}}})
     except ApiException as exc:
         if exc.status != 404:
             raise
+        return False
+    return True
 
 
-def pods_using_path(ctx: SourceContext, node: str, path: str) -> list[str]:
-    """Running pods of the VolumeManager's namespace on ``node`` that mount ``path``."""
-    pods = ctx.core.list_namespaced_pod(ctx.owner.namespace, field_selector=f"spec.nodeName={node}").items
+def pods_using_path(ctx: SourceContext, node: str, path: str, namespace: str | None = None) -> list[str]:
+    """Running pods of the VolumeManager's namespace (or ``namespace``) on ``node`` that mount ``path``."""
+    pods = ctx.core.list_namespaced_pod(namespace or ctx.owner.namespace, field_selector=f"spec.nodeName={node}").items
     users = []
     for pod in pods:
         if pod.status and pod.status.phase in ("Succeeded", "Failed"):
@@ -218,6 +406,103 @@ def pods_using_path(ctx: SourceContext, node: str, path: str) -> list[str]:
             if volume.host_path is not None and volume.host_path.path == path:
                 users.append(pod.metadata.name)
     return users
+
+
+def forget_removed_nodes(ctx: SourceContext, view: ClusterView) -> None:
+    """Delete the VolumeNodes of nodes that are gone for good (no Node, agent silent).
+
+    The controller deletes a VolumeNode when it sees its Node deleted; one deleted while the
+    controller was down (a watch does not replay deletions) is found here.
+    """
+    for name in view.volumenodes:
+        if name in view.nodes or not agent_gone(view, name):
+            continue
+        try:
+            ctx.custom.delete_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, name)
+            logger.info("deleted VolumeNode %s: its node is gone", name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+class Every:
+    """True at most once per ``seconds`` per process (thread-safe)."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def due(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            if now < self._next:
+                return False
+            self._next = now + self.seconds
+            return True
+
+
+GARBAGE_COLLECTION = Every(30.0)
+
+
+def collect_garbage(ctx: SourceContext, view: ClusterView, every: Every = GARBAGE_COLLECTION) -> None:
+    """Remove data labels from nodes not assigned the data; release the assignments of
+    VolumeManagers that are gone.
+
+    A VolumeManager's passes and its finalizer clean up after it, but a pass that was already
+    running when another released a node or the finalizer ran (a timer that started before
+    the deletion) can still write a label or an assignment from what it had read: nothing
+    would ever remove those. So every 30 s one pass looks at the whole cluster. The view
+    (nodes, then VolumeNodes) is read before the VolumeManagers are listed: whatever the view
+    shows of a VolumeManager that still exists is in that list. Data that running pods mount
+    stays until they are gone.
+    """
+    if not every.due():
+        return
+    try:
+        listed = ctx.custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMEMANAGER_PLURAL)
+    except ApiException as exc:
+        logger.warning("cannot list VolumeManagers to find orphaned data: %s", exc.reason)
+        return
+    uids = {vm["metadata"]["uid"] for vm in listed.get("items", [])}
+    known: set[tuple[str, str]] = set()  # (node, label) of assignments of existing VolumeManagers
+    orphans: list[tuple[str, VolumeManagerRef, dict[str, Any]]] = []
+    for node, vnode in view.volumenodes.items():
+        for entry in (vnode.get("spec") or {}).get("replicas") or []:
+            ref = entry.get("volumeManager") or {}
+            owner = VolumeManagerRef(str(ref.get("namespace")), str(ref.get("name")), str(ref.get("uid")))
+            if owner.uid in uids:
+                known.add((node, data_label(owner, str(entry.get("volumeId")), str(entry.get("sourceHash")))))
+            else:
+                orphans.append((node, owner, entry))
+    for name, node in view.nodes.items():
+        for key in list(node.metadata.labels or {}):
+            if not key.startswith(f"{DATA_LABEL_PREFIX}/") or (name, key) in known:
+                continue
+            # A label is set only on a node assigned the data, and removed before the data is
+            # released: one without an assignment of an existing VolumeManager is stale.
+            if set_label(ctx, view, name, key, present=False):
+                logger.info("removed stale label %s from node %s: it holds no such data", key, name)
+    for node, owner, entry in orphans:
+        path = str(entry.get("path"))
+        if node in view.nodes and pods_using_path(ctx, node, path, owner.namespace):
+            continue
+        logger.info("releasing %s from node %s: its VolumeManager is gone", entry.get("name"), node)
+        unassign(ctx, node, [str(entry.get("name"))])
+
+
+def release_blocked(ctx: SourceContext, view: ClusterView, node: str, label: str, path: str) -> bool:
+    """Unlabel ``node`` for the data at ``path``; True while that data must stay there.
+
+    It stays while a pod that has not finished runs on the node and mounts it, and for one
+    more pass after this call removed the label: the scheduler may have bound a pod there on
+    the strength of the label just before it went, and the next pass sees that pod.
+    """
+    unlabelled_now = set_label(ctx, view, node, label, present=False)
+    if node in view.nodes and pods_using_path(ctx, node, path):
+        return True
+    return unlabelled_now
 
 
 # --------------------------------------------------------------------------- provision
@@ -262,13 +547,13 @@ def slots_to_fill(slots: Sequence[Mapping[str, str]], held: Sequence[Mapping[str
 
 def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> VolumeStatus:
     owner = ctx.owner
-    view = ClusterView.load(ctx)
+    view = load_view(ctx)
     key = replica_key(owner, config.id, replica.digest)
     path = node_path(replica.root or ctx.node_data_root, owner, config.id, replica.digest)
     label = data_label(owner, config.id, replica.digest)
     assigned = view.assigned(key)
     ready_first = sorted(assigned, key=lambda n: (view.report(n, key).get("phase") != "Ready", n))
-    healthy = [n for n in ready_first if view.healthy(n)]
+    healthy = [n for n in ready_first if keeps_replica(view, n)]
     request = VolumeRequest(
         replicas=config.replicas,
         capacity_bytes=parse_quantity(config.capacity) if config.capacity else 0,
@@ -296,10 +581,11 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
     for node in assigned:
         if node in placement.nodes:
             continue
-        # Lost (node or agent gone) or no longer needed: unlabel first, then release the data.
-        set_label(ctx, view, node, label, present=False)
-        if view.healthy(node) and pods_using_path(ctx, node, path):
-            continue  # an extra replica still in use stays until its pods are gone
+        # Lost (node cordoned, NotReady past the grace, agent gone) or no longer needed:
+        # unlabel first, then release the data, but never under a pod that still runs there
+        # (whatever the node's state: if it comes back, its pods find their data).
+        if release_blocked(ctx, view, node, label, path):
+            continue
         logger.info("releasing %s from node %s", key, node)
         unassign(ctx, node, [key])
     nodes_status = []
@@ -331,14 +617,23 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
 
 
 def volume_phase(
-    desired: int, ready: int, *, shortfall: str, failed: list[dict[str, Any]], was_usable: bool, progress: str
+    desired: int,
+    ready: int,
+    *,
+    shortfall: str,
+    failed: list[dict[str, Any]],
+    was_usable: bool,
+    progress: str,
+    placed: int,
 ) -> tuple[VolumePhase, str]:
-    """Phase and message of a node-local volume (pure).
+    """Phase and message of a node-local volume (pure); ``placed`` nodes hold or fetch it.
 
     Degraded means usable but short of replicas: some are Ready and more cannot be placed,
     or a volume that was usable lost replicas that are being placed again. A volume with no
-    Ready replica is never usable: Failed when its nodes report failure, else Pending or
-    Provisioning.
+    Ready replica is never usable (workloads wait at the scheduling gate): Pending while no
+    node can take it, Failed once every node that was given it reports failure, else
+    Provisioning, with the shortfall and the first failure in the message. One failed node
+    does not fail the volume while others still fetch it: agents retry failures.
     """
     counts = f"{ready}/{desired} replicas ready"
     if ready >= desired:
@@ -346,11 +641,12 @@ def volume_phase(
     failure = f"; {failed[0]['name']}: {failed[0]['message']}" if failed else ""
     if ready and (shortfall or was_usable):
         return VolumePhase.DEGRADED, f"{counts}; {shortfall}" if shortfall else f"{counts}, {progress}{failure}"
-    if shortfall:
-        return VolumePhase.PENDING, f"{counts}; {shortfall}{failure}"
-    if failed and not ready:
+    if not placed:
+        return VolumePhase.PENDING, f"{counts}; {shortfall or 'no node can take it yet'}"
+    if failed and not ready and len(failed) >= placed:
         return VolumePhase.FAILED, f"{failed[0]['name']}: {failed[0]['message']}"
-    return VolumePhase.PROVISIONING, f"{counts}, {progress}{failure}"
+    short = f"; {shortfall}" if shortfall else ""
+    return VolumePhase.PROVISIONING, f"{counts}, {progress}{short}{failure}"
 
 
 def _status(
@@ -374,6 +670,7 @@ def _status(
         failed=[n for n in nodes if n["phase"] == "Failed"],
         was_usable=was_usable,
         progress=progress,
+        placed=len(nodes),
     )
     return VolumeStatus(
         id=config.id,
@@ -402,7 +699,9 @@ def cleanup(
     config is invalid, keep what exists). Labels go first, then the assignment; data still
     mounted by a running pod on a healthy node is kept until the pod is gone.
     """
-    view = ClusterView.load(ctx)
+    view = load_view(ctx)
+    forget_removed_nodes(ctx, view)
+    collect_garbage(ctx, view)
     kept = []
     stale: dict[str, list[str]] = {}
     for node, entry in view.entries_of(ctx.owner):
@@ -411,10 +710,20 @@ def cleanup(
         volume_id = str(entry.get("volumeId"))
         if not deleting and volume_id in current and current[volume_id] in (None, entry.get("sourceHash")):
             continue
-        set_label(ctx, view, node, data_label(ctx.owner, volume_id, str(entry.get("sourceHash"))), present=False)
-        users = pods_using_path(ctx, node, str(entry.get("path"))) if view.healthy(node) else []
+        label = data_label(ctx.owner, volume_id, str(entry.get("sourceHash")))
+        unlabelled_now = set_label(ctx, view, node, label, present=False)
+        # Data stays under running pods, also on a cordoned or silent node. Only a deletion
+        # does not wait for a lost node (deleted, NotReady past the grace, agent gone):
+        # uninstalling never hangs on it, and its agent deletes the data when it comes back.
+        waits = node in view.nodes and not (deleting and node_lost(view, node))
+        users = pods_using_path(ctx, node, str(entry.get("path"))) if waits else []
         if users:
             kept.append(f"old data of {volume_id} on {node} is kept until pod(s) {', '.join(sorted(users)[:5])} stop")
+            continue
+        if unlabelled_now:
+            # Released at the next pass, once no pod can have been scheduled by the label.
+            if deleting:
+                kept.append(f"data of {volume_id} on {node} is released once its node label is gone")
             continue
         stale.setdefault(node, []).append(str(entry["name"]))
     for node, keys in stale.items():

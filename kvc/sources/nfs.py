@@ -143,13 +143,19 @@ class NFSSource(Source):
         owner = ctx.owner
         volume = build_persistent_volume(owner, config)
         claim = build_claim(owner, config)
-        _claims.create_or_get(
-            lambda: ctx.core.create_persistent_volume(volume),
-            lambda: ctx.core.read_persistent_volume(volume["metadata"]["name"]),
-        )
+        volume_name, claim_name = volume["metadata"]["name"], claim["metadata"]["name"]
+        # Once both exist the informers say so, and the claim's phase: no API call.
+        if not _claims.cached_volume_exists(volume_name):
+            _claims.create_or_get(
+                lambda: ctx.core.create_persistent_volume(volume),
+                lambda: ctx.core.read_persistent_volume(volume_name),
+            )
+        cached = _claims.cached_claim(owner, claim_name)
+        if cached is not None:
+            return claim_status(config, owner, cached.phase)
         created = _claims.create_or_get(
             lambda: ctx.core.create_namespaced_persistent_volume_claim(owner.namespace, claim),
-            lambda: ctx.core.read_namespaced_persistent_volume_claim(claim["metadata"]["name"], owner.namespace),
+            lambda: ctx.core.read_namespaced_persistent_volume_claim(claim_name, owner.namespace),
         )
         phase = created.status.phase if created.status else None
         return claim_status(config, owner, phase)
@@ -157,4 +163,12 @@ class NFSSource(Source):
     def cleanup(
         self, ctx: SourceContext, current: Mapping[str, VolumeConfig | None], deleting: bool = False
     ) -> list[str]:
-        return _claims.remove_stale_claims(ctx, self.source_type, current, source_hash, force=deleting)
+        # The current volumes' PVs stay, even while their new claims are not in the informer yet.
+        keep = [
+            object_names(ctx.owner, config)[0]
+            for config in current.values()
+            if config is not None and config.source_type == self.source_type
+        ]
+        return _claims.remove_stale_claims(
+            ctx, self.source_type, current, source_hash, force=deleting, keep_volumes=keep
+        )

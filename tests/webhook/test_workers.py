@@ -331,3 +331,20 @@ def test_the_default_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     assert workers.default_workers() == workers.MAX_DEFAULT_WORKERS
     monkeypatch.setattr(workers, "_available_cpus", lambda: 1)
     assert workers.default_workers() == 1
+
+
+def test_metrics_directories_of_dead_supervisors_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live, other = (
+        tmp_path / f"kvc-webhook-metrics-{dead.pid}-x1",
+        tmp_path / f"kvc-webhook-metrics-{os.getpid()}-x2",
+        tmp_path / "something-else",
+    )
+    for directory in (stale, live, other):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"0")
+    workers._remove_stale_metrics(tmp_path)
+    assert not stale.exists()
+    assert live.exists()
+    assert other.exists()

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import pytest
+from kubernetes import client
 
 from kvc.api import names
 from kvc.api.models import VolumeConfig, VolumePhase
+from kvc.sources._claims import ClaimRecord, VolumeRecord, orphaned_volumes, owner_uid, stale_claims
 from kvc.sources.base import VolumeManagerRef
 from kvc.sources.nfs import NFSSource, build_claim, build_persistent_volume, claim_status, object_names, source_hash
 
@@ -118,3 +120,78 @@ def test_validation_names_the_field_and_the_fix(fields: dict[str, object], probl
 
 def test_a_valid_config_has_no_problems() -> None:
     assert NFSSource().validate(config()) == []
+
+
+# --------------------------------------------------------------------------- stale claims and PVs
+
+
+def claim_record(volume_id: str, config_for: VolumeConfig | None = None, **fields: object) -> ClaimRecord:
+    labels = {names.LABEL_MANAGED_BY: names.MANAGED_BY, names.LABEL_VOLUME_ID: volume_id}
+    if config_for is not None:
+        labels[names.LABEL_SOURCE_HASH] = source_hash(config_for)
+    return ClaimRecord(namespace="team-a", name=f"claim-{volume_id}", labels=labels, **fields)  # type: ignore[arg-type]
+
+
+def test_a_claim_is_stale_when_its_volume_is_gone_or_its_source_changed() -> None:
+    current = config()
+    moved = config(options={"server": "10.0.0.6", "path": "/exports/data"})
+    claims = [
+        claim_record("shared", current),  # current: kept
+        claim_record("removed", current),  # id gone from the spec
+        claim_record("shared", moved),  # an older source of the same id
+        claim_record("removed", current, deleting=True),  # already going
+    ]
+    stale = stale_claims(claims, "NFS", {"shared": current}, source_hash)
+    assert stale == [claims[1], claims[2]]
+
+
+def test_an_invalid_or_retyped_volume_keeps_its_claims_until_fixed() -> None:
+    claims = [claim_record("shared", config())]
+    assert stale_claims(claims, "NFS", {"shared": None}, source_hash) == []
+    s3 = VolumeConfig.model_validate({"id": "shared", "sourceType": "S3", "options": {"bucket": "b"}})
+    assert stale_claims(claims, "NFS", {"shared": s3}, source_hash) == []
+
+
+def test_claims_not_made_by_kvc_are_never_stale() -> None:
+    foreign = ClaimRecord(namespace="team-a", name="theirs", labels={names.LABEL_VOLUME_ID: "gone"})
+    assert stale_claims([foreign], "NFS", {}, source_hash) == []
+
+
+def test_a_pv_is_orphaned_when_its_claim_is_gone_unless_kept() -> None:
+    volumes = [
+        VolumeRecord(name="pv-live", claim_name="claim-a"),
+        VolumeRecord(name="pv-orphan", claim_name="claim-gone"),
+        VolumeRecord(name="pv-unbound"),
+        VolumeRecord(name="pv-new", claim_name="claim-not-seen-yet"),
+        VolumeRecord(name="pv-going", claim_name="claim-gone", deleting=True),
+    ]
+    orphans = orphaned_volumes(volumes, live_claims={"claim-a"}, keep={"pv-new"})
+    assert [v.name for v in orphans] == ["pv-orphan", "pv-unbound"]
+
+
+def test_claim_and_volume_records_read_raw_and_typed_objects_alike() -> None:
+    raw_claim = {
+        "metadata": {
+            "name": "c",
+            "namespace": "team-a",
+            "labels": {"a": "b"},
+            "deletionTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "status": {"phase": "Bound"},
+    }
+    typed_claim = client.V1PersistentVolumeClaim(
+        metadata=client.V1ObjectMeta(name="c", namespace="team-a", labels={"a": "b"}, deletion_timestamp="x"),
+        status=client.V1PersistentVolumeClaimStatus(phase="Bound"),
+    )
+    assert ClaimRecord.from_raw(raw_claim) == ClaimRecord.from_model(typed_claim)
+    raw_volume = {
+        "metadata": {"name": "pv", "labels": {names.LABEL_VOLUMEMANAGER_UID: "u"}},
+        "spec": {"claimRef": {"name": "c"}},
+    }
+    typed_volume = client.V1PersistentVolume(
+        metadata=client.V1ObjectMeta(name="pv", labels={names.LABEL_VOLUMEMANAGER_UID: "u"}),
+        spec=client.V1PersistentVolumeSpec(claim_ref=client.V1ObjectReference(name="c")),
+    )
+    assert VolumeRecord.from_raw(raw_volume) == VolumeRecord.from_model(typed_volume)
+    assert owner_uid(VolumeRecord.from_raw(raw_volume)) == ["u"]
+    assert owner_uid(ClaimRecord.from_raw(raw_claim)) == []

@@ -1,41 +1,86 @@
 from __future__ import annotations
 
-import pytest
+import copy
+import datetime as dt
+from types import SimpleNamespace
+from typing import Any
 
-from kvc.api.models import VolumePhase
-from kvc.sources._nodelocal import data_label, node_affinity, node_path, replica_key, volume_phase
-from kvc.sources.base import VolumeManagerRef
+import pytest
+from kubernetes import client
+
+from kvc.api.models import VolumeConfig, VolumePhase
+from kvc.sources import _nodelocal
+from kvc.sources._nodelocal import (
+    ClusterView,
+    Every,
+    HeartbeatWatch,
+    Replica,
+    agent_gone,
+    cleanup,
+    collect_garbage,
+    data_label,
+    keeps_replica,
+    node_affinity,
+    node_lost,
+    node_path,
+    provision,
+    replica_key,
+    unready_seconds,
+    volume_phase,
+)
+from kvc.sources.base import SourceContext, VolumeManagerRef
 
 FAILED = [{"name": "node-1", "message": "bucket b does not exist"}]
 
 
 @pytest.mark.parametrize(
-    ("ready", "shortfall", "failed", "was_usable", "phase", "message"),
+    ("ready", "shortfall", "failed", "was_usable", "placed", "phase", "message"),
     [
-        (2, "", [], False, VolumePhase.READY, "2/2 replicas ready"),
-        (0, "", [], False, VolumePhase.PROVISIONING, "0/2 replicas ready, 5/10 bytes"),
-        (1, "", [], False, VolumePhase.PROVISIONING, "1/2 replicas ready, 5/10 bytes"),
-        (1, "", [], True, VolumePhase.DEGRADED, "1/2 replicas ready, 5/10 bytes"),
-        (1, "only 1 of 2", [], False, VolumePhase.DEGRADED, "1/2 replicas ready; only 1 of 2"),
-        (0, "only 0 of 2", [], True, VolumePhase.PENDING, "0/2 replicas ready; only 0 of 2"),
-        (0, "", FAILED, False, VolumePhase.FAILED, "node-1: bucket b does not exist"),
+        (2, "", [], False, 2, VolumePhase.READY, "2/2 replicas ready"),
+        (0, "", [], False, 2, VolumePhase.PROVISIONING, "0/2 replicas ready, 5/10 bytes"),
+        (1, "", [], False, 2, VolumePhase.PROVISIONING, "1/2 replicas ready, 5/10 bytes"),
+        (1, "", [], True, 2, VolumePhase.DEGRADED, "1/2 replicas ready, 5/10 bytes"),
+        (1, "only 1 of 2", [], False, 1, VolumePhase.DEGRADED, "1/2 replicas ready; only 1 of 2"),
+        # No node can take it at all: Pending, whatever it was before.
+        (0, "only 0 of 2", [], True, 0, VolumePhase.PENDING, "0/2 replicas ready; only 0 of 2"),
+        # Too few nodes, and the one there is still fetching: not usable yet, but progressing.
+        (0, "only 1 of 2", [], False, 1, VolumePhase.PROVISIONING, "0/2 replicas ready, 5/10 bytes; only 1 of 2"),
+        # Every node that was given the data failed: Failed (the agents keep retrying).
+        (0, "", FAILED * 2, False, 2, VolumePhase.FAILED, "node-1: bucket b does not exist"),
+        (0, "only 1 of 2", FAILED, False, 1, VolumePhase.FAILED, "node-1: bucket b does not exist"),
+        # One node failed while another still fetches: the volume is not Failed.
+        (
+            0,
+            "",
+            FAILED,
+            False,
+            2,
+            VolumePhase.PROVISIONING,
+            "0/2 replicas ready, 5/10 bytes; node-1: bucket b does not exist",
+        ),
         (
             1,
             "",
             FAILED,
             False,
+            2,
             VolumePhase.PROVISIONING,
             "1/2 replicas ready, 5/10 bytes; node-1: bucket b does not exist",
         ),
     ],
 )
 def test_volume_phase(
-    ready: int, shortfall: str, failed: list[dict[str, str]], was_usable: bool, phase: VolumePhase, message: str
+    ready: int,
+    shortfall: str,
+    failed: list[dict[str, str]],
+    was_usable: bool,
+    placed: int,
+    phase: VolumePhase,
+    message: str,
 ) -> None:
-    assert volume_phase(2, ready, shortfall=shortfall, failed=failed, was_usable=was_usable, progress="5/10 bytes") == (
-        phase,
-        message,
-    )
+    assert volume_phase(
+        2, ready, shortfall=shortfall, failed=failed, was_usable=was_usable, progress="5/10 bytes", placed=placed
+    ) == (phase, message)
 
 
 def test_names_for_long_namespaces_names_and_ids_stay_valid() -> None:
@@ -59,3 +104,316 @@ def test_paths_keys_and_affinity() -> None:
             "nodeSelectorTerms": [{"matchExpressions": [{"key": "k", "operator": "Exists"}]}]
         }
     }
+
+
+# --------------------------------------------------------------------------- node health and releasing data
+
+NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+GRACE = 45.0
+
+
+def _stamp(seconds_ago: float) -> str:
+    return (NOW - dt.timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def make_node(
+    name: str,
+    *,
+    ready: bool = True,
+    unready_for: float = 0,
+    cordoned: bool = False,
+    labels: dict[str, str] | None = None,
+) -> Any:
+    condition = client.V1NodeCondition(
+        type="Ready",
+        status="True" if ready else "False",
+        last_transition_time=NOW - dt.timedelta(seconds=unready_for),
+    )
+    return client.V1Node(
+        metadata=client.V1ObjectMeta(name=name, labels=dict(labels or {})),
+        spec=client.V1NodeSpec(unschedulable=cordoned or None),
+        status=client.V1NodeStatus(conditions=[condition]),
+    )
+
+
+def make_vnode(name: str, *, beat_ago: float = 1, replicas: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "spec": {"replicas": list(replicas or [])},
+        "status": {"heartbeatTime": _stamp(beat_ago), "disk": {"free": str(10**12)}},
+    }
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_heartbeat_is_stale_only_after_the_controller_saw_it_stand_still_for_the_grace() -> None:
+    clock = FakeClock()
+    watch = HeartbeatWatch(clock)
+    view = ClusterView(nodes={"n": make_node("n")}, volumenodes={"n": make_vnode("n", beat_ago=600)}, now=NOW)
+    # A controller that just started blames nobody: the old heartbeat may be its own absence.
+    watch.observe(view.volumenodes, GRACE)
+    assert not agent_gone(view, "n", watch)
+    for _ in range(5):  # looking every 10 s, the heartbeat never moves
+        clock.now += 10
+        watch.observe(view.volumenodes, GRACE)
+    assert agent_gone(view, "n", watch)
+
+
+def test_an_outage_longer_than_the_grace_blames_no_agent() -> None:
+    clock = FakeClock()
+    watch = HeartbeatWatch(clock)
+    before = {"n": make_vnode("n", beat_ago=1)}
+    watch.observe(before, GRACE)
+    clock.now += 120  # kube-apiserver was down: no look for two minutes
+    after = ClusterView(nodes={"n": make_node("n")}, volumenodes={"n": make_vnode("n", beat_ago=121)}, now=NOW)
+    watch.observe(after.volumenodes, GRACE)
+    assert not agent_gone(after, "n", watch)
+    for _ in range(5):  # ...but silence seen for a whole grace since then is real
+        clock.now += 10
+        watch.observe(after.volumenodes, GRACE)
+    assert agent_gone(after, "n", watch)
+
+
+def test_a_fresh_heartbeat_is_alive_whatever_the_watch_says() -> None:
+    clock = FakeClock()
+    watch = HeartbeatWatch(clock)
+    view = ClusterView(nodes={"n": make_node("n")}, volumenodes={"n": make_vnode("n", beat_ago=1)}, now=NOW)
+    watch.observe(view.volumenodes, GRACE)
+    clock.now += 1000
+    assert not agent_gone(view, "n", watch)
+
+
+@pytest.mark.parametrize(
+    ("node", "lost", "keeps"),
+    [
+        (make_node("n"), False, True),
+        (make_node("n", cordoned=True), False, False),  # moves, but its data is not lost
+        (make_node("n", ready=False, unready_for=10), False, True),  # within the grace
+        (make_node("n", ready=False, unready_for=GRACE + 1), True, False),
+    ],
+)
+def test_which_nodes_keep_their_replicas(node: Any, lost: bool, keeps: bool) -> None:
+    view = ClusterView(nodes={"n": node}, volumenodes={"n": make_vnode("n")}, agent_grace_seconds=GRACE, now=NOW)
+    watch = HeartbeatWatch(FakeClock())
+    assert node_lost(view, "n", watch) is lost
+    assert keeps_replica(view, "n", watch) is keeps
+    assert node_lost(view, "gone", watch)
+    assert not keeps_replica(view, "gone", watch)
+
+
+def test_unready_seconds() -> None:
+    nodes = {"ready": make_node("ready"), "down": make_node("down", ready=False, unready_for=30)}
+    view = ClusterView(nodes=nodes, volumenodes={}, now=NOW)
+    assert unready_seconds(view, "ready") is None
+    assert unready_seconds(view, "down") == 30
+    assert unready_seconds(view, "missing") is None
+
+
+class FakeCluster:
+    """Just enough of CoreV1Api and CustomObjectsApi for provision() and cleanup()."""
+
+    def __init__(self, nodes: list[Any], vnodes: list[dict[str, Any]]) -> None:
+        self.nodes = {n.metadata.name: n for n in nodes}
+        self.vnodes = {v["metadata"]["name"]: v for v in vnodes}
+        self.pods: list[Any] = []
+        self.volumemanagers = [OWNER.uid]
+
+    # CoreV1Api
+    def list_node(self) -> Any:
+        return SimpleNamespace(items=list(self.nodes.values()))
+
+    def patch_node(self, name: str, body: dict[str, Any]) -> None:
+        labels = self.nodes[name].metadata.labels
+        for key, value in body["metadata"]["labels"].items():
+            if value is None:
+                labels.pop(key, None)
+            else:
+                labels[key] = value
+
+    def list_namespaced_pod(self, namespace: str, field_selector: str = "") -> Any:
+        node = field_selector.removeprefix("spec.nodeName=")
+        return SimpleNamespace(items=[p for p in self.pods if p.spec.node_name == node])
+
+    # CustomObjectsApi
+    def list_cluster_custom_object(self, group: str, version: str, plural: str) -> dict[str, Any]:
+        if plural == "volumemanagers":
+            return {"items": [{"metadata": {"uid": uid}} for uid in self.volumemanagers]}
+        return {"items": copy.deepcopy(list(self.vnodes.values()))}
+
+    def get_cluster_custom_object(self, group: str, version: str, plural: str, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.vnodes[name])
+
+    def replace_cluster_custom_object(self, group: str, version: str, plural: str, name: str, body: Any) -> None:
+        self.vnodes[name] = copy.deepcopy(body)
+
+    def delete_cluster_custom_object(self, group: str, version: str, plural: str, name: str) -> None:
+        del self.vnodes[name]
+
+    def holders(self, key: str) -> list[str]:
+        return sorted(n for n, v in self.vnodes.items() if any(r["name"] == key for r in v["spec"]["replicas"]))
+
+    def report(self, node: str, key: str, phase: str = "Ready") -> None:
+        self.vnodes[node]["status"]["replicas"] = [{"name": key, "phase": phase, "bytes": 1, "totalBytes": 1}]
+
+
+OWNER = VolumeManagerRef(namespace="ns", name="vm", uid="uid-1")
+CONFIG = VolumeConfig.model_validate(
+    {"id": "d", "sourceType": "S3", "replicas": 1, "options": {"sourceURL": "s3://b/", "awsCredentialsSecretName": "c"}}
+)
+REPLICA = Replica(digest="abc", options={}, credentials_secret=None)
+KEY = replica_key(OWNER, "d", "abc")
+PATH = node_path("/var/lib/kvc", OWNER, "d", "abc")
+LABEL = data_label(OWNER, "d", "abc")
+
+
+def running_pod(node: str) -> Any:
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name="reader"),
+        spec=client.V1PodSpec(
+            node_name=node,
+            containers=[],
+            volumes=[client.V1Volume(name="data", host_path=client.V1HostPathVolumeSource(path=PATH))],
+        ),
+        status=client.V1PodStatus(phase="Running"),
+    )
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> FakeCluster:
+    # Heartbeats in the fake are always fresh; the watch must not get in the way.
+    monkeypatch.setattr(_nodelocal, "HEARTBEATS", HeartbeatWatch(FakeClock()))
+    monkeypatch.setattr(_nodelocal, "GARBAGE_COLLECTION", Every(30.0, FakeClock()))
+    monkeypatch.setattr(
+        _nodelocal.ClusterView,
+        "load",
+        classmethod(
+            lambda cls, ctx: cls(
+                nodes=copy.deepcopy(ctx.core.nodes), volumenodes=copy.deepcopy(ctx.core.vnodes), now=NOW
+            )
+        ),
+    )
+    entry = {
+        "name": KEY,
+        "volumeManager": {"namespace": OWNER.namespace, "name": OWNER.name, "uid": OWNER.uid},
+        "sourceType": "S3",
+        "volumeId": "d",
+        "sourceHash": "abc",
+    }
+    fake = FakeCluster(
+        [make_node("a", labels={LABEL: "true"}), make_node("b")],
+        [make_vnode("a", replicas=[{**entry, "path": PATH}]), make_vnode("b")],
+    )
+    fake.report("a", KEY)
+    return fake
+
+
+def context(cluster: FakeCluster) -> SourceContext:
+    return SourceContext(owner=OWNER, core=cluster, custom=cluster, agent_grace_seconds=GRACE)
+
+
+def test_a_cordoned_node_keeps_data_a_running_pod_uses_while_the_replica_moves(cluster: FakeCluster) -> None:
+    cluster.nodes["a"].spec.unschedulable = True
+    cluster.pods.append(running_pod("a"))
+    status = provision(context(cluster), CONFIG, REPLICA)
+    assert [n["name"] for n in status.nodes or []] == ["b"]  # placed elsewhere
+    assert LABEL not in cluster.nodes["a"].metadata.labels  # no new pod is sent there
+    assert cluster.holders(KEY) == ["a", "b"]  # but the data under the pod stays
+    provision(context(cluster), CONFIG, REPLICA)
+    assert cluster.holders(KEY) == ["a", "b"]
+    cluster.pods.clear()
+    provision(context(cluster), CONFIG, REPLICA)
+    assert cluster.holders(KEY) == ["b"]  # released once the pod is gone
+
+
+def test_a_node_whose_agent_is_gone_keeps_data_in_use(cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_nodelocal, "agent_gone", lambda view, name, watch=None: name == "a")
+    cluster.pods.append(running_pod("a"))
+    provision(context(cluster), CONFIG, REPLICA)
+    assert cluster.holders(KEY) == ["a", "b"]
+
+
+def test_a_released_replica_waits_one_pass_after_its_label_is_removed(cluster: FakeCluster) -> None:
+    cluster.nodes["a"].spec.unschedulable = True
+    provision(context(cluster), CONFIG, REPLICA)
+    # The scheduler may have bound a pod by the label just before it went: not released yet.
+    assert LABEL not in cluster.nodes["a"].metadata.labels
+    assert cluster.holders(KEY) == ["a", "b"]
+    provision(context(cluster), CONFIG, REPLICA)
+    assert cluster.holders(KEY) == ["b"]
+
+
+def test_a_deleted_node_is_released_at_once(cluster: FakeCluster) -> None:
+    del cluster.nodes["a"]
+    provision(context(cluster), CONFIG, REPLICA)
+    assert cluster.holders(KEY) == ["b"]
+
+
+def test_a_node_notready_within_the_grace_keeps_its_replica(cluster: FakeCluster) -> None:
+    cluster.nodes["a"] = make_node("a", ready=False, unready_for=10, labels={LABEL: "true"})
+    status = provision(context(cluster), CONFIG, REPLICA)
+    assert cluster.holders(KEY) == ["a"]
+    assert status.phase == VolumePhase.READY
+    cluster.nodes["a"] = make_node("a", ready=False, unready_for=GRACE + 1, labels={LABEL: "true"})
+    status = provision(context(cluster), CONFIG, REPLICA)
+    assert [n["name"] for n in status.nodes or []] == ["b"]
+
+
+def test_deletion_waits_for_pods_on_a_cordoned_node_but_not_for_a_lost_one(cluster: FakeCluster) -> None:
+    cluster.nodes["a"].spec.unschedulable = True
+    cluster.pods.append(running_pod("a"))
+    remaining = cleanup(context(cluster), "S3", {}, deleting=True)
+    assert remaining == ["old data of d on a is kept until pod(s) reader stop"]
+    assert cluster.holders(KEY) == ["a"]
+    cluster.nodes["a"] = make_node("a", ready=False, unready_for=GRACE + 1)
+    assert cleanup(context(cluster), "S3", {}, deleting=True) == []
+    assert cluster.holders(KEY) == []
+
+
+def test_deletion_reports_a_release_deferred_after_unlabelling(cluster: FakeCluster) -> None:
+    remaining = cleanup(context(cluster), "S3", {}, deleting=True)
+    assert remaining == ["data of d on a is released once its node label is gone"]
+    assert cluster.holders(KEY) == ["a"]
+    assert cleanup(context(cluster), "S3", {}, deleting=True) == []
+    assert cluster.holders(KEY) == []
+
+
+def test_the_volumenode_of_a_node_deleted_while_the_controller_was_down_is_removed(
+    cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    del cluster.nodes["a"]
+    cleanup(context(cluster), "S3", {"d": "abc"}, deleting=False)
+    assert "a" in cluster.vnodes  # its agent may still be shutting down: not yet
+    monkeypatch.setattr(_nodelocal, "agent_gone", lambda view, name, watch=None: name == "a")
+    cleanup(context(cluster), "S3", {"d": "abc"}, deleting=False)
+    assert sorted(cluster.vnodes) == ["b"]
+
+
+def test_labels_and_assignments_of_a_volumemanager_that_is_gone_are_collected(cluster: FakeCluster) -> None:
+    cluster.nodes["b"].metadata.labels[LABEL] = "true"  # written by a pass that read a stale view
+    every = Every(30.0, FakeClock())
+    collect_garbage(context(cluster), load(cluster), every)
+    assert LABEL in cluster.nodes["a"].metadata.labels  # the VolumeManager exists: all of it is kept...
+    assert LABEL not in cluster.nodes["b"].metadata.labels  # ...but a label without an assignment
+    assert cluster.holders(KEY) == ["a"]
+    cluster.volumemanagers.clear()
+    cluster.pods.append(running_pod("a"))
+    collect_garbage(context(cluster), load(cluster), every)
+    assert cluster.holders(KEY) == ["a"]  # not due yet: once per 30 s
+    every = Every(30.0, FakeClock())
+    collect_garbage(context(cluster), load(cluster), every)
+    assert LABEL not in cluster.nodes["a"].metadata.labels
+    assert cluster.holders(KEY) == ["a"]  # a running pod still mounts the data
+    cluster.pods.clear()
+    every = Every(30.0, FakeClock())
+    collect_garbage(context(cluster), load(cluster), every)
+    assert cluster.holders(KEY) == []
+
+
+def load(cluster: FakeCluster) -> ClusterView:
+    return ClusterView.load(context(cluster))

@@ -1,0 +1,72 @@
+"""The controller's informers: what it reads on every pass, kept in memory by watches.
+
+Nodes and VolumeNodes (placement, labels, the agents' reports) and the claims and
+volumes KVC made for NFS volumes. With them a pass over a VolumeManager whose resources
+are in place makes no API call to read, however many nodes and VolumeManagers there are.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client
+
+from kvc import kube
+from kvc.api import names
+from kvc.sources import _claims
+from kvc.sources._nodelocal import ClusterView
+
+logger = logging.getLogger(__name__)
+
+
+def start(
+    api: Any, timeout: float = 120.0, on_node_deleted: Callable[[str], None] | None = None
+) -> list[kube.Informer[Any]]:
+    """Start and register the informers, and wait (up to ``timeout``) for their first lists.
+
+    An informer that is not synced (e.g. its watch is refused) leaves its readers on the
+    API; it keeps trying in the background.
+    """
+    core = client.CoreV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    volumenodes = functools.partial(
+        custom.list_cluster_custom_object, names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL
+    )
+    informers: list[kube.Informer[Any]] = [
+        kube.Informer(
+            kube.NODES,
+            core.list_node,
+            kube.NodeRecord.from_raw,
+            on_delete=(lambda key, _node: on_node_deleted(key)) if on_node_deleted else None,
+        ),
+        kube.Informer(
+            kube.VOLUMENODES,
+            volumenodes,
+            kube.without_managed_fields,
+            indexers={"replica": ClusterView.replica_keys, "owner": ClusterView.owner_uids},
+        ),
+        kube.Informer(
+            kube.CLAIMS,
+            core.list_persistent_volume_claim_for_all_namespaces,
+            _claims.ClaimRecord.from_raw,
+            label_selector=_claims.SELECTOR,
+            indexers={"owner": _claims.owner_uid},
+        ),
+        kube.Informer(
+            kube.VOLUMES,
+            core.list_persistent_volume,
+            _claims.VolumeRecord.from_raw,
+            label_selector=_claims.SELECTOR,
+            indexers={"owner": _claims.owner_uid},
+        ),
+    ]
+    for informer in informers:
+        kube.register(informer)
+        informer.start()
+    for informer in informers:
+        if not informer.wait_synced(timeout):
+            logger.warning("%s not listed yet (%s): reading them from the API meanwhile", informer.name, informer.error)
+    return informers
