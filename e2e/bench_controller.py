@@ -50,11 +50,9 @@ from e2e.kvc import KvcController, apply_crds
 from kvc import kube
 from kvc.api import names
 from kvc.api.models import VolumeConfig
-from kvc.api.units import parse_quantity
 from kvc.controller import caches
-from kvc.placement import VolumeRequest, place
 from kvc.sources import nfs
-from kvc.sources._nodelocal import ClusterView, keeps_replica, load_view, replica_key
+from kvc.sources._nodelocal import ClusterView, load_view, place_replica, replica_key
 from kvc.sources.base import SourceContext, VolumeManagerRef
 
 NAMESPACE = "bench"
@@ -364,15 +362,7 @@ def placement_in_process(ctx: SourceContext, replicas: int, runs: int) -> dict[s
         began = time.perf_counter()
         view = load_view(ctx)
         loaded = time.perf_counter()
-        assigned = view.assigned(key)
-        healthy = [n for n in assigned if keeps_replica(view, n)]
-        request = VolumeRequest(
-            replicas=config.replicas,
-            capacity_bytes=parse_quantity(config.capacity) if config.capacity else 0,
-            node_affinity=config.node_affinity,
-            tolerations=config.tolerations,
-        )
-        placement = place(request, view.node_infos(), current=healthy)
+        _, placement = place_replica(view, config, key)
         ended = time.perf_counter()
         assert len(placement.nodes) == min(replicas, len(view.nodes)), placement
         if run == 0:

@@ -25,7 +25,7 @@ from kvc.agent.unpack import KINDS
 from kvc.api import names
 from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
 from kvc.api.units import parse_duration, parse_quantity
-from kvc.placement import NodeInfo, VolumeRequest, place
+from kvc.placement import NodeInfo, Placement, VolumeRequest, place
 from kvc.sources.base import Source, SourceContext, VolumeManagerRef, object_name_problem
 
 logger = logging.getLogger(__name__)
@@ -545,12 +545,9 @@ def slots_to_fill(slots: Sequence[Mapping[str, str]], held: Sequence[Mapping[str
     return remaining
 
 
-def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> VolumeStatus:
-    owner = ctx.owner
-    view = load_view(ctx)
-    key = replica_key(owner, config.id, replica.digest)
-    path = node_path(replica.root or ctx.node_data_root, owner, config.id, replica.digest)
-    label = data_label(owner, config.id, replica.digest)
+def place_replica(view: ClusterView, config: VolumeConfig, key: str) -> tuple[list[str], Placement]:
+    """The nodes assigned the replica ``key`` now, and where it goes: the assigned nodes that
+    still count (Ready replicas first), then new ones."""
     assigned = view.assigned(key)
     ready_first = sorted(assigned, key=lambda n: (view.report(n, key).get("phase") != "Ready", n))
     healthy = [n for n in ready_first if keeps_replica(view, n)]
@@ -560,7 +557,16 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
         node_affinity=config.node_affinity,
         tolerations=config.tolerations,
     )
-    placement = place(request, view.node_infos(), current=healthy)
+    return assigned, place(request, view.node_infos(), current=healthy)
+
+
+def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> VolumeStatus:
+    owner = ctx.owner
+    view = load_view(ctx)
+    key = replica_key(owner, config.id, replica.digest)
+    path = node_path(replica.root or ctx.node_data_root, owner, config.id, replica.digest)
+    label = data_label(owner, config.id, replica.digest)
+    assigned, placement = place_replica(view, config, key)
     entry: dict[str, Any] = {
         "name": key,
         "volumeManager": {"namespace": owner.namespace, "name": owner.name, "uid": owner.uid},
