@@ -225,7 +225,16 @@ def tail(path: Path, lines: int = 40) -> str:
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok on loopback."""
 
-    def __init__(self, workdir: Path | None = None, bin_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        bin_dir: Path | None = None,
+        *,
+        node_lease_seconds: int = 40,
+    ) -> None:
+        """``node_lease_seconds``: how long a simulated node's Lease lasts (kwok renews it) and
+        how long kube-controller-manager waits for a heartbeat before it marks a node Unknown."""
+        self.node_lease_seconds = node_lease_seconds
         self.bin_dir = bin_dir or build.bin_dir()
         self._given_workdir = workdir
         self.workdir = Path()
@@ -488,7 +497,11 @@ class ControlPlane:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--controllers=*",
                 # Simulated nodes do not run kubelets; react quickly when one stops heartbeating.
-                "--node-monitor-grace-period=40s",
+                f"--node-monitor-grace-period={self.node_lease_seconds}s",
+                # Each new node needs its not-ready taint removed (the controller benchmark
+                # registers thousands): at the default 20 requests/s that alone takes minutes.
+                "--kube-api-qps=500",
+                "--kube-api-burst=1000",
             ],
         )
         self.wait_healthy(f"https://127.0.0.1:{port}/healthz", process, "kube-controller-manager")
@@ -510,7 +523,7 @@ class ControlPlane:
                 f"--config={KWOK_STAGES}",
                 f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
                 f"--server-address=127.0.0.1:{port}",
-                "--node-lease-duration-seconds=40",
+                f"--node-lease-duration-seconds={self.node_lease_seconds}",
             ],
         )
         self.wait_healthy(f"http://127.0.0.1:{port}/healthz", process, "kwok")

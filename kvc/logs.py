@@ -8,6 +8,9 @@ import logging
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is kept.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# kopf passes its whole configuration with every message about an object: the same on every
+# line, and its repr cost more than the rest of the line.
+_OMITTED = frozenset({"settings"})
 
 
 class JSONFormatter(logging.Formatter):
@@ -23,7 +26,7 @@ class JSONFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         for key, value in vars(record).items():
-            if key not in _STANDARD and key not in entry:
+            if key not in _STANDARD and key not in _OMITTED and key not in entry:
                 entry[key] = value if isinstance(value, str | int | float | bool | None) else repr(value)
         return json.dumps(entry, ensure_ascii=False)
 

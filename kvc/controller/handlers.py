@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -14,7 +15,7 @@ from kvc import kube, metrics
 from kvc.agent.agent import DEFAULT_NODE_DATA_ROOT
 from kvc.api import names
 from kvc.api.models import State
-from kvc.controller import caches, gates, reconcile, status
+from kvc.controller import caches, gates, passes, reconcile, status
 from kvc.sources.base import SourceContext
 from kvc.sources.registry import load_registry
 
@@ -33,6 +34,9 @@ WORKERS = 16
 # One look for gated pods per namespace per resync, whatever number of VolumeManagers it has.
 GATED_POD_PASSES = gates.Throttle(RESYNC_SECONDS)
 
+# The status each VolumeManager was last given here, and which ones have settled.
+PASSES = passes.PassMemory()
+
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -44,6 +48,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     # Our own events describe what happens; kopf's become events only when a handler fails.
     settings.posting.level = logging.WARNING
+    # kopf logs every handler run at INFO: with a thousand VolumeManagers, hundreds of lines a
+    # second saying a timer succeeded. Failures are warnings and stay; --verbose shows all.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300
     settings.execution.max_workers = WORKERS
     # The client's pool defaults to 5 connections per CPU: the workers and the informers'
@@ -59,7 +67,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     logger.info("source types: %s", ", ".join(sorted(memo.registry.sources)))
 
 
-def _context(body: kopf.Body, memo: kopf.Memo) -> SourceContext:
+def _context(body: kopf.Body, memo: kopf.Memo, known_status: Mapping[str, Any] | None = None) -> SourceContext:
+    known = (body.get("status") or {}) if known_status is None else known_status
     return SourceContext(
         owner=reconcile.owner_of(body),
         core=memo.core,
@@ -67,9 +76,7 @@ def _context(body: kopf.Body, memo: kopf.Memo) -> SourceContext:
         node_data_root=memo.node_data_root,
         agent_grace_seconds=memo.agent_grace_seconds,
         allowed_data_roots=memo.allowed_data_roots,
-        previous_phases={
-            str(v.get("id")): str(v.get("phase")) for v in (body.get("status") or {}).get("volumes") or []
-        },
+        previous_phases={str(v.get("id")): str(v.get("phase")) for v in known.get("volumes") or []},
     )
 
 
@@ -84,8 +91,9 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, trigger: str
 
 
 def _reconcile_once(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
-    result = reconcile.reconcile(body, _context(body, memo), memo.registry)
-    old = dict(body.get("status") or {})
+    uid = str(body["metadata"]["uid"])
+    old = PASSES.status(uid, body.get("status") or {})
+    result = reconcile.reconcile(body, _context(body, memo, old), memo.registry)
     new = status.aggregate(
         result.volumes,
         generation=body["metadata"].get("generation", 0),
@@ -98,8 +106,10 @@ def _reconcile_once(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None
     if old.get("state") != new["state"]:
         kind = "Warning" if new["state"] == State.FAILED else "Normal"
         kopf.event(body, type=kind, reason=new["state"], message=new["message"])
-    if status.status_changed(old, new):
-        patch.status.update(new)
+    written = new if status.status_changed(old, new) else None
+    if written is not None:
+        patch.status.update(written)
+    PASSES.record(uid, new["state"], written)
 
 
 @kopf.on.create(*VMGR)
@@ -119,7 +129,10 @@ def volumemanager_resume(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
 
 @kopf.timer(*VMGR, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
 def volumemanager_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, patch, memo, "timer")
+    if PASSES.due(str(body["metadata"]["uid"])):
+        _reconcile(body, patch, memo, "timer")
+    else:
+        metrics.RECONCILES.labels("timer", "settled").inc()
     namespace = body["metadata"]["namespace"]
     if GATED_POD_PASSES.due(namespace):
         metrics.GATED_PODS_RELEASED.inc(gates.release_gated_pods(memo.core, memo.custom, namespace))
@@ -132,6 +145,7 @@ def volumemanager_delete(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
     patch.status["message"] = "; ".join(remaining) or "removing the volumes' resources"
     if remaining:
         raise kopf.TemporaryError("; ".join(remaining), delay=5)
+    PASSES.forget(str(body["metadata"]["uid"]))
 
 
 @kopf.on.cleanup()

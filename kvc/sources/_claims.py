@@ -9,6 +9,8 @@ when a VolumeManager is deleted, they are listed from the API.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,16 +113,79 @@ def volumes_of(ctx: SourceContext, cached: bool = True) -> list[VolumeRecord]:
     return [VolumeRecord.from_model(v) for v in listed.items]
 
 
-def cached_claim(owner: VolumeManagerRef, name: str) -> ClaimRecord | None:
-    """The claim as the informer last saw it; None when unknown (or without informer)."""
+class MadeLately:
+    """Objects this process made (or found existing) that the informers have not shown yet.
+
+    An informer shows a new claim a moment after it is made: seconds, on a busy API server.
+    Until then every pass would create it again, be told 409 and read it back: for a
+    thousand new volumes, thousands of calls to an API server that is busy already. An
+    entry lasts until the informer shows the object, or ``seconds`` at most (then the
+    object is created again if it is still not shown: it was deleted before being seen).
+    """
+
+    def __init__(self, seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._made: dict[str, tuple[float, Any]] = {}
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._made[key] = (self._clock(), value)
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            made = self._made.get(key)
+            if made is None:
+                return None
+            if self._clock() - made[0] > self.seconds:
+                del self._made[key]
+                return None
+            return made[1]
+
+    def seen(self, key: str) -> None:
+        with self._lock:
+            self._made.pop(key, None)
+
+
+MADE = MadeLately()
+
+
+def known_claim(owner: VolumeManagerRef, name: str, made: MadeLately = MADE) -> ClaimRecord | None:
+    """The claim as the informer last saw it, or as this process made it lately; None when
+    unknown, and always without informer (the caller then asks the API)."""
     informer = kube.informer(kube.CLAIMS)
-    found = informer.get(f"{owner.namespace}/{name}") if informer is not None else None
-    return found if isinstance(found, ClaimRecord) else None
+    if informer is None:
+        return None
+    key = f"claim/{owner.namespace}/{name}"
+    found = informer.get(f"{owner.namespace}/{name}")
+    if isinstance(found, ClaimRecord):
+        made.seen(key)
+        return found
+    lately = made.get(key)
+    return lately if isinstance(lately, ClaimRecord) else None
 
 
-def cached_volume_exists(name: str) -> bool:
+def known_volume(name: str, made: MadeLately = MADE) -> bool:
+    """Whether the PersistentVolume exists as far as the informer or this process' lately made ones say."""
     informer = kube.informer(kube.VOLUMES)
-    return informer is not None and informer.get(name) is not None
+    if informer is None:
+        return False
+    if informer.get(name) is not None:
+        made.seen(f"volume/{name}")
+        return True
+    return made.get(f"volume/{name}") is not None
+
+
+def made_claim(claim: Any, made: MadeLately = MADE) -> ClaimRecord:
+    """Remember a claim just created or read (typed client model) until the informer shows it."""
+    record = ClaimRecord.from_model(claim)
+    made.put(f"claim/{record.namespace}/{record.name}", record)
+    return record
+
+
+def made_volume(name: str, made: MadeLately = MADE) -> None:
+    made.put(f"volume/{name}", True)
 
 
 def pods_using_claims(pods: list[Any]) -> dict[str, list[str]]:

@@ -89,6 +89,10 @@ class ClusterView:
     by_owner: Mapping[str, frozenset[str]] | None = field(default=None, repr=False)
     # node_infos(), once computed: a view serves several passes.
     _node_infos: list[NodeInfo] | None = field(default=None, repr=False)
+    # Work done once per view, not once per pass: with thousands of nodes and VolumeManagers,
+    # looking at every VolumeNode in every pass cost more than everything else together.
+    heartbeats_observed: bool = field(default=False, repr=False)
+    removed_nodes_checked: bool = field(default=False, repr=False)
 
     # How long a view built from the informers serves later passes while nothing changed.
     REUSE_SECONDS: ClassVar[float] = 1.0
@@ -120,11 +124,11 @@ class ClusterView:
             return cls(listed_nodes, volumenodes_listed, ctx.agent_grace_seconds)
         clock = time.monotonic()
         last = cls._last
-        if (
-            last is not None
-            and last[0] == (nodes.revision, volumenodes.revision, ctx.agent_grace_seconds)
-            and clock - last[1] < cls.REUSE_SECONDS
-        ):
+        # Reused for a second even when something changed meanwhile: with thousands of agents
+        # heartbeating, something always has, and building a view for every pass (a copy of
+        # every node's record) was most of the controller's work. The informers lag the
+        # cluster anyway; writes check resourceVersions.
+        if last is not None and last[0][2] == ctx.agent_grace_seconds and clock - last[1] < cls.REUSE_SECONDS:
             return last[2]
         node_items, vnode_items = nodes.snapshot(), volumenodes.snapshot()
         view = cls(
@@ -278,7 +282,9 @@ HEARTBEATS = HeartbeatWatch()
 
 def load_view(ctx: SourceContext) -> ClusterView:
     view = ClusterView.load(ctx)
-    HEARTBEATS.observe(view.volumenodes, view.agent_grace_seconds)
+    if not view.heartbeats_observed:
+        view.heartbeats_observed = True  # first: the passes sharing the view do not queue to observe it
+        HEARTBEATS.observe(view.volumenodes, view.agent_grace_seconds)
     return view
 
 
@@ -706,7 +712,9 @@ def cleanup(
     mounted by a running pod on a healthy node is kept until the pod is gone.
     """
     view = load_view(ctx)
-    forget_removed_nodes(ctx, view)
+    if not view.removed_nodes_checked:
+        view.removed_nodes_checked = True
+        forget_removed_nodes(ctx, view)
     collect_garbage(ctx, view)
     kept = []
     stale: dict[str, list[str]] = {}

@@ -145,20 +145,20 @@ class NFSSource(Source):
         claim = build_claim(owner, config)
         volume_name, claim_name = volume["metadata"]["name"], claim["metadata"]["name"]
         # Once both exist the informers say so, and the claim's phase: no API call.
-        if not _claims.cached_volume_exists(volume_name):
+        if not _claims.known_volume(volume_name):
             _claims.create_or_get(
                 lambda: ctx.core.create_persistent_volume(volume),
                 lambda: ctx.core.read_persistent_volume(volume_name),
             )
-        cached = _claims.cached_claim(owner, claim_name)
-        if cached is not None:
-            return claim_status(config, owner, cached.phase)
-        created = _claims.create_or_get(
-            lambda: ctx.core.create_namespaced_persistent_volume_claim(owner.namespace, claim),
-            lambda: ctx.core.read_namespaced_persistent_volume_claim(claim_name, owner.namespace),
-        )
-        phase = created.status.phase if created.status else None
-        return claim_status(config, owner, phase)
+            _claims.made_volume(volume_name)
+        known = _claims.known_claim(owner, claim_name)
+        if known is None:
+            created = _claims.create_or_get(
+                lambda: ctx.core.create_namespaced_persistent_volume_claim(owner.namespace, claim),
+                lambda: ctx.core.read_namespaced_persistent_volume_claim(claim_name, owner.namespace),
+            )
+            known = _claims.made_claim(created)
+        return claim_status(config, owner, known.phase)
 
     def cleanup(
         self, ctx: SourceContext, current: Mapping[str, VolumeConfig | None], deleting: bool = False

@@ -46,3 +46,9 @@ def test_configure_installs_one_handler_at_the_asked_level(json_lines: bool) -> 
     assert len(root.handlers) == 1
     assert root.level == logging.DEBUG
     assert isinstance(root.handlers[0].formatter, logs.JSONFormatter) is json_lines
+
+
+def test_kopfs_configuration_is_left_out_of_every_line() -> None:
+    entry = json.loads(logs.JSONFormatter().format(record("handler succeeded", settings=object(), k8s_skip=False)))
+    assert "settings" not in entry
+    assert entry["k8s_skip"] is False

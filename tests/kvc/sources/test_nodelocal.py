@@ -417,3 +417,22 @@ def test_labels_and_assignments_of_a_volumemanager_that_is_gone_are_collected(cl
 
 def load(cluster: FakeCluster) -> ClusterView:
     return ClusterView.load(context(cluster))
+
+
+def test_heartbeats_are_observed_once_per_view_however_many_passes_share_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    observed: list[int] = []
+
+    class CountingWatch(HeartbeatWatch):
+        def observe(self, volumenodes: Any, grace_seconds: float) -> None:
+            observed.append(len(volumenodes))
+
+    shared = ClusterView({}, {"a": {}, "b": {}})
+    monkeypatch.setattr(_nodelocal, "HEARTBEATS", CountingWatch())
+    monkeypatch.setattr(ClusterView, "load", classmethod(lambda cls, ctx: shared))
+    for _ in range(3):
+        assert _nodelocal.load_view(None) is shared  # type: ignore[arg-type]
+    assert observed == [2]
+    fresh = ClusterView({}, {"a": {}})
+    monkeypatch.setattr(ClusterView, "load", classmethod(lambda cls, ctx: fresh))
+    _nodelocal.load_view(None)  # type: ignore[arg-type]
+    assert observed == [2, 1]
