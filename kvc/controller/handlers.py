@@ -63,6 +63,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.registry = load_registry()
     memo.setdefault("node_data_root", DEFAULT_NODE_DATA_ROOT)
     memo.setdefault("agent_grace_seconds", 45.0)
+    # Agents are judged by what passes see of their heartbeats, and a gap of half the grace
+    # between two looks counts as an outage: even settled VolumeManagers are looked at well
+    # within that.
+    PASSES.settled_seconds = min(passes.SETTLED_SECONDS, memo.agent_grace_seconds / 4)
     memo.setdefault("allowed_data_roots", ())
     logger.info("source types: %s", ", ".join(sorted(memo.registry.sources)))
 

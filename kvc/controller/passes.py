@@ -23,6 +23,9 @@ from typing import Any
 
 from kvc.api.models import State
 
+# How often a settled VolumeManager is looked at (at most: see handlers.configure).
+SETTLED_SECONDS = 10.0
+
 
 class PassMemory:
     """Per VolumeManager uid: the last status written, and since when it has been settled (thread-safe)."""
@@ -30,7 +33,7 @@ class PassMemory:
     def __init__(
         self,
         trust_seconds: float = 30.0,
-        settled_seconds: float = 10.0,
+        settled_seconds: float = SETTLED_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.trust_seconds = trust_seconds

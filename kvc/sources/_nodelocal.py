@@ -124,11 +124,13 @@ class ClusterView:
             return cls(listed_nodes, volumenodes_listed, ctx.agent_grace_seconds)
         clock = time.monotonic()
         last = cls._last
-        # Reused for a second even when something changed meanwhile: with thousands of agents
-        # heartbeating, something always has, and building a view for every pass (a copy of
-        # every node's record) was most of the controller's work. The informers lag the
-        # cluster anyway; writes check resourceVersions.
-        if last is not None and last[0][2] == ctx.agent_grace_seconds and clock - last[1] < cls.REUSE_SECONDS:
+        # Only while nothing changed: passes decide from the view whether a label is still to
+        # be removed, and one deciding from a view older than the last write would leave it.
+        if (
+            last is not None
+            and last[0] == (nodes.revision, volumenodes.revision, ctx.agent_grace_seconds)
+            and clock - last[1] < cls.REUSE_SECONDS
+        ):
             return last[2]
         node_items, vnode_items = nodes.snapshot(), volumenodes.snapshot()
         view = cls(
