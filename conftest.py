@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakeclock import FakeClock
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,3 +27,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 _private_basetemp = pytest.StashKey[Path]()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock for code that takes one, moved by hand (``clock.now += 5``)."""
+    return FakeClock()

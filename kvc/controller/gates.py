@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jsonpatch
@@ -44,29 +42,6 @@ def released(pod: Mapping[str, Any], entries: Iterable[CatalogEntry]) -> dict[st
         del spec["schedulingGates"]
     ungated.setdefault("metadata", {}).setdefault("labels", {}).pop(names.LABEL_GATED, None)
     return ungated
-
-
-class Throttle:
-    """``due(key)`` is True at most once per ``seconds`` for each key (thread-safe).
-
-    Every VolumeManager's timer may release its namespace's gated pods, but one look per
-    namespace per interval is enough: a thousand VolumeManagers in a namespace must not
-    list its pods a thousand times.
-    """
-
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.seconds = seconds
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._next: dict[str, float] = {}
-
-    def due(self, key: str) -> bool:
-        with self._lock:
-            now = self._clock()
-            if now < self._next.get(key, 0.0):
-                return False
-            self._next[key] = now + self.seconds
-            return True
 
 
 def release_gated_pods(core: Any, custom: Any, namespace: str) -> int:

@@ -18,6 +18,7 @@ from kvc.api.models import State
 from kvc.controller import caches, gates, passes, reconcile, status
 from kvc.sources.base import SourceContext
 from kvc.sources.registry import load_registry
+from kvc.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ VMGR: tuple[str, str, str] = (names.GROUP, names.VERSION, names.VOLUMEMANAGER_PL
 WORKERS = 16
 
 # One look for gated pods per namespace per resync, whatever number of VolumeManagers it has.
-GATED_POD_PASSES = gates.Throttle(RESYNC_SECONDS)
+GATED_POD_PASSES = Throttle(RESYNC_SECONDS)
 
 # The status each VolumeManager was last given here, and which ones have settled.
 PASSES = passes.PassMemory()

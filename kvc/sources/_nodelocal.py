@@ -27,6 +27,7 @@ from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
 from kvc.api.units import parse_duration, parse_quantity
 from kvc.placement import NodeInfo, Placement, VolumeRequest, place
 from kvc.sources.base import Source, SourceContext, VolumeManagerRef, object_name_problem
+from kvc.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -433,28 +434,10 @@ def forget_removed_nodes(ctx: SourceContext, view: ClusterView) -> None:
                 raise
 
 
-class Every:
-    """True at most once per ``seconds`` per process (thread-safe)."""
-
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.seconds = seconds
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._next = 0.0
-
-    def due(self) -> bool:
-        with self._lock:
-            now = self._clock()
-            if now < self._next:
-                return False
-            self._next = now + self.seconds
-            return True
+GARBAGE_COLLECTION = Throttle(30.0)
 
 
-GARBAGE_COLLECTION = Every(30.0)
-
-
-def collect_garbage(ctx: SourceContext, view: ClusterView, every: Every = GARBAGE_COLLECTION) -> None:
+def collect_garbage(ctx: SourceContext, view: ClusterView, sweeps: Throttle = GARBAGE_COLLECTION) -> None:
     """Remove data labels from nodes not assigned the data; release the assignments of
     VolumeManagers that are gone.
 
@@ -466,7 +449,7 @@ def collect_garbage(ctx: SourceContext, view: ClusterView, every: Every = GARBAG
     shows of a VolumeManager that still exists is in that list. Data that running pods mount
     stays until they are gone.
     """
-    if not every.due():
+    if not sweeps.due():
         return
     try:
         listed = ctx.custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMEMANAGER_PLURAL)

@@ -19,6 +19,7 @@ from kvc.api.models import VolumeConfig, VolumeStatus
 from kvc.sources.base import FetchRequest, Source, SourceContext
 from kvc.sources.registry import SourceRegistry
 from kvc.sources.transfer import FetchError
+from tests.fakeclock import FakeClock
 
 
 class Copies(Source):
@@ -44,17 +45,9 @@ class Copies(Source):
         return manifest
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.monotonic()
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock(time.monotonic())
     # Only the agent module sees the fake clock.
     monkeypatch.setattr(agent_module, "time", SimpleNamespace(monotonic=fake))
     return fake
@@ -87,7 +80,7 @@ def settle(agent: Agent, desired: dict[str, dict[str, Any]]) -> None:
     raise AssertionError("the agent did not settle")
 
 
-def test_a_path_outside_the_data_roots_fails_and_is_retried_with_backoff(tmp_path: Path, clock: Clock) -> None:
+def test_a_path_outside_the_data_roots_fails_and_is_retried_with_backoff(tmp_path: Path, clock: FakeClock) -> None:
     agent = make_agent(tmp_path)
     settle(agent, {"ns.vm.d-abc": spec("/mnt/elsewhere/ns/vm/d-abc")})
     replica = agent._replicas["ns.vm.d-abc"]
@@ -106,7 +99,7 @@ def test_a_path_outside_the_data_roots_fails_and_is_retried_with_backoff(tmp_pat
 
 
 def test_a_replica_moved_to_another_path_is_fetched_there_and_the_old_data_deleted(
-    tmp_path: Path, clock: Clock
+    tmp_path: Path, clock: FakeClock
 ) -> None:
     agent = make_agent(tmp_path)
     settle(agent, {"ns.vm.d-abc": spec("/var/lib/kvc/ns/vm/d-abc")})
@@ -120,7 +113,7 @@ def test_a_replica_moved_to_another_path_is_fetched_there_and_the_old_data_delet
     assert agent._replicas["ns.vm.d-abc"].phase == "Ready"
 
 
-def test_changed_options_are_fetched_again_in_place(tmp_path: Path, clock: Clock) -> None:
+def test_changed_options_are_fetched_again_in_place(tmp_path: Path, clock: FakeClock) -> None:
     agent = make_agent(tmp_path)
     settle(agent, {"ns.vm.d-abc": spec("/var/lib/kvc/ns/vm/d-abc")})
     settle(agent, agent._desired or {})

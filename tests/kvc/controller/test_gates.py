@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvc.api import names
-from kvc.controller.gates import Throttle, released
+from kvc.controller.gates import released
 from webhook.resolve import CatalogEntry
 
 LABEL = "data.kvc.kubeflow.org/x"
@@ -46,15 +46,3 @@ def test_usable_data_adds_affinity_and_removes_only_our_gate() -> None:
     alone = released(gated_pod(), [entry("Degraded")])
     assert alone is not None
     assert "schedulingGates" not in alone["spec"]
-
-
-def test_the_throttle_lets_each_key_through_once_per_interval() -> None:
-    now = [100.0]
-    throttle = Throttle(2.0, clock=lambda: now[0])
-    assert throttle.due("team-a")
-    assert not throttle.due("team-a")
-    assert throttle.due("team-b")  # keys do not share an interval
-    now[0] += 1.9
-    assert not throttle.due("team-a")
-    now[0] += 0.1
-    assert throttle.due("team-a")

@@ -1,21 +1,13 @@
 from __future__ import annotations
 
 from kvc.controller.passes import PassMemory
+from tests.fakeclock import FakeClock
 
 RUNNING = {"state": "Running", "message": "all 1 volumes ready"}
 PENDING = {"state": "Pending", "message": "data: waiting for claim"}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_what_was_written_lately_wins_over_a_stale_object() -> None:
-    clock = Clock()
+def test_what_was_written_lately_wins_over_a_stale_object(clock: FakeClock) -> None:
     memory = PassMemory(trust_seconds=30, clock=clock)
     assert memory.status("u", PENDING) == PENDING  # nothing written yet: the object
     memory.record("u", "Running", RUNNING)
@@ -24,16 +16,14 @@ def test_what_was_written_lately_wins_over_a_stale_object() -> None:
     assert memory.status("u", {**PENDING, "observedGeneration": 1}) == {**RUNNING, "observedGeneration": 1}
 
 
-def test_after_the_trust_window_the_object_wins_so_a_lost_patch_is_written_again() -> None:
-    clock = Clock()
+def test_after_the_trust_window_the_object_wins_so_a_lost_patch_is_written_again(clock: FakeClock) -> None:
     memory = PassMemory(trust_seconds=30, clock=clock)
     memory.record("u", "Running", RUNNING)
     clock.now += 31
     assert memory.status("u", PENDING) == PENDING
 
 
-def test_a_pass_that_writes_nothing_does_not_extend_the_trust() -> None:
-    clock = Clock()
+def test_a_pass_that_writes_nothing_does_not_extend_the_trust(clock: FakeClock) -> None:
     memory = PassMemory(trust_seconds=30, clock=clock)
     memory.record("u", "Running", RUNNING)
     clock.now += 20
@@ -42,8 +32,7 @@ def test_a_pass_that_writes_nothing_does_not_extend_the_trust() -> None:
     assert memory.status("u", PENDING) == PENDING
 
 
-def test_a_running_volumemanager_left_unchanged_is_looked_at_less_often() -> None:
-    clock = Clock()
+def test_a_running_volumemanager_left_unchanged_is_looked_at_less_often(clock: FakeClock) -> None:
     memory = PassMemory(settled_seconds=10, clock=clock)
     assert memory.due("u")
     memory.record("u", "Running", RUNNING)  # it changed: not settled yet
@@ -56,16 +45,14 @@ def test_a_running_volumemanager_left_unchanged_is_looked_at_less_often() -> Non
     assert memory.due("u")
 
 
-def test_only_running_settles() -> None:
-    clock = Clock()
+def test_only_running_settles(clock: FakeClock) -> None:
     memory = PassMemory(settled_seconds=10, clock=clock)
     for state in ("Pending", "Degraded", "Failed"):
         memory.record("u", state, None)
         assert memory.due("u"), state
 
 
-def test_forgetting_a_deleted_volumemanager() -> None:
-    clock = Clock()
+def test_forgetting_a_deleted_volumemanager(clock: FakeClock) -> None:
     memory = PassMemory(clock=clock)
     memory.record("u", "Running", RUNNING)
     memory.record("u", "Running", None)

@@ -12,7 +12,6 @@ from kvc.api.models import VolumeConfig, VolumePhase
 from kvc.sources import _nodelocal
 from kvc.sources._nodelocal import (
     ClusterView,
-    Every,
     HeartbeatWatch,
     Replica,
     agent_gone,
@@ -29,6 +28,8 @@ from kvc.sources._nodelocal import (
     volume_phase,
 )
 from kvc.sources.base import SourceContext, VolumeManagerRef
+from kvc.throttle import Throttle
+from tests.fakeclock import FakeClock
 
 FAILED = [{"name": "node-1", "message": "bucket b does not exist"}]
 
@@ -144,16 +145,7 @@ def make_vnode(name: str, *, beat_ago: float = 1, replicas: list[dict[str, Any]]
     }
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_a_heartbeat_is_stale_only_after_the_controller_saw_it_stand_still_for_the_grace() -> None:
-    clock = FakeClock()
+def test_a_heartbeat_is_stale_only_after_the_controller_saw_it_stand_still_for_the_grace(clock: FakeClock) -> None:
     watch = HeartbeatWatch(clock)
     view = ClusterView(nodes={"n": make_node("n")}, volumenodes={"n": make_vnode("n", beat_ago=600)}, now=NOW)
     # A controller that just started blames nobody: the old heartbeat may be its own absence.
@@ -165,8 +157,7 @@ def test_a_heartbeat_is_stale_only_after_the_controller_saw_it_stand_still_for_t
     assert agent_gone(view, "n", watch)
 
 
-def test_an_outage_longer_than_the_grace_blames_no_agent() -> None:
-    clock = FakeClock()
+def test_an_outage_longer_than_the_grace_blames_no_agent(clock: FakeClock) -> None:
     watch = HeartbeatWatch(clock)
     before = {"n": make_vnode("n", beat_ago=1)}
     watch.observe(before, GRACE)
@@ -180,8 +171,7 @@ def test_an_outage_longer_than_the_grace_blames_no_agent() -> None:
     assert agent_gone(after, "n", watch)
 
 
-def test_a_fresh_heartbeat_is_alive_whatever_the_watch_says() -> None:
-    clock = FakeClock()
+def test_a_fresh_heartbeat_is_alive_whatever_the_watch_says(clock: FakeClock) -> None:
     watch = HeartbeatWatch(clock)
     view = ClusterView(nodes={"n": make_node("n")}, volumenodes={"n": make_vnode("n", beat_ago=1)}, now=NOW)
     watch.observe(view.volumenodes, GRACE)
@@ -288,7 +278,7 @@ def running_pod(node: str) -> Any:
 def cluster(monkeypatch: pytest.MonkeyPatch) -> FakeCluster:
     # Heartbeats in the fake are always fresh; the watch must not get in the way.
     monkeypatch.setattr(_nodelocal, "HEARTBEATS", HeartbeatWatch(FakeClock()))
-    monkeypatch.setattr(_nodelocal, "GARBAGE_COLLECTION", Every(30.0, FakeClock()))
+    monkeypatch.setattr(_nodelocal, "GARBAGE_COLLECTION", Throttle(30.0, FakeClock()))
     monkeypatch.setattr(
         _nodelocal.ClusterView,
         "load",
@@ -396,22 +386,22 @@ def test_the_volumenode_of_a_node_deleted_while_the_controller_was_down_is_remov
 
 def test_labels_and_assignments_of_a_volumemanager_that_is_gone_are_collected(cluster: FakeCluster) -> None:
     cluster.nodes["b"].metadata.labels[LABEL] = "true"  # written by a pass that read a stale view
-    every = Every(30.0, FakeClock())
-    collect_garbage(context(cluster), load(cluster), every)
+    sweeps = Throttle(30.0, FakeClock())
+    collect_garbage(context(cluster), load(cluster), sweeps)
     assert LABEL in cluster.nodes["a"].metadata.labels  # the VolumeManager exists: all of it is kept...
     assert LABEL not in cluster.nodes["b"].metadata.labels  # ...but a label without an assignment
     assert cluster.holders(KEY) == ["a"]
     cluster.volumemanagers.clear()
     cluster.pods.append(running_pod("a"))
-    collect_garbage(context(cluster), load(cluster), every)
+    collect_garbage(context(cluster), load(cluster), sweeps)
     assert cluster.holders(KEY) == ["a"]  # not due yet: once per 30 s
-    every = Every(30.0, FakeClock())
-    collect_garbage(context(cluster), load(cluster), every)
+    sweeps = Throttle(30.0, FakeClock())
+    collect_garbage(context(cluster), load(cluster), sweeps)
     assert LABEL not in cluster.nodes["a"].metadata.labels
     assert cluster.holders(KEY) == ["a"]  # a running pod still mounts the data
     cluster.pods.clear()
-    every = Every(30.0, FakeClock())
-    collect_garbage(context(cluster), load(cluster), every)
+    sweeps = Throttle(30.0, FakeClock())
+    collect_garbage(context(cluster), load(cluster), sweeps)
     assert cluster.holders(KEY) == []
 
 
