@@ -65,9 +65,15 @@ class PassMemory:
 
     def due(self, uid: str) -> bool:
         """Whether a resync should look at this VolumeManager now."""
+        return self.until_due(uid) == 0.0
+
+    def until_due(self, uid: str) -> float:
+        """Seconds until a resync should look at this VolumeManager (0: now)."""
         with self._lock:
             settled_at = self._settled.get(uid)
-        return settled_at is None or self._clock() - settled_at >= self.settled_seconds
+        if settled_at is None:
+            return 0.0
+        return max(0.0, settled_at + self.settled_seconds - self._clock())
 
     def forget(self, uid: str) -> None:
         with self._lock:

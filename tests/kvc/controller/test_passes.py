@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from kvc.controller.passes import PassMemory
 from tests.fakeclock import FakeClock
 
@@ -39,10 +41,21 @@ def test_a_running_volumemanager_left_unchanged_is_looked_at_less_often(clock: F
     assert memory.due("u")
     memory.record("u", "Running", None)
     assert not memory.due("u")
+    assert memory.until_due("u") == 10
     clock.now += 9.9
     assert not memory.due("u")
+    assert memory.until_due("u") == pytest.approx(0.1)
     clock.now += 0.1
     assert memory.due("u")
+    assert memory.until_due("u") == 0
+
+
+def test_a_settled_volumemanager_is_due_at_once_when_a_pass_changes_it(clock: FakeClock) -> None:
+    memory = PassMemory(settled_seconds=10, clock=clock)
+    memory.record("u", "Running", None)
+    assert memory.until_due("u") == 10
+    memory.record("u", "Pending", PENDING)  # e.g. its spec changed: the update handler's pass
+    assert memory.until_due("u") == 0
 
 
 def test_only_running_settles(clock: FakeClock) -> None:
