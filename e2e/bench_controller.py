@@ -67,6 +67,8 @@ NODE_LEASE_SECONDS = 3600
 TARGET_RUNNING_SECONDS = 60.0
 TARGET_PLACEMENT_MS = 50.0
 TARGET_RSS_MB = 250.0
+# How long the controller's CPU is watched while every VolumeManager is Running, unchanged.
+IDLE_SECONDS = 20.0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -96,6 +98,35 @@ def proc_status(pid: int) -> dict[str, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     found["cpu"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return found
+
+
+def open_sockets(pid: int) -> int:
+    """How many sockets a process has open (its connections, listeners included)."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:
+            continue  # closed meanwhile
+    return count
+
+
+@contextmanager
+def peak_sockets(pid: int, seen: dict[str, int]) -> Iterator[None]:
+    """The most sockets ``pid`` had open at once while the block ran, in ``seen["peak"]``."""
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.25):
+            seen["peak"] = max(seen.get("peak", 0), open_sockets(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sampler.join()
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> bool:
@@ -515,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
         at_start = proc_status(pid)
         print(f"==> {args.managers} NFS VolumeManagers at once, until Running", file=sys.stderr)
         requests_before = api_requests(plane)
-        managers = volumemanagers_running(clients, args.managers, args.timeout)
+        sockets: dict[str, int] = {}
+        with peak_sockets(pid, sockets):
+            managers = volumemanagers_running(clients, args.managers, args.timeout)
         requests_during = request_delta(requests_before, api_requests(plane))
         progress("VolumeManagers Running", managers)
         after_running = proc_status(pid)
@@ -525,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         time.sleep(5)  # steady state: every VolumeManager Running, timers going
         steady = proc_status(pid)
+        time.sleep(IDLE_SECONDS)  # what the controller costs while nothing changes
+        steady["idle_cpu"] = (proc_status(pid)["cpu"] - steady["cpu"]) / IDLE_SECONDS
+        steady["sockets"] = sockets.get("peak", 0)
 
         # The placement measurements in this process read the cluster as the controller does.
         bench_api = plane.api_client()
@@ -659,6 +695,10 @@ def report(
         print(
             f"{label:<58} {row['VmRSS']:>7.1f} {row['VmHWM']:>7.1f} {row['VmRSS'] / at_start['VmRSS']:>8.2f}x  {target}"
         )
+    print(
+        f"  (at most {steady['sockets']:.0f} sockets open while the {count} were created; then, with nothing"
+        f" changing, {100 * steady['idle_cpu']:.0f}% of a CPU over {IDLE_SECONDS:.0f} s)"
+    )
 
 
 def report_requests(count: int, seconds: float, requests: dict[tuple[str, str, str], float]) -> None:

@@ -266,8 +266,10 @@ def run_controller(
 ) -> None:
     """The VolumeManager controller."""
     from kvc import metrics  # noqa: PLC0415
-    from kvc.controller import run as run_kopf  # noqa: PLC0415 - imports kopf only for this command
+    from kvc.controller import limit_malloc_arenas  # noqa: PLC0415 - imports kopf only for this command
+    from kvc.controller import run as run_kopf  # noqa: PLC0415
 
+    limit_malloc_arenas()  # before any thread starts
     metrics.serve(metrics_port)
     run_kopf(namespaces, liveness_endpoint, node_data_root, agent_grace, allowed_data_roots)
 

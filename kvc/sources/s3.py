@@ -9,7 +9,7 @@ from kvc.agent.files import Manifest
 from kvc.api import names
 from kvc.api.models import VolumeConfig, VolumePhase, VolumeStatus
 from kvc.api.units import parse_duration
-from kvc.sources import _nodelocal, s3_fetch
+from kvc.sources import _nodelocal, _s3url
 from kvc.sources.base import FetchRequest, SourceContext, required_options, url_problem
 from kvc.sources.transfer import FetchError
 
@@ -82,7 +82,7 @@ class S3Source(_nodelocal.NodeLocalSource):
         url = options.get("sourceURL", "").strip()
         if url:
             try:
-                s3_fetch.parse_url(url)
+                _s3url.parse_url(url)
             except ValueError as exc:
                 problems.append(f"options.{exc}")
         endpoint = options.get("endpointURL", "").strip()
@@ -117,6 +117,8 @@ class S3Source(_nodelocal.NodeLocalSource):
         secret_key = request.credentials.get(SECRET_KEY_FIELD)
         if not access_key or not secret_key:
             raise FetchError(f"the credentials Secret needs both {ACCESS_KEY_FIELD} and {SECRET_KEY_FIELD} keys")
+        from kvc.sources import s3_fetch  # noqa: PLC0415 - boto3 only where data is fetched: the agents
+
         workers = 16
         client = s3_fetch.make_client(
             options.get("endpointURL"), options.get("region"), access_key, secret_key, workers

@@ -39,31 +39,10 @@ from kvc.agent.files import (
     safe_join,
 )
 from kvc.sources._s3http import ObjectGetter
+from kvc.sources._s3url import S3Location, parse_url
 from kvc.sources.transfer import CHUNK, RETRIES, FetchError, Progress, finish_unpack
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class S3Location:
-    bucket: str
-    key: str
-
-    @property
-    def is_prefix(self) -> bool:
-        return self.key == "" or self.key.endswith("/")
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
-
-
-def parse_url(url: str) -> S3Location:
-    if not url.startswith("s3://"):
-        raise ValueError(f"sourceURL must start with s3://, not {url!r}")
-    bucket, _, key = url[len("s3://") :].partition("/")
-    if not bucket:
-        raise ValueError(f"sourceURL {url!r} names no bucket")
-    return S3Location(bucket, key)
 
 
 @dataclass(frozen=True)

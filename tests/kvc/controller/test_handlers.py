@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import kubernetes.config
 import pytest
 import yaml
 
-from kvc.controller import handlers
+from kvc.controller import handlers, limit_malloc_arenas
 
 KUBECONFIG = {
     "apiVersion": "v1",
@@ -58,3 +59,8 @@ def test_no_credentials_is_a_login_error_not_an_unbounded_default(
 ) -> None:
     with pytest.raises(kopf.LoginError):
         login(monkeypatch, tmp_path / "missing")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="M_ARENA_MAX is glibc's")
+def test_malloc_arenas_are_capped_on_glibc() -> None:
+    assert limit_malloc_arenas(2) is True

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from importlib.metadata import EntryPoint
 
 import pytest
@@ -36,3 +38,15 @@ def test_a_broken_plugin_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch) 
     assert "ModuleNotFoundError" in loaded.unknown_message("Broken")
     assert loaded.unknown_message("Broken").startswith("sourceType Broken is installed but failed to load")
     assert "NotASource" in loaded.broken
+
+
+def test_the_controller_and_webhook_load_every_source_type_without_the_s3_client() -> None:
+    # boto3 is 7 MB of every process that imports it; only the agents fetch from S3.
+    code = (
+        "import sys, kvc.controller.handlers, webhook.server\n"
+        "from kvc.sources.registry import load_registry\n"
+        "assert 'S3' in load_registry().sources\n"
+        "print(sorted(m for m in ('boto3', 'botocore') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
