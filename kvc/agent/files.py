@@ -60,18 +60,36 @@ def safe_relative(name: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
+class SafeJoin:
+    """``join(name)`` is ``root / name``, guaranteed to stay under ``root`` even with symlinks on disk.
+
+    No ``..`` part (``safe_relative``) and no symlink at any level below ``root`` means the
+    path resolves under ``root``. Each directory is looked at once per joiner: for a data
+    set of thousands of files in a few directories, one ``lstat`` per file instead of
+    resolving every path from ``/`` (twenty system calls each).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._directories_checked: set[PurePosixPath] = set()
+
+    def __call__(self, name: str) -> Path:
+        relative = safe_relative(name)
+        for depth in range(1, len(relative.parts) + 1):
+            prefix = PurePosixPath(*relative.parts[:depth])
+            is_leaf = depth == len(relative.parts)
+            if not is_leaf and prefix in self._directories_checked:
+                continue
+            if (self.root / prefix).is_symlink():
+                raise UnsafePathError(f"{name!r}: {prefix} is a symlink")
+            if not is_leaf:
+                self._directories_checked.add(prefix)
+        return self.root / relative
+
+
 def safe_join(root: Path, name: str) -> Path:
     """``root / name``, guaranteed to stay under ``root`` even with symlinks on disk."""
-    relative = safe_relative(name)
-    current = root
-    for part in relative.parts:
-        current = current / part
-        if current.is_symlink():
-            raise UnsafePathError(f"{name!r}: {current.relative_to(root)} is a symlink")
-    resolved_root = root.resolve()
-    if resolved_root not in current.resolve().parents and current.resolve() != resolved_root:
-        raise UnsafePathError(f"{name!r}: resolves outside the volume's directory")
-    return current
+    return SafeJoin(root)(name)
 
 
 @dataclass

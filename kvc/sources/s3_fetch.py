@@ -32,11 +32,11 @@ from kvc.agent.files import (
     Manifest,
     ManifestFile,
     ReplicaDir,
+    SafeJoin,
     UnsafePathError,
     md5_etag,
     md5_of,
     remove_unexpected,
-    safe_join,
 )
 from kvc.sources._s3http import ObjectGetter
 from kvc.sources._s3url import S3Location, parse_url
@@ -481,10 +481,11 @@ def fetch(
     root.mkdir(exist_ok=True)
     manifest = Manifest(source=url)
     planned: list[tuple[S3Object, Path, PurePosixPath]] = []
+    join = SafeJoin(root)
     for obj in objects:
         name = _relative_name(location, obj.key)
         try:
-            target = safe_join(root, name)
+            target = join(name)
         except UnsafePathError as exc:
             logger.warning("skipping unsafe key %r: %s", obj.key, exc)
             manifest.skipped.append(obj.key)
