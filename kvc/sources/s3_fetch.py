@@ -16,7 +16,6 @@ import logging
 import queue
 import threading
 import time
-import zlib
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import boto3
 import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from isal import isal_zlib
 
 from kvc.agent.files import (
     Manifest,
@@ -175,7 +175,7 @@ class _Crc32:
         self._value = 0
 
     def update(self, chunk: bytes | memoryview) -> None:
-        self._value = zlib.crc32(chunk, self._value)
+        self._value = isal_zlib.crc32(chunk, self._value)
 
     def digest(self) -> bytes:
         return self._value.to_bytes(4, "big")
