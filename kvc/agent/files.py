@@ -205,12 +205,16 @@ def files_under(root: Path) -> list[ManifestFile]:
     ]
 
 
-def remove_unexpected(staging: Path, expected: Sequence[PurePosixPath]) -> None:
-    """Delete files in a staging directory that the source no longer lists."""
+def remove_unexpected(staging: Path, expected: Sequence[PurePosixPath]) -> dict[Path, int]:
+    """Delete files in a staging directory that the source no longer lists; the sizes of those kept."""
     keep = {staging / path for path in expected}
+    kept: dict[Path, int] = {}
     for path in sorted(staging.rglob("*"), reverse=True):
         if path.is_file() or path.is_symlink():
             if path not in keep:
                 path.unlink()
+            else:
+                kept[path] = path.lstat().st_size
         elif path.is_dir() and not any(path.iterdir()):
             path.rmdir()
+    return kept

@@ -351,17 +351,22 @@ async def _download(
     deadline: float,
     should_stop: Callable[[], bool],
     writer: _Writer | None = None,
+    on_disk: bool = True,
 ) -> None:
     """Bring ``target`` to the object's content, resuming from what is on disk.
 
     A small object not on disk yet is checked in memory and handed to ``writer``.
+    ``on_disk=False``: the caller knows the file is absent, and it is not looked for at
+    first (a lookup in a directory where writer threads create files waits for them,
+    and it would block the event loop).
     """
     attempt = 0
     # The MD5 of a file written in one piece is computed on the way in; a resumed or
     # pre-existing file is read back once to check it.
     streamed: _Digest | None = None
     while True:
-        have = _usable_size(target, obj.size)
+        have = _usable_size(target, obj.size) if on_disk else 0
+        on_disk = True
         if have == obj.size:
             if await _matches(obj, target, streamed):
                 break
@@ -411,19 +416,19 @@ async def _download(
 async def _download_all(
     bodies: _Bodies,
     bucket: str,
-    planned: list[tuple[S3Object, Path]],
+    planned: list[tuple[S3Object, Path, bool]],
     *,
     workers: int,
     progress: Progress,
     deadline: float,
     should_stop: Callable[[], bool],
 ) -> None:
-    """Every object on ``workers`` concurrent transfers; the first failure stops the others."""
+    """Every (object, target, on disk?) on ``workers`` concurrent transfers; the first failure stops the others."""
     pending = iter(planned)
     writer = _Writer(threads=2)
 
     async def transfer() -> None:
-        for obj, target in pending:  # one shared iterator: each object is taken once
+        for obj, target, on_disk in pending:  # one shared iterator: each object is taken once
             await _download(
                 bodies,
                 bucket,
@@ -433,6 +438,7 @@ async def _download_all(
                 deadline=deadline,
                 should_stop=should_stop,
                 writer=writer,
+                on_disk=on_disk,
             )
 
     # Large objects and big writes run on threads: as many as there are transfers.
@@ -493,12 +499,12 @@ def fetch(
         planned.append((obj, target, PurePosixPath(target.relative_to(root))))
     if not planned:
         raise FetchError(f"no safe objects under {location}: every key would escape the volume's directory")
-    remove_unexpected(root, [relative for _, _, relative in planned])
+    on_disk = remove_unexpected(root, [relative for _, _, relative in planned])
     # Directories once per fetch, not once per file (thousands of mkdir calls otherwise).
     for directory in sorted({target.parent for _, target, _ in planned}):
         directory.mkdir(parents=True, exist_ok=True)
     progress.total_bytes = sum(obj.size for obj, _, _ in planned)
-    progress.bytes = sum(min(t.stat().st_size, o.size) for o, t, _ in planned if t.exists())
+    progress.bytes = sum(min(on_disk.get(t, 0), o.size) for o, t, _ in planned)
 
     bodies: _Bodies = (
         ObjectGetter(client, location.bucket, connections=workers)
@@ -509,7 +515,7 @@ def fetch(
         _download_all(
             bodies,
             location.bucket,
-            [(obj, target) for obj, target, _ in planned],
+            [(obj, target, target in on_disk) for obj, target, _ in planned],
             workers=workers,
             progress=progress,
             deadline=deadline,

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
-from kvc.agent.files import SafeJoin, UnsafePathError, safe_join
+from kvc.agent.files import SafeJoin, UnsafePathError, remove_unexpected, safe_join
 
 
 def test_names_are_joined_under_the_root(tmp_path: Path) -> None:
@@ -43,3 +43,13 @@ def test_a_root_reached_through_a_symlink_is_fine(tmp_path: Path) -> None:
     real.mkdir()
     (tmp_path / "via").symlink_to(real)
     assert safe_join(tmp_path / "via", "f.bin") == tmp_path / "via" / "f.bin"
+
+
+def test_unexpected_files_are_removed_and_the_sizes_of_those_kept_returned(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep.bin").write_bytes(b"12345")
+    (tmp_path / "d" / "gone.bin").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    kept = remove_unexpected(tmp_path, [PurePosixPath("d/keep.bin"), PurePosixPath("d/new.bin")])
+    assert kept == {tmp_path / "d" / "keep.bin": 5}  # new.bin is not there: not in it
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["d", "d/keep.bin"]
