@@ -49,16 +49,6 @@ class ClaimRecord:
             deleting=bool(metadata.get("deletionTimestamp")),
         )
 
-    @classmethod
-    def from_model(cls, claim: Any) -> ClaimRecord:
-        return cls(
-            namespace=str(claim.metadata.namespace),
-            name=str(claim.metadata.name),
-            labels=dict(claim.metadata.labels or {}),
-            phase=claim.status.phase if claim.status else None,
-            deleting=claim.metadata.deletion_timestamp is not None,
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class VolumeRecord:
@@ -79,16 +69,6 @@ class VolumeRecord:
             deleting=bool(metadata.get("deletionTimestamp")),
         )
 
-    @classmethod
-    def from_model(cls, volume: Any) -> VolumeRecord:
-        claim_ref = volume.spec.claim_ref if volume.spec else None
-        return cls(
-            name=str(volume.metadata.name),
-            labels=dict(volume.metadata.labels or {}),
-            claim_name=claim_ref.name if claim_ref else None,
-            deleting=volume.metadata.deletion_timestamp is not None,
-        )
-
 
 def owner_uid(record: ClaimRecord | VolumeRecord) -> list[str]:
     """Index of claims and volumes by the VolumeManager they were made for."""
@@ -102,7 +82,7 @@ def claims_of(ctx: SourceContext, cached: bool = True) -> list[ClaimRecord]:
     if informer is not None:
         return [c for c in informer.by("owner", owner.uid) if c.namespace == owner.namespace]
     listed = ctx.core.list_namespaced_persistent_volume_claim(owner.namespace, label_selector=owner.selector())
-    return [ClaimRecord.from_model(c) for c in listed.items]
+    return [ClaimRecord.from_raw(c) for c in _raw(ctx, listed).get("items") or []]
 
 
 def volumes_of(ctx: SourceContext, cached: bool = True) -> list[VolumeRecord]:
@@ -110,7 +90,13 @@ def volumes_of(ctx: SourceContext, cached: bool = True) -> list[VolumeRecord]:
     if informer is not None:
         return list(informer.by("owner", ctx.owner.uid))
     listed = ctx.core.list_persistent_volume(label_selector=ctx.owner.selector())
-    return [VolumeRecord.from_model(v) for v in listed.items]
+    return [VolumeRecord.from_raw(v) for v in _raw(ctx, listed).get("items") or []]
+
+
+def _raw(ctx: SourceContext, model: Any) -> dict[str, Any]:
+    """A typed client object as the API server's JSON: the records read that form only."""
+    raw: dict[str, Any] = ctx.core.api_client.sanitize_for_serialization(model)
+    return raw
 
 
 class MadeLately:
@@ -177,9 +163,9 @@ def known_volume(name: str, made: MadeLately = MADE) -> bool:
     return made.get(f"volume/{name}") is not None
 
 
-def made_claim(claim: Any, made: MadeLately = MADE) -> ClaimRecord:
+def made_claim(ctx: SourceContext, claim: Any, made: MadeLately = MADE) -> ClaimRecord:
     """Remember a claim just created or read (typed client model) until the informer shows it."""
-    record = ClaimRecord.from_model(claim)
+    record = ClaimRecord.from_raw(_raw(ctx, claim))
     made.put(f"claim/{record.namespace}/{record.name}", record)
     return record
 

@@ -157,7 +157,7 @@ class NFSSource(Source):
                 lambda: ctx.core.create_namespaced_persistent_volume_claim(owner.namespace, claim),
                 lambda: ctx.core.read_namespaced_persistent_volume_claim(claim_name, owner.namespace),
             )
-            known = _claims.made_claim(created)
+            known = _claims.made_claim(ctx, created)
         return claim_status(config, owner, known.phase)
 
     def cleanup(

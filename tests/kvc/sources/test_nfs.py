@@ -169,7 +169,8 @@ def test_a_pv_is_orphaned_when_its_claim_is_gone_unless_kept() -> None:
     assert [v.name for v in orphans] == ["pv-orphan", "pv-unbound"]
 
 
-def test_claim_and_volume_records_read_raw_and_typed_objects_alike() -> None:
+def test_claim_and_volume_records_read_typed_objects_once_serialized() -> None:
+    serialize = client.ApiClient().sanitize_for_serialization
     raw_claim = {
         "metadata": {
             "name": "c",
@@ -183,7 +184,7 @@ def test_claim_and_volume_records_read_raw_and_typed_objects_alike() -> None:
         metadata=client.V1ObjectMeta(name="c", namespace="team-a", labels={"a": "b"}, deletion_timestamp="x"),
         status=client.V1PersistentVolumeClaimStatus(phase="Bound"),
     )
-    assert ClaimRecord.from_raw(raw_claim) == ClaimRecord.from_model(typed_claim)
+    assert ClaimRecord.from_raw(raw_claim) == ClaimRecord.from_raw(serialize(typed_claim))
     raw_volume = {
         "metadata": {"name": "pv", "labels": {names.LABEL_VOLUMEMANAGER_UID: "u"}},
         "spec": {"claimRef": {"name": "c"}},
@@ -192,6 +193,6 @@ def test_claim_and_volume_records_read_raw_and_typed_objects_alike() -> None:
         metadata=client.V1ObjectMeta(name="pv", labels={names.LABEL_VOLUMEMANAGER_UID: "u"}),
         spec=client.V1PersistentVolumeSpec(claim_ref=client.V1ObjectReference(name="c")),
     )
-    assert VolumeRecord.from_raw(raw_volume) == VolumeRecord.from_model(typed_volume)
+    assert VolumeRecord.from_raw(raw_volume) == VolumeRecord.from_raw(serialize(typed_volume))
     assert owner_uid(VolumeRecord.from_raw(raw_volume)) == ["u"]
     assert owner_uid(ClaimRecord.from_raw(raw_claim)) == []
