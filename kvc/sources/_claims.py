@@ -82,7 +82,7 @@ def claims_of(ctx: SourceContext, cached: bool = True) -> list[ClaimRecord]:
     if informer is not None:
         return [c for c in informer.by("owner", owner.uid) if c.namespace == owner.namespace]
     listed = ctx.core.list_namespaced_persistent_volume_claim(owner.namespace, label_selector=owner.selector())
-    return [ClaimRecord.from_raw(c) for c in _raw(ctx, listed).get("items") or []]
+    return [ClaimRecord.from_raw(_raw(ctx, c)) for c in listed.items]
 
 
 def volumes_of(ctx: SourceContext, cached: bool = True) -> list[VolumeRecord]:
@@ -90,7 +90,7 @@ def volumes_of(ctx: SourceContext, cached: bool = True) -> list[VolumeRecord]:
     if informer is not None:
         return list(informer.by("owner", ctx.owner.uid))
     listed = ctx.core.list_persistent_volume(label_selector=ctx.owner.selector())
-    return [VolumeRecord.from_raw(v) for v in _raw(ctx, listed).get("items") or []]
+    return [VolumeRecord.from_raw(_raw(ctx, v)) for v in listed.items]
 
 
 def _raw(ctx: SourceContext, model: Any) -> dict[str, Any]:
