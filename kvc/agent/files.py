@@ -87,11 +87,6 @@ class SafeJoin:
         return self.root / relative
 
 
-def safe_join(root: Path, name: str) -> Path:
-    """``root / name``, guaranteed to stay under ``root`` even with symlinks on disk."""
-    return SafeJoin(root)(name)
-
-
 @dataclass
 class ManifestFile:
     path: str

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import IO
 
-from kvc.agent.files import UnsafePathError, safe_join
+from kvc.agent.files import SafeJoin, UnsafePathError
 
 KINDS = ("tar", "tar.gz", "zip")
 _COPY_CHUNK = 1 << 20
@@ -36,10 +36,11 @@ def _extract_tar(archive: Path, dest: Path, compressed: bool) -> list[str]:
     skipped = []
     try:
         with tarfile.open(archive, "r:gz" if compressed else "r:") as tar:
+            join = SafeJoin(dest)
             for member in tar:
                 if member.isdir():
                     try:
-                        safe_join(dest, member.name).mkdir(parents=True, exist_ok=True)
+                        join(member.name).mkdir(parents=True, exist_ok=True)
                     except UnsafePathError:
                         skipped.append(member.name)
                     continue
@@ -47,7 +48,7 @@ def _extract_tar(archive: Path, dest: Path, compressed: bool) -> list[str]:
                     skipped.append(member.name)
                     continue
                 try:
-                    target = safe_join(dest, member.name)
+                    target = join(member.name)
                 except UnsafePathError:
                     skipped.append(member.name)
                     continue
@@ -67,13 +68,14 @@ def _extract_zip(archive: Path, dest: Path) -> list[str]:
     skipped = []
     try:
         with zipfile.ZipFile(archive) as bundle:
+            join = SafeJoin(dest)
             for info in bundle.infolist():
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
                     skipped.append(info.filename)
                     continue
                 try:
-                    target = safe_join(dest, info.filename)
+                    target = join(info.filename)
                 except UnsafePathError:
                     skipped.append(info.filename)
                     continue

@@ -4,7 +4,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from kvc.agent.files import SafeJoin, UnsafePathError, remove_unexpected, safe_join
+from kvc.agent.files import SafeJoin, UnsafePathError, remove_unexpected
 
 
 def test_names_are_joined_under_the_root(tmp_path: Path) -> None:
@@ -26,7 +26,7 @@ def test_a_symlinked_directory_is_refused_at_any_depth(tmp_path: Path) -> None:
     (root / "a").mkdir(parents=True)
     (root / "a" / "link").symlink_to(outside)
     with pytest.raises(UnsafePathError, match="a/link is a symlink"):
-        safe_join(root, "a/link/file.bin")
+        SafeJoin(root)("a/link/file.bin")
 
 
 def test_a_symlinked_file_is_refused_even_in_a_directory_already_checked(tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def test_a_root_reached_through_a_symlink_is_fine(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "via").symlink_to(real)
-    assert safe_join(tmp_path / "via", "f.bin") == tmp_path / "via" / "f.bin"
+    assert SafeJoin(tmp_path / "via")("f.bin") == tmp_path / "via" / "f.bin"
 
 
 def test_unexpected_files_are_removed_and_the_sizes_of_those_kept_returned(tmp_path: Path) -> None:
