@@ -86,10 +86,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
     """kopf's own login (in-cluster, else kubeconfig), on a session with a bounded pool."""
     info = kopf.login_via_client(**kwargs)
-    return None if info is None else bounded_session(info, API_CONNECTIONS)
+    return None if info is None else _bounded_session(info, API_CONNECTIONS)
 
 
-def bounded_session(info: kopf.ConnectionInfo, limit: int) -> kopf.AiohttpSession:
+def _bounded_session(info: kopf.ConnectionInfo, limit: int) -> kopf.AiohttpSession:
     """The session kopf would make from ``info``, with at most ``limit`` connections."""
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit, ssl=info.as_ssl_context()),
