@@ -41,8 +41,11 @@ def _live(objects: list[Any]) -> list[Any]:
 def test_nfs_volume_gets_a_bound_pv_and_pvc_and_the_volumemanager_runs(
     vms: VolumeManagers, control_plane: ControlPlane
 ) -> None:
+    began = time.monotonic()
     created = vms.create("datasets", [nfs_volume("shared", mountOptions="nfsvers=4.1,hard")])
     vm = vms.wait_state("datasets", "Running")
+    # Bound at once, not at kube-controller-manager's next look at pending claims (15 s).
+    assert time.monotonic() - began < 12
     uid = created["metadata"]["uid"]
 
     status = vm["status"]
@@ -77,6 +80,11 @@ def test_nfs_volume_gets_a_bound_pv_and_pvc_and_the_volumemanager_runs(
     assert pv.spec.mount_options == ["nfsvers=4.1", "hard"]
     assert pv.spec.persistent_volume_reclaim_policy == "Retain"
     assert pv.spec.capacity == {"storage": "2Gi"}
+    # Made after the claim, bound to its uid: kube-controller-manager had no binding of its own
+    # to write into the PV (it marks those it binds itself).
+    assert pv.spec.claim_ref.uid == claim.metadata.uid
+    assert "pv.kubernetes.io/bound-by-controller" not in (pv.metadata.annotations or {})
+    assert names.ANNOTATION_VOLUME_CREATED in claim.metadata.annotations
 
     reasons = [(e.type, e.reason) for e in vms.events("datasets")]
     assert ("Normal", "VolumeReady") in reasons

@@ -246,7 +246,9 @@ class Informer(Store[T]):
     Responses are parsed as raw JSON: the typed client's deserialisation would cost more
     than everything else the controller does with them. ``transform`` keeps what readers
     need (None: do not keep the object). ``on_delete`` is called, on the informer's
-    thread, for each object deleted, also for deletions noticed by a re-list.
+    thread, for each object deleted, also for deletions noticed by a re-list;
+    ``on_change`` with (old, new) for each object added (old None), changed or deleted
+    (new None), after the store has it. Both must be quick: the watch waits for them.
     """
 
     def __init__(
@@ -258,6 +260,7 @@ class Informer(Store[T]):
         label_selector: str | None = None,
         indexers: Mapping[str, Callable[[T], Iterable[str]]] | None = None,
         on_delete: Callable[[str, T], None] | None = None,
+        on_change: Callable[[T | None, T | None], None] | None = None,
         page_size: int = 500,
         watch_seconds: int = 300,
     ) -> None:
@@ -267,6 +270,7 @@ class Informer(Store[T]):
         self._transform = transform
         self._selector = {"label_selector": label_selector} if label_selector else {}
         self._on_delete = on_delete
+        self._on_change = on_change
         self._page_size = page_size
         self._watch_seconds = watch_seconds
         self._synced = threading.Event()
@@ -360,8 +364,12 @@ class Informer(Store[T]):
             if not token:
                 version = str(metadata.get("resourceVersion", ""))
                 break
+        previous = self.snapshot().items if self._on_change is not None else {}
         for key, item in self.replace(items).items():
             self._deleted(key, item)
+        for key in previous.keys() | items.keys():
+            if previous.get(key) != items.get(key):
+                self._changed(previous.get(key), items.get(key))
         logger.info("%s: %d listed", self.name, len(items))
         return version
 
@@ -398,9 +406,20 @@ class Informer(Store[T]):
     def _apply(self, kind: str, raw: dict[str, Any]) -> None:
         key = object_key(raw)
         item = None if kind == "DELETED" else self._transform(raw)
+        revision = self.revision  # only this thread puts: a new revision is a change
         old = self.put(key, item)
         if item is None and old is not None:
             self._deleted(key, old)
+        if self.revision != revision:
+            self._changed(old, item)
+
+    def _changed(self, old: T | None, new: T | None) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(old, new)
+        except Exception:
+            logger.exception("%s: handling a change failed", self.name)
 
     def _deleted(self, key: str, item: T) -> None:
         if self._on_delete is None:

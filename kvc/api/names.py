@@ -30,6 +30,10 @@ LABEL_VOLUMEMANAGER_UID = f"{GROUP}/volumemanager-uid"
 LABEL_VOLUME_ID = f"{GROUP}/volume-id"
 LABEL_SOURCE_HASH = f"{GROUP}/source-hash"
 
+# On a claim KVC made: when its PersistentVolume was created (made after the claim, bound
+# to its uid). Writing it is also what makes kube-controller-manager bind them at once.
+ANNOTATION_VOLUME_CREATED = f"{GROUP}/volume-created"
+
 # Scheduling gate the webhook puts on pods whose data is still being provisioned, and the
 # label that lets the controller find those pods; both are removed once the data is usable.
 SCHEDULING_GATE = f"{GROUP}/data-ready"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kubernetes import client
@@ -23,13 +23,30 @@ logger = logging.getLogger(__name__)
 
 
 def start(
-    api: Any, timeout: float = 120.0, on_node_deleted: Callable[[str], None] | None = None
+    api: Any,
+    timeout: float = 120.0,
+    on_node_deleted: Callable[[str], None] | None = None,
+    touch: Callable[[Iterable[str]], None] = lambda _uids: None,
+    touch_nodes: Callable[[], None] = lambda: None,
 ) -> list[kube.Informer[Any]]:
     """Start and register the informers, and wait (up to ``timeout``) for their first lists.
+
+    ``touch`` is told the VolumeManagers (uids) whose claims, PersistentVolumes or
+    replicas changed, ``touch_nodes`` that a node or an agent came or went or changed:
+    what the passes are built from.
 
     An informer that is not synced (e.g. its watch is refused) leaves its readers on the
     API; it keeps trying in the background.
     """
+
+    def made_changed(old: Any, new: Any) -> None:
+        touch({*(_claims.owner_uid(old) if old else ()), *(_claims.owner_uid(new) if new else ())})
+
+    def volumenode_changed(old: Any, new: Any) -> None:
+        touch(ClusterView.changed_owners(old, new))
+        if old is None or new is None:
+            touch_nodes()
+
     core = client.CoreV1Api(api)
     custom = client.CustomObjectsApi(api)
     volumenodes = functools.partial(
@@ -41,12 +58,14 @@ def start(
             core.list_node,
             kube.NodeRecord.from_raw,
             on_delete=(lambda key, _node: on_node_deleted(key)) if on_node_deleted else None,
+            on_change=lambda _old, _new: touch_nodes(),
         ),
         kube.Informer(
             kube.VOLUMENODES,
             volumenodes,
             kube.without_managed_fields,
             indexers={"replica": ClusterView.replica_keys, "owner": ClusterView.owner_uids},
+            on_change=volumenode_changed,
         ),
         kube.Informer(
             kube.CLAIMS,
@@ -54,6 +73,7 @@ def start(
             _claims.ClaimRecord.from_raw,
             label_selector=_claims.SELECTOR,
             indexers={"owner": _claims.owner_uid},
+            on_change=made_changed,
         ),
         kube.Informer(
             kube.VOLUMES,
@@ -61,6 +81,7 @@ def start(
             _claims.VolumeRecord.from_raw,
             label_selector=_claims.SELECTOR,
             indexers={"owner": _claims.owner_uid},
+            on_change=made_changed,
         ),
     ]
     for informer in informers:

@@ -70,7 +70,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     api = kube.api_client(pool_size=2 * WORKERS)
     memo.core = client.CoreV1Api(api)
     memo.custom = client.CustomObjectsApi(api)
-    caches.start(api, on_node_deleted=functools.partial(node_deleted, memo.custom))
+    caches.start(
+        api,
+        on_node_deleted=functools.partial(node_deleted, memo.custom),
+        touch=PASSES.touch,
+        touch_nodes=PASSES.touch_nodes,
+    )
     memo.registry = load_registry()
     memo.setdefault("node_data_root", DEFAULT_NODE_DATA_ROOT)
     memo.setdefault("agent_grace_seconds", 45.0)
@@ -130,7 +135,7 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, trigger: str
 
 
 def _reconcile_once(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
-    uid = str(body["metadata"]["uid"])
+    uid, started = str(body["metadata"]["uid"]), PASSES.now()
     old = PASSES.status(uid, body.get("status") or {})
     result = reconcile.reconcile(body, _context(body, memo, old), memo.registry)
     new = status.aggregate(
@@ -142,13 +147,13 @@ def _reconcile_once(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None
     for event in status.transitions(old.get("volumes") or [], result.volumes):
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         metrics.VOLUME_TRANSITIONS.labels(event.reason).inc()
-    if old.get("state") != new["state"]:
-        kind = "Warning" if new["state"] == State.FAILED else "Normal"
-        kopf.event(body, type=kind, reason=new["state"], message=new["message"])
+    changed = status.state_event(old.get("state"), new)
+    if changed is not None:
+        kopf.event(body, type=changed.type, reason=changed.reason, message=changed.message)
     written = new if status.status_changed(old, new) else None
     if written is not None:
         patch.status.update(written)
-    PASSES.record(uid, new["state"], written)
+    PASSES.record(uid, new["state"], written, started)
 
 
 @kopf.on.create(*VMGR)

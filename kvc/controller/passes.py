@@ -8,17 +8,21 @@ an API server busy with the controller's echoes. So the status this process wrot
 the truth for a while (``trust_seconds``); after that the object's own status wins again,
 so that a patch that was lost is written again.
 
-The same record says when a resync may be skipped: a VolumeManager that is Running and
-that the last pass left unchanged is looked at every ``settled_seconds`` rather than every
-resync. Its inputs rarely change, and those that matter sooner come as spec updates (their
-own handler) or as node and agent failures, which have a grace of their own far longer.
+The same record says when a resync may be skipped: a VolumeManager that the last pass
+left unchanged is looked at again when something it is built from changed (the
+informers ``touch`` it: its claims, its PersistentVolumes, the agents' reports on its
+replicas; a node, for one not Running yet), and every ``settled_seconds`` whatever
+happens. Its spec has a handler of its own, and node and agent failures a grace far
+longer. Passing a thousand VolumeManagers that wait for their claims to bind every
+resync kept a core busy computing the same status again, on a machine that the API
+server and the controller-manager binding those claims needed.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kvc.api.models import State
@@ -28,7 +32,7 @@ SETTLED_SECONDS = 10.0
 
 
 class PassMemory:
-    """Per VolumeManager uid: the last status written, and since when it has been settled (thread-safe)."""
+    """Per uid: the last status written, since when it is unchanged, when its inputs changed (thread-safe)."""
 
     def __init__(
         self,
@@ -41,7 +45,9 @@ class PassMemory:
         self._clock = clock
         self._lock = threading.Lock()
         self._written: dict[str, tuple[dict[str, Any], float]] = {}  # uid -> (status, when)
-        self._settled: dict[str, float] = {}  # uid -> when a pass last found it settled
+        self._quiet: dict[str, tuple[float, str]] = {}  # uid -> (when a pass last changed nothing, state)
+        self._touched: dict[str, float] = {}  # uid -> when one of its inputs last changed
+        self._nodes_touched = float("-inf")  # when a node last changed
 
     def status(self, uid: str, observed: Mapping[str, Any]) -> dict[str, Any]:
         """The status to compare a new one with: what this process wrote lately, else ``observed``."""
@@ -51,17 +57,40 @@ class PassMemory:
             return dict(observed)
         return {**observed, **written[0]}
 
-    def record(self, uid: str, state: str, written: Mapping[str, Any] | None) -> None:
-        """After a pass: the state it computed and the status fields it wrote (None: nothing)."""
+    def now(self) -> float:
+        """The time to give ``record`` as when a pass started reading."""
+        return self._clock()
+
+    def record(self, uid: str, state: str, written: Mapping[str, Any] | None, started: float | None = None) -> None:
+        """After a pass: the state it computed and the status fields it wrote (None: nothing).
+
+        ``started`` (from ``now``) is when the pass began to read: a change touched while it
+        ran may not be in what it read, and is looked at again.
+        """
         now = self._clock()
+        since = now if started is None else started
         with self._lock:
             if written is not None:
                 previous = self._written.get(uid, ({}, now))[0]
                 self._written[uid] = ({**previous, **written}, now)
-            if written is None and state == State.RUNNING.value:
-                self._settled[uid] = now
+            if written is None:
+                self._quiet[uid] = (since, state)
             else:
-                self._settled.pop(uid, None)
+                self._quiet.pop(uid, None)
+            if self._touched.get(uid, since) < since:
+                del self._touched[uid]  # seen by this pass
+
+    def touch(self, uids: Iterable[str]) -> None:
+        """Something these VolumeManagers are built from changed: a pass should look again."""
+        now = self._clock()
+        with self._lock:
+            for uid in uids:
+                self._touched[uid] = now
+
+    def touch_nodes(self) -> None:
+        """A node changed: those not Running yet (placement may succeed now) should look again."""
+        with self._lock:
+            self._nodes_touched = self._clock()
 
     def due(self, uid: str) -> bool:
         """Whether a resync should look at this VolumeManager now."""
@@ -70,12 +99,18 @@ class PassMemory:
     def until_due(self, uid: str) -> float:
         """Seconds until a resync should look at this VolumeManager (0: now)."""
         with self._lock:
-            settled_at = self._settled.get(uid)
-        if settled_at is None:
+            quiet = self._quiet.get(uid)
+            touched = self._touched.get(uid, float("-inf"))
+            nodes_touched = self._nodes_touched
+        if quiet is None:
             return 0.0
-        return max(0.0, settled_at + self.settled_seconds - self._clock())
+        since, state = quiet
+        if touched >= since or (state != State.RUNNING.value and nodes_touched >= since):
+            return 0.0
+        return max(0.0, since + self.settled_seconds - self._clock())
 
     def forget(self, uid: str) -> None:
         with self._lock:
             self._written.pop(uid, None)
-            self._settled.pop(uid, None)
+            self._quiet.pop(uid, None)
+            self._touched.pop(uid, None)

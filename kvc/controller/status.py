@@ -129,6 +129,18 @@ def transitions(previous_volumes: Sequence[Mapping[str, Any]], volumes: Sequence
     return events
 
 
+def state_event(old_state: str | None, new: Mapping[str, Any]) -> Event | None:
+    """The event for a VolumeManager whose state changed (None: no event).
+
+    A new VolumeManager's first Pending gets none: each volume's VolumeProvisioning says it,
+    and a thousand VolumeManagers created at once should not cost a thousand more writes.
+    """
+    state = new["state"]
+    if old_state == state or (old_state is None and state == State.PENDING.value):
+        return None
+    return Event("Warning" if state == State.FAILED.value else "Normal", state, new["message"])
+
+
 def status_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     """Whether writing ``new`` would change anything a reader sees."""
     return any(old.get(key) != value for key, value in new.items())

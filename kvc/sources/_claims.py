@@ -37,6 +37,7 @@ class ClaimRecord:
     labels: Mapping[str, str] = field(default_factory=dict)
     phase: str | None = None
     deleting: bool = False
+    uid: str = ""
 
     @classmethod
     def from_raw(cls, raw: Mapping[str, Any]) -> ClaimRecord:
@@ -44,6 +45,7 @@ class ClaimRecord:
         return cls(
             namespace=str(metadata.get("namespace")),
             name=str(metadata.get("name")),
+            uid=str(metadata.get("uid") or ""),
             labels=dict(metadata.get("labels") or {}),
             phase=(raw.get("status") or {}).get("phase"),
             deleting=bool(metadata.get("deletionTimestamp")),

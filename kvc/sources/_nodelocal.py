@@ -113,6 +113,21 @@ class ClusterView:
         """Index of a VolumeNode by the VolumeManagers whose replicas it holds."""
         return {str((r.get("volumeManager") or {}).get("uid")) for r in (vnode.get("spec") or {}).get("replicas") or []}
 
+    @staticmethod
+    def changed_owners(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> set[str]:
+        """The VolumeManagers (uids) whose replicas on a VolumeNode were assigned, released or
+        reported differently between two versions of it (None: absent). Heartbeats alone change none."""
+
+        def by_name(vnode: Mapping[str, Any] | None, part: str) -> dict[str, Any]:
+            return {str(r.get("name")): r for r in ((vnode or {}).get(part) or {}).get("replicas") or []}
+
+        old_spec, new_spec = by_name(old, "spec"), by_name(new, "spec")
+        old_reports, new_reports = by_name(old, "status"), by_name(new, "status")
+        owners = {name: str((r.get("volumeManager") or {}).get("uid")) for name, r in {**old_spec, **new_spec}.items()}
+        changed = {n for n in old_spec.keys() | new_spec.keys() if old_spec.get(n) != new_spec.get(n)}
+        changed |= {n for n in old_reports.keys() | new_reports.keys() if old_reports.get(n) != new_reports.get(n)}
+        return {owners[name] for name in changed if name in owners}
+
     @classmethod
     def load(cls, ctx: SourceContext) -> ClusterView:
         from kvc import kube  # noqa: PLC0415 - informers exist in the controller only

@@ -260,6 +260,27 @@ def test_a_broken_stream_resumes_from_the_last_version() -> None:
     assert "reset" in informer.error
 
 
+def test_changes_are_reported_once_each_from_watches_and_relists() -> None:
+    changes: list[tuple[Any, Any]] = []
+    run(
+        [
+            _list([_obj("a", 1, v=1), _obj("b", 2, v=2)], 5),
+            _watch(
+                {"type": "MODIFIED", "object": _obj("a", 6, v=1)},  # nothing kept changed
+                {"type": "MODIFIED", "object": _obj("a", 7, v=10)},
+                {"type": "DELETED", "object": _obj("b", 8)},
+                {"type": "ERROR", "object": {"code": 410, "message": "too old"}},
+            ),
+            # Meanwhile: c added, a changed again; the re-list says so.
+            _list([_obj("a", 1, v=11), _obj("c", 9, v=3)], 20),
+        ],
+        on_change=lambda old, new: changes.append((old, new)),
+    )
+    assert sorted(changes[:2], key=str) == [(None, {"v": 1}), (None, {"v": 2})]  # the first list
+    assert changes[2:4] == [({"v": 1}, {"v": 10}), ({"v": 2}, None)]
+    assert sorted(changes[4:], key=str) == [(None, {"v": 3}), ({"v": 10}, {"v": 11})]
+
+
 def test_a_failing_deletion_handler_does_not_stop_the_informer() -> None:
     lister = ScriptedLister(
         [

@@ -58,11 +58,40 @@ def test_a_settled_volumemanager_is_due_at_once_when_a_pass_changes_it(clock: Fa
     assert memory.until_due("u") == 0
 
 
-def test_only_running_settles(clock: FakeClock) -> None:
+@pytest.mark.parametrize("state", ["Pending", "Running", "Failed"])
+def test_an_unchanged_volumemanager_waits_until_one_of_its_inputs_changes(state: str, clock: FakeClock) -> None:
     memory = PassMemory(settled_seconds=10, clock=clock)
-    for state in ("Pending", "Degraded", "Failed"):
-        memory.record("u", state, None)
-        assert memory.due("u"), state
+    memory.record("u", state, None)
+    clock.now += 3
+    memory.touch(["other"])
+    assert memory.until_due("u") == 7
+    memory.touch(["u"])  # e.g. its claim bound
+    assert memory.due("u")
+    clock.now += 1
+    started = memory.now()
+    clock.now += 1
+    memory.record("u", state, None, started)  # that pass saw the change
+    assert memory.until_due("u") == 9
+
+
+def test_a_change_during_a_pass_is_looked_at_again(clock: FakeClock) -> None:
+    memory = PassMemory(settled_seconds=10, clock=clock)
+    started = memory.now()
+    clock.now += 0.5
+    memory.touch(["u"])  # after the pass read its inputs
+    clock.now += 0.5
+    memory.record("u", "Pending", None, started)
+    assert memory.due("u")
+
+
+def test_a_node_change_wakes_only_those_not_running(clock: FakeClock) -> None:
+    memory = PassMemory(settled_seconds=10, clock=clock)
+    memory.record("running", "Running", None)
+    memory.record("pending", "Pending", None)
+    clock.now += 1
+    memory.touch_nodes()  # a node joined: placement may succeed now
+    assert memory.due("pending")
+    assert memory.until_due("running") == 9
 
 
 def test_forgetting_a_deleted_volumemanager(clock: FakeClock) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import datetime as dt
 
 from kvc.api.models import VolumePhase, VolumeStatus
-from kvc.controller.status import aggregate, status_changed, transitions
+from kvc.controller.status import Event, aggregate, state_event, status_changed, transitions
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 LATER = NOW + dt.timedelta(minutes=5)
@@ -87,3 +87,15 @@ def test_events_for_phase_changes_only() -> None:
         ("Warning", "VolumeFailed", "volume d: bad"),
         ("Normal", "VolumeProvisioning", "volume e: creating"),
     ]
+
+
+def test_state_events_say_each_change_of_state_but_a_new_volumemanagers_first_pending() -> None:
+    pending = {"state": "Pending", "message": "data: waiting for claim"}
+    running = {"state": "Running", "message": "all 1 volumes ready"}
+    failed = {"state": "Failed", "message": "data: options.path is required"}
+    assert state_event(None, pending) is None  # its volumes' VolumeProvisioning events say it
+    assert state_event("Pending", pending) is None
+    assert state_event("Pending", running) == Event("Normal", "Running", "all 1 volumes ready")
+    assert state_event("Running", pending) == Event("Normal", "Pending", "data: waiting for claim")
+    assert state_event(None, failed) == Event("Warning", "Failed", "data: options.path is required")
+    assert state_event(None, running) == Event("Normal", "Running", "all 1 volumes ready")

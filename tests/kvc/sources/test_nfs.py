@@ -46,6 +46,12 @@ def test_pv_is_pre_bound_retained_labelled_and_has_no_owner_reference() -> None:
     assert labels[names.LABEL_VOLUME_ID] == "shared"
 
 
+def test_given_its_claims_uid_the_pv_is_bound_to_that_very_claim() -> None:
+    _, claim_name = object_names(OWNER, config())
+    pv = build_persistent_volume(OWNER, config(), claim_uid="claim-uid-1")
+    assert pv["spec"]["claimRef"] == {"namespace": "team-a", "name": claim_name, "uid": "claim-uid-1"}
+
+
 def test_claim_is_owned_by_the_volumemanager_and_names_its_pv() -> None:
     claim = build_claim(OWNER, config())
     volume_name, claim_name = object_names(OWNER, config())

@@ -426,3 +426,29 @@ def test_heartbeats_are_observed_once_per_view_however_many_passes_share_it(monk
     monkeypatch.setattr(ClusterView, "load", classmethod(lambda cls, ctx: fresh))
     _nodelocal.load_view(None)  # type: ignore[arg-type]
     assert observed == [2, 1]
+
+
+def _vnode(spec: list[tuple[str, str]], reports: list[tuple[str, str]], heartbeat: str = "t0") -> dict[str, Any]:
+    """A VolumeNode with (replica, owner uid) assignments and (replica, phase) reports."""
+    return {
+        "spec": {"replicas": [{"name": name, "volumeManager": {"uid": uid}} for name, uid in spec]},
+        "status": {"heartbeatTime": heartbeat, "replicas": [{"name": n, "phase": p} for n, p in reports]},
+    }
+
+
+def test_the_owners_whose_replicas_changed_on_a_volumenode() -> None:
+    before = _vnode([("r1", "u1"), ("r2", "u2")], [("r1", "Fetching"), ("r2", "Ready")])
+    # A heartbeat alone concerns nobody.
+    assert (
+        ClusterView.changed_owners(before, {**before, "status": {**before["status"], "heartbeatTime": "t1"}}) == set()
+    )
+    assert ClusterView.changed_owners(before, copy.deepcopy(before)) == set()
+    # A report that moved: its owner only.
+    reported = _vnode([("r1", "u1"), ("r2", "u2")], [("r1", "Ready"), ("r2", "Ready")], heartbeat="t1")
+    assert ClusterView.changed_owners(before, reported) == {"u1"}
+    # Assigned, released: the owner of each, also when the released one's report stays.
+    moved = _vnode([("r1", "u1"), ("r3", "u3")], [("r1", "Fetching"), ("r2", "Ready")])
+    assert ClusterView.changed_owners(before, moved) == {"u2", "u3"}
+    # A VolumeNode that comes or goes concerns all its owners.
+    assert ClusterView.changed_owners(None, before) == {"u1", "u2"}
+    assert ClusterView.changed_owners(before, None) == {"u1", "u2"}
