@@ -15,7 +15,10 @@ import pytest
 from e2e.helpers import tree
 from e2e.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 from kvc.agent.files import MANIFEST, ReplicaDir
-from kvc.sources.s3_fetch import fetch, make_client
+from kvc.sources import _s3http
+from kvc.sources._s3http import ObjectGetter
+from kvc.sources._s3url import parse_url
+from kvc.sources.s3_fetch import fetch, list_objects, make_client
 from kvc.sources.transfer import FetchError, Progress
 
 
@@ -65,6 +68,29 @@ def test_prefix_is_copied_with_nested_keys_and_published_atomically(
         == sum(len(v) for k, v in objects.items() if k.startswith("data/"))
     )
     assert replica.verify() == []
+
+
+def test_the_direct_listing_reads_what_botocore_reads_over_several_pages(
+    bucket: tuple[Any, str], agent_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, name = bucket
+    odd = ["data/a b.bin", "data/plus+sign.bin", "data/%41-not-escaped.bin", "data/é&=?.bin", "data/dir/"]
+    seed(client, name, {key: b"x" * (i % 7) for i, key in enumerate([*odd, *(f"data/n{i:04d}" for i in range(1001))])})
+    seed(client, name, {"elsewhere/x.bin": b"x"})
+    location = parse_url(f"s3://{name}/data/")
+    pages: list[bytes] = []
+    parse = _s3http.parse_listing
+
+    def counted(body: bytes) -> tuple[list[tuple[str, int, str | None]], str | None]:
+        pages.append(body)
+        return parse(body)
+
+    monkeypatch.setattr(_s3http, "parse_listing", counted)
+    direct = list_objects(agent_client, location, ObjectGetter(agent_client, name))
+    assert len(pages) == 2  # a thousand keys per answer
+    assert direct == list_objects(agent_client, location)  # botocore's paginator
+    assert len(direct) == 1005  # the folder marker and the other prefix left out
+    assert {o.key for o in direct} >= set(odd[:4])
 
 
 def test_single_object_lands_under_its_base_name(bucket: tuple[Any, str], agent_client: Any, tmp_path: Path) -> None:

@@ -4,8 +4,9 @@ botocore spends about 2 ms of CPU on every GetObject (event hooks, parsers, chec
 and retry handlers), and threads blocking on sockets hand the GIL back and forth on
 every read (over a hundred futex calls per small file were measured). A data set of
 small files was therefore bound by the agent's CPU, not by the network or the server.
-Listing stays on boto3 (a thousand keys per call); object bodies come through here:
-one SigV4-signed GET per object on keep-alive connections driven by one event loop.
+Object bodies come through here: one SigV4-signed GET per object on keep-alive
+connections driven by one event loop; listings too (a thousand keys per request,
+parsed by the C XML parser).
 
 Answers other than 200/206 raise botocore's ``ClientError`` carrying the S3 error code
 and broken connections raise ``OSError``, so callers handle both paths alike.
@@ -23,6 +24,7 @@ import re
 import ssl
 import urllib.parse
 import urllib.request
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -62,10 +64,12 @@ def signed_headers(
     now: dt.datetime,
     extra: Mapping[str, str] | None = None,
     key: bytes | None = None,
+    query: str = "",
 ) -> dict[str, str]:
     """The headers (``host`` included) of an AWS Signature Version 4 request with an empty body.
 
-    ``path`` is already URI-encoded as it goes on the wire (S3 does not encode it twice).
+    ``path`` is already URI-encoded as it goes on the wire (S3 does not encode it twice),
+    and ``query`` too, in canonical form (``canonical_query``).
     ``key`` may pass the day's signing key to skip four HMACs.
     """
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
@@ -77,7 +81,7 @@ def signed_headers(
         headers[name.lower()] = value.strip()
     names = sorted(headers)
     canonical = "\n".join(
-        [method, path, "", *(f"{name}:{headers[name]}" for name in names), "", ";".join(names), _EMPTY_SHA256]
+        [method, path, query, *(f"{name}:{headers[name]}" for name in names), "", ";".join(names), _EMPTY_SHA256]
     )
     scope = f"{day}/{region}/s3/aws4_request"
     to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
@@ -89,6 +93,41 @@ def signed_headers(
         f"SignedHeaders={';'.join(names)}, Signature={signature}"
     )
     return headers
+
+
+def canonical_query(params: Mapping[str, str]) -> str:
+    """A query string as SigV4 signs it (and as it is sent): sorted, every reserved byte escaped."""
+    quote = urllib.parse.quote
+    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(params.items()))
+
+
+def _local_name(element: ET.Element) -> str:
+    return element.tag.rsplit("}", 1)[-1]
+
+
+def parse_listing(body: bytes) -> tuple[list[tuple[str, int, str | None]], str | None]:
+    """A ListObjectsV2 answer (``encoding-type=url``): its (key, size, ETag) and the next page's token.
+
+    The endpoint is the user's: a document type (entities that expand a few bytes into
+    gigabytes) has no place in a listing and is refused before parsing.
+    """
+    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+        raise ValueError("a listing with a document type declaration")
+    root = ET.fromstring(body)  # noqa: S314 - no DTD (refused above); ElementTree fetches no external entities
+    objects: list[tuple[str, int, str | None]] = []
+    token: str | None = None
+    truncated = False
+    for element in root:
+        name = _local_name(element)
+        if name == "Contents":
+            fields = {_local_name(child): child.text or "" for child in element}
+            etag = fields.get("ETag")
+            objects.append((urllib.parse.unquote_plus(fields["Key"]), int(fields["Size"]), etag or None))
+        elif name == "IsTruncated":
+            truncated = (element.text or "").strip() == "true"
+        elif name == "NextContinuationToken":
+            token = element.text
+    return objects, token if truncated else None
 
 
 class _Connection:
@@ -140,7 +179,7 @@ class ObjectGetter:
         host = urllib.parse.urlsplit(client.meta.endpoint_url).hostname or ""
         return not urllib.request.getproxies() or bool(urllib.request.proxy_bypass(host))
 
-    def _headers(self, path: str, start: int, checksums: bool) -> dict[str, str]:
+    def _signed(self, path: str, extra: Mapping[str, str], query: str = "") -> dict[str, str]:
         frozen = self._credentials_source.get_frozen_credentials()
         credentials = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
         now = dt.datetime.now(dt.UTC)
@@ -154,11 +193,18 @@ class ObjectGetter:
             credentials=credentials,
             region=self._region,
             now=now,
-            extra={
+            extra=extra,
+            key=self._keys[(credentials.secret_key, day)],
+            query=query,
+        )
+
+    def _headers(self, path: str, start: int, checksums: bool) -> dict[str, str]:
+        return self._signed(
+            path,
+            {
                 **({"range": f"bytes={start}-"} if start else {}),
                 **({"x-amz-checksum-mode": "ENABLED"} if checksums else {}),
             },
-            key=self._keys[(credentials.secret_key, day)],
         )
 
     async def _connect(self) -> _Connection:
@@ -196,11 +242,7 @@ class ObjectGetter:
             if status not in (200, 206):
                 async with asyncio.timeout(self._read_timeout):
                     body = await connection.reader.readexactly(min(remaining, 64 << 10))
-                found = _ERROR_CODE.search(body)
-                code = found.group(1).decode() if found else str(status)
-                raise ClientError(
-                    {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
-                )
+                raise _client_error(body, status, "GetObject")
             while remaining:
                 async with asyncio.timeout(self._read_timeout):
                     block = await connection.reader.readexactly(min(chunk, remaining))
@@ -217,6 +259,48 @@ class ObjectGetter:
             else:
                 connection.close()
 
+    def _blocking_connection(self) -> http.client.HTTPConnection:
+        if self._ssl is not None:
+            return http.client.HTTPSConnection(
+                self._hostname, self._port, timeout=self._read_timeout, context=self._ssl
+            )
+        return http.client.HTTPConnection(self._hostname, self._port, timeout=self._read_timeout)
+
+    def list(self, prefix: str) -> list[tuple[str, int, str | None]]:
+        """Blocking: every object under ``prefix`` as (key, size, ETag), a thousand per request.
+
+        botocore builds a DOM of each answer and runs its hooks on every key: 0.45 s of CPU
+        for 5,000 keys was measured, several times what the C parser takes.
+        """
+        path = self._prefix.rstrip("/") or "/"
+        objects: list[tuple[str, int, str | None]] = []
+        token: str | None = None
+        connection = self._blocking_connection()
+        try:
+            while True:
+                params = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
+                if token is not None:
+                    params["continuation-token"] = token
+                query = canonical_query(params)
+                connection.request("GET", f"{path}?{query}", headers=self._signed(path, {}, query))
+                response = connection.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    raise _client_error(body, response.status, "ListObjectsV2")
+                try:
+                    page, token = parse_listing(body)
+                except (ET.ParseError, KeyError, ValueError) as exc:
+                    raise ConnectionError(f"unreadable listing of {prefix!r}: {type(exc).__name__}") from exc
+                objects += page
+                if token is None:
+                    return objects
+        except http.client.HTTPException as exc:
+            raise ConnectionError(f"{type(exc).__name__} listing {prefix!r}") from exc
+        except TimeoutError as exc:
+            raise TimeoutError(f"no answer listing {prefix!r} within {self._read_timeout:.0f}s") from exc
+        finally:
+            connection.close()
+
     def copy_into(
         self, key: str, start: int, sink: Callable[[memoryview], None], checksums: dict[str, str] | None = None
     ) -> None:
@@ -228,20 +312,12 @@ class ObjectGetter:
         """
         path = self._prefix + urllib.parse.quote(key, safe="/~")
         headers = self._headers(path, start, checksums is not None)
-        connection: http.client.HTTPConnection = (
-            http.client.HTTPSConnection(self._hostname, self._port, timeout=self._read_timeout, context=self._ssl)
-            if self._ssl is not None
-            else http.client.HTTPConnection(self._hostname, self._port, timeout=self._read_timeout)
-        )
+        connection = self._blocking_connection()
         try:
             connection.request("GET", path, headers=headers)
             response = connection.getresponse()
             if response.status not in (200, 206):
-                found = _ERROR_CODE.search(response.read(64 << 10))
-                code = found.group(1).decode() if found else str(response.status)
-                raise ClientError(
-                    {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": response.status}}, "GetObject"
-                )
+                raise _client_error(response.read(64 << 10), response.status, "GetObject")
             if response.length is None:
                 raise ConnectionError(f"GET {key}: answer without Content-Length")
             if checksums is not None:
@@ -263,6 +339,13 @@ class ObjectGetter:
             with contextlib.suppress(Exception):
                 connection.close()
         self._idle.clear()
+
+
+def _client_error(body: bytes, status: int, operation: str) -> ClientError:
+    """botocore's error for an S3 error answer: its code from the XML body, else the HTTP status."""
+    found = _ERROR_CODE.search(body)
+    code = found.group(1).decode() if found else str(status)
+    return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
 
 
 def _checksums(headers: Mapping[str, str]) -> dict[str, str]:

@@ -95,21 +95,45 @@ def _describe(exc: Exception, location: S3Location) -> str:
     return f"cannot reach S3 for {location}: {type(exc).__name__}"
 
 
-def list_objects(client: Any, location: S3Location) -> list[S3Object]:
+def list_objects(client: Any, location: S3Location, getter: ObjectGetter | None = None) -> list[S3Object]:
+    """The objects at ``location``; a prefix is listed through ``getter`` when given (see ObjectGetter.list)."""
     try:
         if not location.is_prefix:
             head = client.head_object(Bucket=location.bucket, Key=location.key)
             return [S3Object(location.key, int(head["ContentLength"]), head.get("ETag"))]
-        objects = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key):
-            for item in page.get("Contents", []):
-                if not item["Key"].endswith("/"):  # "folder" markers hold no data
-                    objects.append(S3Object(item["Key"], int(item["Size"]), item.get("ETag")))
-    except (ClientError, BotoCoreError) as exc:
+        if getter is not None:
+            listed = _listed_with_retries(getter, location.key)
+        else:
+            listed = [
+                (item["Key"], int(item["Size"]), item.get("ETag"))
+                for page in client.get_paginator("list_objects_v2").paginate(
+                    Bucket=location.bucket, Prefix=location.key
+                )
+                for item in page.get("Contents", [])
+            ]
+    except (ClientError, BotoCoreError, OSError) as exc:
         raise FetchError(_describe(exc, location)) from exc
+    # "Folder" markers hold no data.
+    objects = [S3Object(key, size, etag) for key, size, etag in listed if not key.endswith("/")]
     if not objects:
         raise FetchError(f"no objects under {location}")
     return objects
+
+
+# As many as botocore's standard retry mode makes for a listing.
+_LIST_ATTEMPTS = 3
+
+
+def _listed_with_retries(getter: ObjectGetter, prefix: str) -> list[tuple[str, int, str | None]]:
+    for attempt in range(1, _LIST_ATTEMPTS + 1):
+        try:
+            return getter.list(prefix)
+        except OSError as exc:
+            if attempt == _LIST_ATTEMPTS:
+                raise
+            logger.warning("listing %r failed (%s): trying again", prefix, exc)
+            time.sleep(min(0.5 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
 
 
 def _relative_name(location: S3Location, key: str) -> str:
@@ -476,7 +500,12 @@ def fetch(
     """Copy ``url`` into ``replica`` (extracting archives when ``unpack`` names their kind) and publish it."""
     location = parse_url(url)
     deadline = time.monotonic() + timeout if timeout else float("inf")
-    objects = list_objects(client, location)
+    bodies: _Bodies = (
+        ObjectGetter(client, location.bucket, connections=workers)
+        if ObjectGetter.usable(client)
+        else _BotoBodies(client, location.bucket)
+    )
+    objects = list_objects(client, location, bodies if isinstance(bodies, ObjectGetter) else None)
     if include:
         # This node holds only its part of the data set (distributionStrategy).
         objects = [o for o in objects if fnmatch.fnmatchcase(_relative_name(location, o.key), include)]
@@ -506,11 +535,6 @@ def fetch(
     progress.total_bytes = sum(obj.size for obj, _, _ in planned)
     progress.bytes = sum(min(on_disk.get(t, 0), o.size) for o, t, _ in planned)
 
-    bodies: _Bodies = (
-        ObjectGetter(client, location.bucket, connections=workers)
-        if ObjectGetter.usable(client)
-        else _BotoBodies(client, location.bucket)
-    )
     asyncio.run(
         _download_all(
             bodies,

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvc.sources import s3_fetch
-from kvc.sources._s3http import Credentials, ObjectGetter, signed_headers
+from kvc.sources._s3http import Credentials, ObjectGetter, canonical_query, parse_listing, signed_headers
 from kvc.sources.s3_fetch import S3Object, _digest_for
 from kvc.sources.transfer import FetchError, Progress
 
@@ -62,6 +62,40 @@ def test_signatures_equal_botocores_for_any_key(key: str, token: str | None, sta
     if token:
         boto_extra["X-Amz-Security-Token"] = token
     assert ours["authorization"] == botocore_signature(f"http://127.0.0.1:9000{path}", credentials, region, boto_extra)
+
+
+@settings(max_examples=200, deadline=None)
+@given(prefix=keys, token=st.none() | st.text(alphabet="abcdefXYZ0123456789/+= ", min_size=1, max_size=30))
+def test_listing_signatures_equal_botocores_for_any_prefix_and_token(prefix: str, token: str | None) -> None:
+    credentials = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+    params = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
+    if token is not None:
+        params["continuation-token"] = token
+    query = canonical_query(params)
+    ours = signed_headers(
+        "GET", "127.0.0.1:9000", "/bucket", credentials=credentials, region="eu-west-3", now=NOW, query=query
+    )
+    url = f"http://127.0.0.1:9000/bucket?{query}"
+    assert ours["authorization"] == botocore_signature(url, credentials, "eu-west-3", {})
+
+
+def test_a_listing_is_read_with_its_url_encoded_keys_and_next_token() -> None:
+    page = (
+        b'<?xml version="1.0" encoding="UTF-8"?>'
+        b'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name>'
+        b"<IsTruncated>true</IsTruncated><NextContinuationToken>t/2+</NextContinuationToken>"
+        b"<Contents><Key>data/a+b%26c%C3%A9.bin</Key><Size>12</Size><ETag>&quot;abc&quot;</ETag></Contents>"
+        b"<Contents><Key>dir/</Key><Size>0</Size></Contents></ListBucketResult>"
+    )
+    assert parse_listing(page) == ([("data/a b&cé.bin", 12, '"abc"'), ("dir/", 0, None)], "t/2+")
+    last = page.replace(b"<IsTruncated>true", b"<IsTruncated>false")
+    assert parse_listing(last)[1] is None
+
+
+def test_a_listing_with_a_document_type_is_refused_unparsed() -> None:
+    bomb = b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa">]><ListBucketResult>&a;</ListBucketResult>'
+    with pytest.raises(ValueError, match="document type"):
+        parse_listing(bomb)
 
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
