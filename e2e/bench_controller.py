@@ -215,13 +215,15 @@ def floor_pairs(plane: ControlPlane, clients: Clients, count: int, timeout: floa
     config = VolumeConfig.model_validate(nfs_volume(0))
 
     def create(owner: VolumeManagerRef) -> None:
-        volume = nfs.build_persistent_volume(owner, config)
         claim = nfs.build_claim(owner, config)
         # No VolumeManager owns these: the garbage collector would delete an orphan claim.
         claim["metadata"].pop("ownerReferences")
-        started[claim["metadata"]["name"]] = time.perf_counter()
-        clients.core.create_persistent_volume(volume)
-        clients.core.create_namespaced_persistent_volume_claim(FLOOR_NAMESPACE, claim)
+        name = claim["metadata"]["name"]
+        started[name] = time.perf_counter()
+        # In the controller's order: the claim, its PV bound to the claim's uid, the annotation.
+        made = clients.core.create_namespaced_persistent_volume_claim(FLOOR_NAMESPACE, claim)
+        clients.core.create_persistent_volume(nfs.build_persistent_volume(owner, config, claim_uid=made.metadata.uid))
+        clients.core.patch_namespaced_persistent_volume_claim(name, FLOOR_NAMESPACE, nfs.volume_created())
 
     lister = functools.partial(clients.core.list_namespaced_persistent_volume_claim, FLOOR_NAMESPACE)
     with watching("floor-claims", lister, see), ThreadPoolExecutor(CLIENT_THREADS) as pool:

@@ -91,6 +91,12 @@ def build_claim(owner: VolumeManagerRef, config: VolumeConfig) -> dict[str, Any]
     }
 
 
+def volume_created(now: dt.datetime | None = None) -> dict[str, Any]:
+    """The patch that marks a claim's PV as made (and has kube-controller-manager bind them now)."""
+    stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"metadata": {"annotations": {names.ANNOTATION_VOLUME_CREATED: stamp}}}
+
+
 def claim_status(config: VolumeConfig, owner: VolumeManagerRef, claim_phase: str | None) -> VolumeStatus:
     """The volume's status given its claim's phase (None: the claim does not exist)."""
     volume_name, claim_name = object_names(owner, config)
@@ -171,10 +177,7 @@ class NFSSource(Source):
                 # A claim is bound when kube-controller-manager looks at it with its volume
                 # there; it looked when the claim was made, before the volume. An update makes
                 # it look again now rather than at its next resync (15 s by default).
-                now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-                ctx.core.patch_namespaced_persistent_volume_claim(
-                    claim_name, owner.namespace, {"metadata": {"annotations": {names.ANNOTATION_VOLUME_CREATED: now}}}
-                )
+                ctx.core.patch_namespaced_persistent_volume_claim(claim_name, owner.namespace, volume_created())
         return claim_status(config, owner, known.phase)
 
     def cleanup(

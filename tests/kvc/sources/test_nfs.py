@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from kubernetes import client
 
@@ -7,7 +9,15 @@ from kvc.api import names
 from kvc.api.models import VolumeConfig, VolumePhase
 from kvc.sources._claims import ClaimRecord, VolumeRecord, orphaned_volumes, owner_uid, stale_claims
 from kvc.sources.base import VolumeManagerRef
-from kvc.sources.nfs import NFSSource, build_claim, build_persistent_volume, claim_status, object_names, source_hash
+from kvc.sources.nfs import (
+    NFSSource,
+    build_claim,
+    build_persistent_volume,
+    claim_status,
+    object_names,
+    source_hash,
+    volume_created,
+)
 
 OWNER = VolumeManagerRef(namespace="team-a", name="datasets", uid="1234-uid")
 
@@ -50,6 +60,13 @@ def test_given_its_claims_uid_the_pv_is_bound_to_that_very_claim() -> None:
     _, claim_name = object_names(OWNER, config())
     pv = build_persistent_volume(OWNER, config(), claim_uid="claim-uid-1")
     assert pv["spec"]["claimRef"] == {"namespace": "team-a", "name": claim_name, "uid": "claim-uid-1"}
+
+
+def test_the_volume_created_patch_only_annotates_the_claim() -> None:
+    when = dt.datetime(2026, 11, 29, 7, 45, 0, tzinfo=dt.UTC)
+    assert volume_created(when) == {
+        "metadata": {"annotations": {names.ANNOTATION_VOLUME_CREATED: "2026-11-29T07:45:00Z"}}
+    }
 
 
 def test_claim_is_owned_by_the_volumemanager_and_names_its_pv() -> None:
