@@ -25,7 +25,7 @@ import ssl
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,12 +259,25 @@ class ObjectGetter:
             else:
                 connection.close()
 
-    def _blocking_connection(self) -> http.client.HTTPConnection:
-        if self._ssl is not None:
-            return http.client.HTTPSConnection(
-                self._hostname, self._port, timeout=self._read_timeout, context=self._ssl
-            )
-        return http.client.HTTPConnection(self._hostname, self._port, timeout=self._read_timeout)
+    @contextlib.contextmanager
+    def _blocking_connection(self, what: str) -> Iterator[http.client.HTTPConnection]:
+        """A connection of its own for one blocking exchange (``what`` it does, for errors), closed after.
+
+        Its failures come out as those of the event-loop path: ``ConnectionError`` or ``TimeoutError``.
+        """
+        connection = (
+            http.client.HTTPSConnection(self._hostname, self._port, timeout=self._read_timeout, context=self._ssl)
+            if self._ssl is not None
+            else http.client.HTTPConnection(self._hostname, self._port, timeout=self._read_timeout)
+        )
+        try:
+            yield connection
+        except http.client.HTTPException as exc:
+            raise ConnectionError(f"{type(exc).__name__} {what}") from exc
+        except TimeoutError as exc:
+            raise TimeoutError(f"no answer within {self._read_timeout:.0f}s {what}") from exc
+        finally:
+            connection.close()
 
     def list(self, prefix: str) -> list[tuple[str, int, str | None]]:
         """Blocking: every object under ``prefix`` as (key, size, ETag), a thousand per request.
@@ -275,8 +288,7 @@ class ObjectGetter:
         path = self._prefix.rstrip("/") or "/"
         objects: list[tuple[str, int, str | None]] = []
         token: str | None = None
-        connection = self._blocking_connection()
-        try:
+        with self._blocking_connection(f"listing {prefix!r}") as connection:
             while True:
                 params = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
                 if token is not None:
@@ -294,12 +306,6 @@ class ObjectGetter:
                 objects += page
                 if token is None:
                     return objects
-        except http.client.HTTPException as exc:
-            raise ConnectionError(f"{type(exc).__name__} listing {prefix!r}") from exc
-        except TimeoutError as exc:
-            raise TimeoutError(f"no answer listing {prefix!r} within {self._read_timeout:.0f}s") from exc
-        finally:
-            connection.close()
 
     def copy_into(
         self, key: str, start: int, sink: Callable[[memoryview], None], checksums: dict[str, str] | None = None
@@ -312,8 +318,7 @@ class ObjectGetter:
         """
         path = self._prefix + urllib.parse.quote(key, safe="/~")
         headers = self._headers(path, start, checksums is not None)
-        connection = self._blocking_connection()
-        try:
+        with self._blocking_connection(f"reading {key}") as connection:
             connection.request("GET", path, headers=headers)
             response = connection.getresponse()
             if response.status not in (200, 206):
@@ -327,12 +332,6 @@ class ObjectGetter:
                 sink(buffer[:count])
             if response.length:
                 raise ConnectionError(f"connection closed with {response.length} bytes of {key} unread")
-        except http.client.HTTPException as exc:
-            raise ConnectionError(f"{type(exc).__name__} reading {key}") from exc
-        except TimeoutError as exc:
-            raise TimeoutError(f"no answer for {key} within {self._read_timeout:.0f}s") from exc
-        finally:
-            connection.close()
 
     def close(self) -> None:
         for connection in self._idle:

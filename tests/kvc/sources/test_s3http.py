@@ -333,3 +333,73 @@ def test_a_file_the_writer_cannot_create_fails_the_fetch_naming_it(tmp_path: Pat
     writer.close()
     with pytest.raises(FetchError, match=r"cannot write k: No such file or directory"):
         writer.raise_failure()
+
+
+class _ListingServer:
+    """A loopback HTTP server whose every answer is ``reply`` (raw bytes, or None: answer nothing)."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        import socket  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        self.reply = reply
+        self.requests: list[bytes] = []
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return
+            with connection:
+                self.requests.append(connection.recv(65536))
+                if self.reply is None:
+                    connection.recv(1)  # until the client gives up
+                    continue
+                connection.sendall(self.reply)
+
+    def getter(self) -> ObjectGetter:
+        client = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{self.port}",
+            region_name="us-east-1",
+            aws_access_key_id="a",
+            aws_secret_access_key="b",
+        )
+        return ObjectGetter(client, "bucket", read_timeout=1)
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def _http(status: str, body: bytes) -> bytes:
+    return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "message"),
+    [
+        (_http("403 Forbidden", b"<Error><Code>AccessDenied</Code></Error>"), ClientError, "AccessDenied"),
+        (_http("200 OK", b"<ListBucketResult><Contents><Key>"), ConnectionError, "unreadable listing of 'p/'"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n<List", ConnectionError, "IncompleteRead listing 'p/'"),
+        (b"garbage\r\n\r\n", ConnectionError, "BadStatusLine listing 'p/'"),
+        (None, TimeoutError, "no answer within 1s listing 'p/'"),
+    ],
+    ids=["refused", "truncated-xml", "short-body", "not-http", "silent"],
+)
+def test_a_failed_listing_raises_what_the_fetcher_reports_or_retries(
+    reply: bytes | None, error: type[Exception], message: str
+) -> None:
+    server = _ListingServer(reply)
+    try:
+        with pytest.raises(error, match=message):
+            server.getter().list("p/")
+        # Path-style, signed, the prefix and the URL encoding asked for.
+        assert server.requests[0].startswith(b"GET /bucket?encoding-type=url&list-type=2&prefix=p%2F HTTP/1.1")
+        assert b"authorization: aws4-hmac-sha256 credential=a/" in server.requests[0].lower()
+    finally:
+        server.close()
