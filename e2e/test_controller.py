@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from kubernetes.client.rest import ApiException
 
 from e2e.cluster import ControlPlane
 from e2e.helpers import VolumeManagers, wait_for
@@ -91,6 +92,32 @@ def test_nfs_volume_gets_a_bound_pv_and_pvc_and_the_volumemanager_runs(
     assert ("Normal", "Running") in reasons
     table = control_plane.kubectl("get", "vmgr", "datasets", "-n", vms.namespace, "--no-headers").stdout.split()
     assert table[1:3] == ["Running", "1/1"]
+
+
+def test_a_deleted_claim_is_made_again_with_a_pv_for_it(vms: VolumeManagers) -> None:
+    vms.create("remade", [nfs_volume("shared")])
+    volume = vms.wait_state("remade", "Running")["status"]["volumes"][0]
+    claim_name, volume_name = volume["claimName"], volume["persistentVolumeName"]
+    first = vms.core.read_namespaced_persistent_volume_claim(claim_name, vms.namespace).metadata.uid
+    vms.core.delete_namespaced_persistent_volume_claim(claim_name, vms.namespace)
+
+    def bound_again() -> bool:
+        try:
+            claim = vms.core.read_namespaced_persistent_volume_claim(claim_name, vms.namespace)
+            pv = vms.core.read_persistent_volume(volume_name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return bool(
+            claim.metadata.uid != first
+            and claim.status.phase == "Bound"
+            and pv.spec.claim_ref.uid == claim.metadata.uid
+        )
+
+    # A Retain PV keeps naming the deleted claim (Released): made again for the new one.
+    wait_for(bound_again, timeout=90, what="the claim made again and bound to a PV made again")
+    vms.wait_state("remade", "Running")
 
 
 def test_read_only_nfs_volume_is_mounted_read_only(vms: VolumeManagers) -> None:

@@ -60,15 +60,18 @@ class VolumeRecord:
     labels: Mapping[str, str] = field(default_factory=dict)
     claim_name: str | None = None
     deleting: bool = False
+    claim_uid: str = ""
 
     @classmethod
     def from_raw(cls, raw: Mapping[str, Any]) -> VolumeRecord:
         metadata = raw.get("metadata") or {}
+        claim_ref = (raw.get("spec") or {}).get("claimRef") or {}
         return cls(
             name=str(metadata.get("name")),
             labels=dict(metadata.get("labels") or {}),
-            claim_name=((raw.get("spec") or {}).get("claimRef") or {}).get("name"),
+            claim_name=claim_ref.get("name"),
             deleting=bool(metadata.get("deletionTimestamp")),
+            claim_uid=str(claim_ref.get("uid") or ""),
         )
 
 
@@ -165,6 +168,24 @@ def known_volume(name: str, made: MadeLately = MADE) -> bool:
     return made.get(f"volume/{name}") is not None
 
 
+def volume_bound_elsewhere(name: str, claim: ClaimRecord) -> bool:
+    """Whether the PersistentVolume (as the informer has it) is bound to an earlier claim of
+    the claim's name: that one was deleted and this one made in its place."""
+    informer = kube.informer(kube.VOLUMES)
+    found = informer.get(name) if informer is not None else None
+    return (
+        isinstance(found, VolumeRecord)
+        and not found.deleting
+        and bool(found.claim_uid and claim.uid)
+        and found.claim_uid != claim.uid
+    )
+
+
+def delete_volume(ctx: SourceContext, name: str, why: str) -> None:
+    logger.info("deleting PersistentVolume %s (%s)", name, why)
+    _delete_ignoring_not_found(ctx.core.delete_persistent_volume, name)
+
+
 def made_claim(ctx: SourceContext, claim: Any, made: MadeLately = MADE) -> ClaimRecord:
     """Remember a claim just created or read (typed client model) until the informer shows it."""
     record = ClaimRecord.from_raw(_raw(ctx, claim))
@@ -253,8 +274,7 @@ def remove_stale_claims(
         _delete_ignoring_not_found(ctx.core.delete_namespaced_persistent_volume_claim, claim.name, owner.namespace)
     live_claims = {c.name for c in claims if c not in stale or users.get(c.name)}
     for volume in orphaned_volumes(volumes_of(ctx, cached=not force), live_claims, set(keep_volumes)):
-        logger.info("deleting PersistentVolume %s (its claim is gone or going)", volume.name)
-        _delete_ignoring_not_found(ctx.core.delete_persistent_volume, volume.name)
+        delete_volume(ctx, volume.name, "its claim is gone or going")
     return kept
 
 

@@ -162,7 +162,11 @@ class NFSSource(Source):
                 lambda: ctx.core.read_namespaced_persistent_volume_claim(claim_name, owner.namespace),
             )
             known = _claims.made_claim(ctx, created)
-        if not _claims.known_volume(volume_name):
+        if _claims.volume_bound_elsewhere(volume_name, known):
+            # Its claim was deleted and has just been made again; a Retain PV stays Released for
+            # the claim it had, so it is made again too (the export is not touched).
+            _claims.delete_volume(ctx, volume_name, f"its claim {claim_name} was deleted and made again")
+        elif not _claims.known_volume(volume_name):
             # Made after its claim, bound to the claim's uid: kube-controller-manager then has
             # nothing to write to the PV but its phase. Made first and bound by name only, a
             # thousand of them cost it 1,760 more writes (760 of them conflicts, retried at

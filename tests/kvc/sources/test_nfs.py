@@ -200,22 +200,26 @@ def test_claim_and_volume_records_read_typed_objects_once_serialized() -> None:
             "namespace": "team-a",
             "labels": {"a": "b"},
             "deletionTimestamp": "2026-01-01T00:00:00Z",
+            "uid": "claim-uid",
         },
         "status": {"phase": "Bound"},
     }
     typed_claim = client.V1PersistentVolumeClaim(
-        metadata=client.V1ObjectMeta(name="c", namespace="team-a", labels={"a": "b"}, deletion_timestamp="x"),
+        metadata=client.V1ObjectMeta(
+            name="c", namespace="team-a", labels={"a": "b"}, deletion_timestamp="x", uid="claim-uid"
+        ),
         status=client.V1PersistentVolumeClaimStatus(phase="Bound"),
     )
     assert ClaimRecord.from_raw(raw_claim) == ClaimRecord.from_raw(serialize(typed_claim))
     raw_volume = {
         "metadata": {"name": "pv", "labels": {names.LABEL_VOLUMEMANAGER_UID: "u"}},
-        "spec": {"claimRef": {"name": "c"}},
+        "spec": {"claimRef": {"name": "c", "uid": "claim-uid"}},
     }
     typed_volume = client.V1PersistentVolume(
         metadata=client.V1ObjectMeta(name="pv", labels={names.LABEL_VOLUMEMANAGER_UID: "u"}),
-        spec=client.V1PersistentVolumeSpec(claim_ref=client.V1ObjectReference(name="c")),
+        spec=client.V1PersistentVolumeSpec(claim_ref=client.V1ObjectReference(name="c", uid="claim-uid")),
     )
     assert VolumeRecord.from_raw(raw_volume) == VolumeRecord.from_raw(serialize(typed_volume))
+    assert ClaimRecord.from_raw(raw_claim).uid == VolumeRecord.from_raw(raw_volume).claim_uid == "claim-uid"
     assert owner_uid(VolumeRecord.from_raw(raw_volume)) == ["u"]
     assert owner_uid(ClaimRecord.from_raw(raw_claim)) == []
