@@ -98,6 +98,18 @@ def test_a_listing_with_a_document_type_is_refused_unparsed() -> None:
         parse_listing(bomb)
 
 
+def loopback_getter(port: int) -> ObjectGetter:
+    """The direct path to bucket ``bucket`` of a test server on ``port`` (1 s read timeout)."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="a",
+        aws_secret_access_key="b",
+    )
+    return ObjectGetter(client, "bucket", read_timeout=1)
+
+
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -115,14 +127,7 @@ def collect(handler: Handler, key: str = "data/a b.bin", start: int = 0) -> tupl
     async def run() -> bytes:
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        client = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{port}",
-            region_name="us-east-1",
-            aws_access_key_id="a",
-            aws_secret_access_key="b",
-        )
-        getter = ObjectGetter(client, "bucket", read_timeout=1)
+        getter = loopback_getter(port)
         try:
             return b"".join([chunk async for chunk in getter.get(key, start, chunk=4)])
         finally:
@@ -363,14 +368,7 @@ class _ListingServer:
                 connection.sendall(self.reply)
 
     def getter(self) -> ObjectGetter:
-        client = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{self.port}",
-            region_name="us-east-1",
-            aws_access_key_id="a",
-            aws_secret_access_key="b",
-        )
-        return ObjectGetter(client, "bucket", read_timeout=1)
+        return loopback_getter(self.port)
 
     def close(self) -> None:
         self._socket.close()
