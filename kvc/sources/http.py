@@ -26,7 +26,7 @@ from kvc.api.models import VolumeConfig
 from kvc.api.units import parse_duration
 from kvc.sources import _nodelocal
 from kvc.sources.base import FetchRequest, required_options, url_problem
-from kvc.sources.transfer import CHUNK, RETRIES, FetchError, Progress, finish_unpack, run_parallel
+from kvc.sources.transfer import CHUNK, RETRIES, FetchError, Progress, finish_unpack, retry_delay, run_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _download(
         attempt += 1
         if attempt > RETRIES or time.monotonic() > deadline:
             raise FetchError(f"giving up on {_redact(url)}: {type(error).__name__}: {error}") from None
-        delay = min(0.5 * 2**attempt, 15.0)
+        delay = retry_delay(attempt)
         logger.warning("retrying %s in %.1fs (%s)", _redact(url), delay, type(error).__name__)
         time.sleep(delay)
 

@@ -152,11 +152,11 @@ class NFSSource(Source):
 
     def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
         owner = ctx.owner
-        claim = build_claim(owner, config)
         volume_name, claim_name = object_names(owner, config)
         # Once both exist the informers say so, and the claim's phase: no API call.
         known = _claims.known_claim(owner, claim_name)
         if known is None:
+            claim = build_claim(owner, config)
             created = _claims.create_or_get(
                 lambda: ctx.core.create_namespaced_persistent_volume_claim(owner.namespace, claim),
                 lambda: ctx.core.read_namespaced_persistent_volume_claim(claim_name, owner.namespace),

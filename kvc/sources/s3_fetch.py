@@ -40,7 +40,7 @@ from kvc.agent.files import (
 )
 from kvc.sources._s3http import ObjectGetter
 from kvc.sources._s3url import S3Location, parse_url
-from kvc.sources.transfer import CHUNK, RETRIES, FetchError, Progress, finish_unpack
+from kvc.sources.transfer import CHUNK, RETRIES, FetchError, Progress, finish_unpack, retry_delay
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +125,13 @@ _LIST_ATTEMPTS = 3
 
 
 def _listed_with_retries(getter: ObjectGetter, prefix: str) -> list[tuple[str, int, str | None]]:
-    for attempt in range(1, _LIST_ATTEMPTS + 1):
+    for attempt in range(1, _LIST_ATTEMPTS):
         try:
             return getter.list(prefix)
         except OSError as exc:
-            if attempt == _LIST_ATTEMPTS:
-                raise
             logger.warning("listing %r failed (%s): trying again", prefix, exc)
-            time.sleep(min(0.5 * 2**attempt, 5.0))
-    raise AssertionError("unreachable")
+            time.sleep(retry_delay(attempt))
+    return getter.list(prefix)  # the last attempt's failure is the fetch's
 
 
 def _relative_name(location: S3Location, key: str) -> str:
@@ -431,7 +429,7 @@ async def _download(
                 raise FetchError(
                     f"giving up on s3://{bucket}/{obj.key} after {RETRIES} retries: {type(exc).__name__}"
                 ) from exc
-            delay = min(0.5 * 2**attempt, 15.0)
+            delay = retry_delay(attempt)
             logger.warning("retrying s3://%s/%s in %.1fs (%s)", bucket, obj.key, delay, type(exc).__name__)
             await asyncio.sleep(delay)
     progress.file_done()

@@ -15,6 +15,11 @@ CHUNK = 1 << 20
 RETRIES = 8
 
 
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt`` (from 1): doubling from 1 s, 15 s at most."""
+    return min(0.5 * 2.0**attempt, 15.0)
+
+
 class FetchError(RuntimeError):
     """A failure the user can act on; the message is shown in the volume's status."""
 
