@@ -53,9 +53,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.finalizer = names.FINALIZER
     # The CRD's structural schema prunes unknown status fields: keep kopf's state in annotations.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=names.GROUP, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = _NoDiffBase()
     # Our own events describe what happens; kopf's become events only when a handler fails.
     settings.posting.level = logging.WARNING
     # kopf logs every handler run at INFO: with a thousand VolumeManagers, hundreds of lines a
@@ -85,6 +83,26 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     PASSES.settled_seconds = min(passes.SETTLED_SECONDS, memo.agent_grace_seconds / 4)
     memo.setdefault("allowed_data_roots", ())
     logger.info("source types: %s", ", ".join(sorted(memo.registry.sources)))
+
+
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """No copy of the last handled spec on the object: its generation tells a spec change.
+
+    kopf's own diff-base (an annotation holding the spec as last handled) costs one more
+    PATCH of every new VolumeManager, and one more watch event to every watcher; the
+    status' observedGeneration, written anyway, says which spec was passed last
+    (``volumemanager_event``). Without a diff-base kopf sees no create, update or resume
+    to handle: deletion (the finalizer) and timers do not depend on it.
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        """Nothing kept: see the class."""
 
 
 @kopf.on.login()
@@ -125,12 +143,18 @@ def _context(body: kopf.Body, memo: kopf.Memo, known_status: Mapping[str, Any] |
 
 
 def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, trigger: str) -> None:
-    with metrics.RECONCILE_SECONDS.time():
-        try:
+    uid = str(body["metadata"]["uid"])
+    if not PASSES.begin(uid):
+        metrics.RECONCILES.labels(trigger, "busy").inc()
+        return
+    try:
+        with metrics.RECONCILE_SECONDS.time():
             _reconcile_once(body, patch, memo)
-        except Exception:
-            metrics.RECONCILES.labels(trigger, "error").inc()
-            raise
+    except Exception:
+        metrics.RECONCILES.labels(trigger, "error").inc()
+        raise
+    finally:
+        PASSES.end(uid)
     metrics.RECONCILES.labels(trigger, "ok").inc()
 
 
@@ -156,19 +180,32 @@ def _reconcile_once(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None
     PASSES.record(uid, new["state"], written, started)
 
 
-@kopf.on.create(*VMGR)
-def volumemanager_create(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, patch, memo, "create")
+def _spec_passed(body: kopf.Body) -> bool:
+    """Whether a pass has handled the VolumeManager's current spec (its generation)."""
+    known = PASSES.status(str(body["metadata"]["uid"]), body.get("status") or {})
+    return bool(known.get("observedGeneration") == body["metadata"].get("generation"))
 
 
-@kopf.on.update(*VMGR, field="spec")
-def volumemanager_update(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, patch, memo, "update")
+@kopf.on.event(*VMGR)
+def volumemanager_event(type: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """A spec no pass has handled yet (a new VolumeManager, an update, one changed while the
+    controller was down) is passed at once; everything else waits for the timer.
 
-
-@kopf.on.resume(*VMGR)
-def volumemanager_resume(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, patch, memo, "resume")
+    Only once the finalizer is on (kopf adds it first): resources made before would outlive
+    a VolumeManager deleted in between.
+    """
+    metadata = body["metadata"]
+    if type == "DELETED" or metadata.get("deletionTimestamp") or names.FINALIZER not in metadata.get("finalizers", []):
+        return
+    if _spec_passed(body):
+        return
+    trigger = "create" if not (body.get("status") or {}).get("observedGeneration") else "update"
+    try:
+        _reconcile(body, patch, memo, trigger)
+    except Exception:
+        # kopf does not retry event handlers: the timer's next tick does.
+        PASSES.touch([str(metadata["uid"])])
+        raise
 
 
 @kopf.timer(*VMGR, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)

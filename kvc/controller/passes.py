@@ -48,6 +48,7 @@ class PassMemory:
         self._quiet: dict[str, tuple[float, str]] = {}  # uid -> (when a pass last changed nothing, state)
         self._touched: dict[str, float] = {}  # uid -> when one of its inputs last changed
         self._nodes_touched = float("-inf")  # when a node last changed
+        self._passing: set[str] = set()  # uids a pass is running over
 
     def status(self, uid: str, observed: Mapping[str, Any]) -> dict[str, Any]:
         """The status to compare a new one with: what this process wrote lately, else ``observed``."""
@@ -79,6 +80,24 @@ class PassMemory:
                 self._quiet.pop(uid, None)
             if self._touched.get(uid, since) < since:
                 del self._touched[uid]  # seen by this pass
+
+    def begin(self, uid: str) -> bool:
+        """Claim ``uid`` for a pass (``end`` releases it); False if a pass over it is under way.
+
+        A watch event and the timer can both start one: two at once would both create what
+        is missing (one failing with a conflict) and post the same events. The one refused
+        marks the uid touched, so that the next resync looks again at what it came for.
+        """
+        with self._lock:
+            if uid not in self._passing:
+                self._passing.add(uid)
+                return True
+            self._touched[uid] = self._clock()
+            return False
+
+    def end(self, uid: str) -> None:
+        with self._lock:
+            self._passing.discard(uid)
 
     def touch(self, uids: Iterable[str]) -> None:
         """Something these VolumeManagers are built from changed: a pass should look again."""

@@ -11,7 +11,8 @@ import kubernetes.config
 import pytest
 import yaml
 
-from kvc.controller import handlers, limit_malloc_arenas
+from kvc.api import names
+from kvc.controller import handlers, limit_malloc_arenas, passes
 
 KUBECONFIG = {
     "apiVersion": "v1",
@@ -64,3 +65,75 @@ def test_no_credentials_is_a_login_error_not_an_unbounded_default(
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="M_ARENA_MAX is glibc's")
 def test_malloc_arenas_are_capped_on_glibc() -> None:
     assert limit_malloc_arenas(2) is True
+
+
+# --------------------------------------------------------------------------- which events pass
+
+
+@pytest.fixture
+def passed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The VolumeManagers (uids) passed, in order, with a fresh pass memory; nothing reconciled for real."""
+    seen: list[str] = []
+    monkeypatch.setattr(handlers, "PASSES", passes.PassMemory())
+    monkeypatch.setattr(handlers, "_reconcile_once", lambda body, _patch, _memo: seen.append(body["metadata"]["uid"]))
+    return seen
+
+
+def volumemanager(uid: str = "u1", generation: int = 1, **status: Any) -> kopf.Body:
+    metadata = {"uid": uid, "namespace": "team-a", "generation": generation, "finalizers": [names.FINALIZER]}
+    raw: Any = {"metadata": metadata, "spec": {}, "status": status}
+    return kopf.Body(raw)
+
+
+def event(kind: str | None, body: kopf.Body) -> None:
+    handler: Any = handlers.volumemanager_event  # kopf types it with every argument it could pass
+    handler(type=kind, body=body, patch=kopf.Patch(), memo=kopf.Memo())
+
+
+def test_a_spec_no_pass_has_seen_is_passed_at_its_first_event(passed: list[str]) -> None:
+    event("MODIFIED", volumemanager("new"))  # no status yet
+    event(None, volumemanager("changed-while-down", generation=3, observedGeneration=2))  # listed at start
+    assert passed == ["new", "changed-while-down"]
+
+
+def test_events_of_a_passed_spec_leave_it_to_the_timer(passed: list[str]) -> None:
+    event("MODIFIED", volumemanager("u1", generation=2, observedGeneration=2))
+    assert passed == []
+    # What this process wrote counts before the watch brings it back.
+    handlers.PASSES.record("u2", "Pending", {"observedGeneration": 1})
+    event("MODIFIED", volumemanager("u2"))
+    assert passed == []
+
+
+def test_nothing_is_made_before_the_finalizer_is_on_or_once_deletion_started(passed: list[str]) -> None:
+    unguarded = volumemanager("u1")
+    unguarded["metadata"]["finalizers"] = []
+    event("ADDED", unguarded)
+    deleting = volumemanager("u2")
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    event("MODIFIED", deleting)
+    event("DELETED", volumemanager("u3"))
+    assert passed == []
+
+
+def test_a_failed_event_pass_is_retried_by_the_next_tick_and_frees_its_volumemanager(
+    monkeypatch: pytest.MonkeyPatch, passed: list[str]
+) -> None:
+    def fail(*_: Any) -> None:
+        raise RuntimeError("API server unreachable")
+
+    monkeypatch.setattr(handlers, "_reconcile_once", fail)
+    handlers.PASSES.record("u1", "Pending", None)  # settled before the spec changed
+    with pytest.raises(RuntimeError, match="unreachable"):
+        event("MODIFIED", volumemanager("u1", generation=2, observedGeneration=1))
+    assert handlers.PASSES.due("u1")
+    assert handlers.PASSES.begin("u1")  # not left claimed by the failed pass
+
+
+def test_a_pass_under_way_is_not_doubled(passed: list[str]) -> None:
+    assert handlers.PASSES.begin("u1")  # e.g. the timer's
+    event("MODIFIED", volumemanager("u1"))
+    assert passed == []
+    handlers.PASSES.end("u1")
+    event("MODIFIED", volumemanager("u1"))
+    assert passed == ["u1"]

@@ -102,3 +102,19 @@ def test_forgetting_a_deleted_volumemanager(clock: FakeClock) -> None:
     assert memory.due("u")
     assert memory.status("u", PENDING) == PENDING
     assert memory.due("other")
+
+
+def test_one_pass_at_a_time_and_the_one_refused_is_looked_at_again(clock: FakeClock) -> None:
+    memory = PassMemory(settled_seconds=10, clock=clock)
+    started = memory.now()
+    assert memory.begin("u")  # e.g. a watch event's pass
+    assert memory.begin("other")  # others are not held up
+    clock.now += 0.5
+    assert not memory.begin("u")  # the timer's, meanwhile: refused
+    clock.now += 0.5
+    memory.record("u", "Pending", None, started)
+    memory.end("u")
+    # The first pass may have read before what the refused one came for: due again.
+    assert memory.due("u")
+    assert memory.begin("u")
+    memory.end("u")
