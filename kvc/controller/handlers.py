@@ -180,6 +180,14 @@ def _reconcile_once(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None
     PASSES.record(uid, new["state"], written, started)
 
 
+def _guarded(body: kopf.Body) -> bool:
+    """Whether a pass may make resources for it: its finalizer is on (kopf adds it first, and
+    the timer starts before) and it is not being deleted. Resources made before the finalizer
+    would outlive a VolumeManager deleted in between."""
+    metadata = body["metadata"]
+    return not metadata.get("deletionTimestamp") and names.FINALIZER in (metadata.get("finalizers") or [])
+
+
 def _spec_passed(body: kopf.Body) -> bool:
     """Whether a pass has handled the VolumeManager's current spec (its generation)."""
     known = PASSES.status(str(body["metadata"]["uid"]), body.get("status") or {})
@@ -189,15 +197,9 @@ def _spec_passed(body: kopf.Body) -> bool:
 @kopf.on.event(*VMGR)
 def volumemanager_event(type: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """A spec no pass has handled yet (a new VolumeManager, an update, one changed while the
-    controller was down) is passed at once; everything else waits for the timer.
-
-    Only once the finalizer is on (kopf adds it first): resources made before would outlive
-    a VolumeManager deleted in between.
-    """
+    controller was down) is passed at once; everything else waits for the timer."""
     metadata = body["metadata"]
-    if type == "DELETED" or metadata.get("deletionTimestamp") or names.FINALIZER not in metadata.get("finalizers", []):
-        return
-    if _spec_passed(body):
+    if type == "DELETED" or not _guarded(body) or _spec_passed(body):
         return
     trigger = "create" if not (body.get("status") or {}).get("observedGeneration") else "update"
     try:
@@ -224,6 +226,8 @@ async def volumemanager_timer(body: kopf.Body, patch: kopf.Patch, memo: kopf.Mem
     due = PASSES.due(uid)
     if not due:
         metrics.RECONCILES.labels("timer", "settled").inc()
+    elif not _guarded(body):
+        due = False  # the first pass waits for the finalizer; the next tick looks again
     if due or gated:
         # In kopf's handler threads, with this context (kopf.event posts through it).
         work = functools.partial(_timer_pass, body, patch, memo, due=due, gated=gated)

@@ -13,6 +13,7 @@ import yaml
 
 from kvc.api import names
 from kvc.controller import handlers, limit_malloc_arenas, passes
+from kvc.throttle import Throttle
 
 KUBECONFIG = {
     "apiVersion": "v1",
@@ -103,6 +104,36 @@ def test_events_of_a_passed_spec_leave_it_to_the_timer(passed: list[str]) -> Non
     handlers.PASSES.record("u2", "Pending", {"observedGeneration": 1})
     event("MODIFIED", volumemanager("u2"))
     assert passed == []
+
+
+class _Running:
+    """A timer's ``stopped`` flag that is never set."""
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        return False
+
+
+def timer_tick(monkeypatch: pytest.MonkeyPatch, body: kopf.Body) -> None:
+    """One tick of the resync timer, with no gated pods to look for."""
+    never = Throttle(3600)
+    never.due(body["metadata"]["namespace"])
+    monkeypatch.setattr(handlers, "GATED_POD_PASSES", never)
+    memo = kopf.Memo()
+    memo.executor = None  # the loop's default executor
+    handler: Any = handlers.volumemanager_timer
+    asyncio.run(handler(body=body, patch=kopf.Patch(), memo=memo, stopped=_Running()))
+
+
+def test_the_timer_passes_a_volumemanager_only_once_its_finalizer_is_on(
+    monkeypatch: pytest.MonkeyPatch, passed: list[str]
+) -> None:
+    body = volumemanager("u1")
+    body["metadata"]["finalizers"] = []  # kopf starts timers before it adds the finalizer
+    timer_tick(monkeypatch, body)
+    assert passed == []
+    body["metadata"]["finalizers"] = [names.FINALIZER]
+    timer_tick(monkeypatch, body)
+    assert passed == ["u1"]
 
 
 def test_nothing_is_made_before_the_finalizer_is_on_or_once_deletion_started(passed: list[str]) -> None:
