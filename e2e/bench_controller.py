@@ -7,7 +7,10 @@ tests. Every comparison is measured in the same run:
   pool of API clients, timed from the first create until the watch has seen every one
   `Running`. Baselines: the same 1,000 PV+PVC pairs created directly by the benchmark
   until every claim is Bound (the floor: what the API server and kube-controller-manager
-  allow, with no controller in between), and the 1,000 VolumeManager objects alone.
+  allow, with no controller in between), and the 1,000 VolumeManager objects alone. Then
+  where the time went, step by step from the objects' own timestamps (created, finalizer,
+  claim made, claim Bound, Running), with kube-controller-manager's binding on its own;
+  and the API server's requests in the burst by verb and resource.
 - **Placement**: kwok nodes, each with a VolumeNode reporting a fresh heartbeat and free
   disk as its agent would (the controller runs with a long ``--agent-grace`` so that the
   heartbeats stay fresh without 5,000 agents). The time of ``ClusterView.load`` +
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import json
 import os
 import statistics
 import sys
@@ -298,13 +302,73 @@ def volumemanagers_running(clients: Clients, count: int, timeout: float) -> Timi
 
     lister = functools.partial(clients.custom.list_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL)
     with watching("volumemanagers", lister, see), ThreadPoolExecutor(CLIENT_THREADS) as pool:
-        first = time.perf_counter()
+        first, first_wall = time.perf_counter(), time.time()
         list(pool.map(create, range(count)))
         created = time.perf_counter() - first
         wait_until(lambda: len(running) >= count, timeout, f"{count} VolumeManagers Running", interval=0.2)
     latencies = [running[name] - started[name] for name in running if name in started]
     total = (max(running.values()) - first) if len(running) >= count else time.perf_counter() - first
-    return Timing(total, latencies, len(running), count, {"created": created})
+    return Timing(total, latencies, len(running), count, {"created": created, "first_wall": first_wall})
+
+
+def _timestamp(value: str) -> float:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def _updated_at(raw: dict[str, Any], field: str, subresource: str | None = None) -> float | None:
+    """When a write that set ``field`` (``f:...`` of managedFields) was last made, if any."""
+    times = [
+        _timestamp(entry["time"])
+        for entry in raw["metadata"].get("managedFields") or []
+        if entry.get("subresource") == subresource and f'"{field}"' in json.dumps(entry.get("fieldsV1") or {})
+    ]
+    return max(times) if times else None
+
+
+STAGES = (
+    "VolumeManager created",
+    "its finalizer on (kopf)",
+    "claim made (its PV and annotation next)",
+    "claim Bound (kube-controller-manager)",
+    "VolumeManager Running",
+    "  annotated -> Bound, the binder alone",
+)
+
+
+def stages(managers: list[dict[str, Any]], claims: list[dict[str, Any]], start: float) -> dict[str, list[float]]:
+    """Seconds from ``start`` at which each VolumeManager and claim passed each step, from
+    the objects' own timestamps (whole seconds): where the time of the burst went.
+
+    The last row is kube-controller-manager's share alone: from the write that tells it the
+    claim's PV exists (the ``volume-created`` annotation) to the claim's Bound status.
+    """
+    steps: dict[str, list[float]] = {name: [] for name in STAGES}
+    for raw in managers:
+        steps["VolumeManager created"].append(_timestamp(raw["metadata"]["creationTimestamp"]) - start)
+        if (finalized := _updated_at(raw, "f:finalizers")) is not None:
+            steps["its finalizer on (kopf)"].append(finalized - start)
+        ready = [c for c in (raw.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"]
+        if ready and ready[0].get("status") == "True":
+            steps["VolumeManager Running"].append(_timestamp(ready[0]["lastTransitionTime"]) - start)
+    for raw in claims:
+        steps["claim made (its PV and annotation next)"].append(
+            _timestamp(raw["metadata"]["creationTimestamp"]) - start
+        )
+        annotated = _updated_at(raw, f"f:{names.ANNOTATION_VOLUME_CREATED}")
+        if (raw.get("status") or {}).get("phase") != "Bound":
+            continue
+        bound = _updated_at(raw, "f:phase", "status")
+        if bound is not None:
+            steps["claim Bound (kube-controller-manager)"].append(bound - start)
+            if annotated is not None:
+                steps["  annotated -> Bound, the binder alone"].append(bound - annotated)
+    return steps
+
+
+def burst_stages(clients: Clients, start: float) -> dict[str, list[float]]:
+    managers = clients.custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)["items"]
+    response = clients.core.list_namespaced_persistent_volume_claim(NAMESPACE, _preload_content=False)
+    return stages(managers, json.loads(response.data)["items"], start)
 
 
 # --------------------------------------------------------------------------- 3: nodes and placement
@@ -553,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             managers = volumemanagers_running(clients, args.managers, args.timeout)
         requests_during = request_delta(requests_before, api_requests(plane))
         progress("VolumeManagers Running", managers)
+        timeline = burst_stages(clients, managers.extra["first_wall"])
         after_running = proc_status(pid)
         managers.extra["cpu"] = after_running["cpu"] - at_start["cpu"]
         reconciles = metric_values(
@@ -600,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     report(
         args, pairs, objects, managers, reconciles, placements, end_to_end, node_seconds, at_start, steady, with_nodes
     )
+    report_stages(args.managers, timeline)
     report_requests(args.managers, managers.total, requests_during)
     return 0
 
@@ -701,6 +767,17 @@ def report(
         f"  (at most {steady['sockets']:.0f} sockets open while the {count} were created; then, with nothing"
         f" changing, {100 * steady['idle_cpu']:.0f}% of a CPU over {IDLE_SECONDS:.0f} s)"
     )
+
+
+def report_stages(count: int, timeline: dict[str, list[float]]) -> None:
+    print(f"\nWhere the {count} VolumeManagers' time went: seconds from the first create (objects' timestamps)")
+    print(f"{'step':<42} {'count':>6} {'p10':>6} {'p50':>6} {'p90':>6} {'max':>6}")
+    for step, values in timeline.items():
+        if not values:
+            print(f"{step:<42} {0:>6}")
+            continue
+        quantiles = [percentile(values, q) for q in (0.1, 0.5, 0.9)]
+        print(f"{step:<42} {len(values):>6} " + " ".join(f"{v:>6.1f}" for v in (*quantiles, max(values))))
 
 
 def report_requests(count: int, seconds: float, requests: dict[tuple[str, str, str], float]) -> None:
