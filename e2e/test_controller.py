@@ -87,6 +87,18 @@ def test_nfs_volume_gets_a_bound_pv_and_pvc_and_the_volumemanager_runs(
     assert "pv.kubernetes.io/bound-by-controller" not in (pv.metadata.annotations or {})
     assert names.ANNOTATION_VOLUME_CREATED in claim.metadata.annotations
 
+    # The controller's only write to the object itself is its finalizer (kopf's copy of the
+    # handled spec, one more PATCH per VolumeManager, is not kept: the generation tells).
+    metadata = vms.get("datasets")["metadata"]
+    assert metadata["finalizers"] == [names.FINALIZER]
+    assert not [key for key in metadata.get("annotations") or {} if key.startswith(names.GROUP)]
+    own_writes = [
+        entry["fieldsV1"]
+        for entry in metadata["managedFields"]
+        if entry["manager"] == "kopf" and not entry.get("subresource")
+    ]
+    assert own_writes == [{"f:metadata": {"f:finalizers": {".": {}, f'v:"{names.FINALIZER}"': {}}}}]
+
     reasons = [(e.type, e.reason) for e in vms.events("datasets")]
     assert ("Normal", "VolumeReady") in reasons
     assert ("Normal", "Running") in reasons
