@@ -41,6 +41,8 @@ LABEL_GATED = f"{GROUP}/gated"
 
 # A StorageClass name no provisioner serves: KVC's PVs bind only to KVC's claims.
 NFS_STORAGE_CLASS = "kvc-static-nfs"
+# The same for the `local` PVs through which workloads mount node-local replicas.
+NODE_LOCAL_STORAGE_CLASS = "kvc-node-local"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 

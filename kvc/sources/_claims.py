@@ -1,6 +1,8 @@
-"""PersistentVolumeClaims and PersistentVolumes KVC made: who uses them, removing stale ones.
+"""PersistentVolumeClaims and PersistentVolumes KVC made: naming and making them, who uses
+them, removing stale ones.
 
-Shared by the source types that expose data through a PVC they create. In the controller
+Shared by the source types that expose data through a claim KVC makes: NFS (the export) and
+the node-local types (the replicas' node path, so workloads mount a claim, never a hostPath). In the controller
 the claims and volumes KVC made are read from informers (``kvc.controller.caches``), so a
 pass over a VolumeManager whose claims are in place makes no API call; elsewhere, and
 when a VolumeManager is deleted, they are listed from the API.
@@ -8,6 +10,7 @@ when a VolumeManager is deleted, they are listed from the API.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -26,6 +29,90 @@ logger = logging.getLogger(__name__)
 
 # Only what KVC made is kept by the informers.
 SELECTOR = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY}"
+
+# A PV and its claim need a size; neither NFS nor a node path enforces it.
+DEFAULT_CAPACITY = "1Gi"
+
+
+def object_names(owner: VolumeManagerRef, volume_id: str, digest: str) -> tuple[str, str]:
+    """(PersistentVolume name, claim name) of a volume whose source has ``digest``.
+
+    Deterministic, so anyone who knows the VolumeManager and the volume's source can name the
+    claim before it exists; a changed source gets a new pair. PVs are cluster-wide, so theirs
+    includes the namespace.
+    """
+    volume = names.bounded_name("kvc", owner.namespace, owner.name, volume_id, digest, max_length=253)
+    claim = names.bounded_name(owner.name, volume_id, digest)
+    return volume, claim
+
+
+def claim_labels(owner: VolumeManagerRef, config: VolumeConfig, digest: str) -> dict[str, str]:
+    """Labels of a claim and its PV: the user's, then KVC's (which win), with the source digest."""
+    return {**config.labels, **owner.labels(config.id), names.LABEL_SOURCE_HASH: digest}
+
+
+def build_claim(
+    owner: VolumeManagerRef, config: VolumeConfig, digest: str, storage_class: str, capacity: str
+) -> dict[str, Any]:
+    """A claim pre-bound to its PV by name, owned by the VolumeManager."""
+    volume_name, claim_name = object_names(owner, config.id, digest)
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": claim_name,
+            "namespace": owner.namespace,
+            "labels": claim_labels(owner, config, digest),
+            "ownerReferences": [owner.owner_reference()],
+        },
+        "spec": {
+            "accessModes": [config.access_mode],
+            "storageClassName": storage_class,
+            "volumeName": volume_name,
+            "resources": {"requests": {"storage": capacity}},
+        },
+    }
+
+
+def build_persistent_volume(
+    owner: VolumeManagerRef,
+    config: VolumeConfig,
+    digest: str,
+    *,
+    storage_class: str,
+    capacity: str,
+    source: Mapping[str, Any],
+    claim_uid: str = "",
+) -> dict[str, Any]:
+    """A PV pre-bound to its claim (to that very claim, given its uid); ``source`` holds the
+    volume type's fields (``nfs``, or ``local`` with its ``nodeAffinity``)."""
+    volume_name, claim_name = object_names(owner, config.id, digest)
+    claim_ref = {"namespace": owner.namespace, "name": claim_name}
+    if claim_uid:
+        claim_ref["uid"] = claim_uid
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        # Cluster-scoped: a namespaced owner reference is invalid here, so the controller's
+        # finalizer removes it (found by its labels).
+        "metadata": {"name": volume_name, "labels": claim_labels(owner, config, digest)},
+        "spec": {
+            "capacity": {"storage": capacity},
+            "accessModes": [config.access_mode],
+            # The PV points at users' data (an export, the replicas): deleting it must never touch them.
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": storage_class,
+            # Pre-bound to our claim so no other claim can take it.
+            "claimRef": claim_ref,
+            **source,
+        },
+    }
+
+
+def volume_created(now: dt.datetime | None = None) -> dict[str, Any]:
+    """The patch that marks a claim's PV as made (and has kube-controller-manager bind them now)."""
+    stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"metadata": {"annotations": {names.ANNOTATION_VOLUME_CREATED: stamp}}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +284,49 @@ def made_volume(name: str, made: MadeLately = MADE) -> None:
     made.put(f"volume/{name}", True)
 
 
+def ensure_pair(
+    ctx: SourceContext,
+    volume_name: str,
+    claim: Mapping[str, Any],
+    build_volume: Callable[[str], Mapping[str, Any]],
+) -> ClaimRecord:
+    """Make a claim and its PV (idempotent); returns the claim as known now.
+
+    Once both exist the informers say so, and the claim's phase: no API call. ``build_volume``
+    gets the claim's uid: the PV is made after its claim and bound to that very claim.
+    """
+    owner = ctx.owner
+    claim_name = str(claim["metadata"]["name"])
+    known = known_claim(owner, claim_name)
+    if known is None:
+        created = create_or_get(
+            lambda: ctx.core.create_namespaced_persistent_volume_claim(owner.namespace, claim),
+            lambda: ctx.core.read_namespaced_persistent_volume_claim(claim_name, owner.namespace),
+        )
+        known = made_claim(ctx, created)
+    if volume_bound_elsewhere(volume_name, known):
+        # Its claim was deleted and has just been made again; a Retain PV stays Released for
+        # the claim it had, so it is made again too (the data is not touched).
+        delete_volume(ctx, volume_name, f"its claim {claim_name} was deleted and made again")
+    elif not known_volume(volume_name):
+        # Made after its claim, bound to the claim's uid: kube-controller-manager then has
+        # nothing to write to the PV but its phase. Made first and bound by name only, a
+        # thousand of them cost it 1,760 more writes (760 of them conflicts, retried at
+        # its rate limit) and took half as long again to bind.
+        volume = build_volume(known.uid)
+        create_or_get(
+            lambda: ctx.core.create_persistent_volume(volume),
+            lambda: ctx.core.read_persistent_volume(volume_name),
+        )
+        made_volume(volume_name)
+        if known.phase != "Bound":
+            # A claim is bound when kube-controller-manager looks at it with its volume
+            # there; it looked when the claim was made, before the volume. An update makes
+            # it look again now rather than at its next resync (15 s by default).
+            ctx.core.patch_namespaced_persistent_volume_claim(claim_name, owner.namespace, volume_created())
+    return known
+
+
 def pods_using_claims(pods: list[Any]) -> dict[str, list[str]]:
     """Claim name -> names of the pods (not finished) that mount it."""
     users: dict[str, list[str]] = {}
@@ -210,6 +340,24 @@ def pods_using_claims(pods: list[Any]) -> dict[str, list[str]]:
     return users
 
 
+def outdated(
+    labels: Mapping[str, str],
+    source_type: str,
+    current: Mapping[str, VolumeConfig | None],
+    source_hash: Callable[[VolumeConfig], str],
+) -> bool:
+    """Whether a claim or PV so labelled is for no current volume of ``source_type``: its id is
+    gone from the spec, or its source changed (pure). Those of another type's volumes, and of
+    invalid configs (kept until fixed), are not this type's to judge."""
+    volume_id = labels.get(names.LABEL_VOLUME_ID, "")
+    if volume_id not in current:
+        return True
+    config = current[volume_id]
+    if config is None or config.source_type != source_type:
+        return False
+    return labels.get(names.LABEL_SOURCE_HASH) != source_hash(config)
+
+
 def stale_claims(
     claims: Iterable[ClaimRecord],
     source_type: str,
@@ -217,19 +365,13 @@ def stale_claims(
     source_hash: Callable[[VolumeConfig], str],
 ) -> list[ClaimRecord]:
     """The claims no current volume needs: its id is gone from the spec or its source changed (pure)."""
-    stale = []
-    for claim in claims:
-        if claim.labels.get(names.LABEL_MANAGED_BY) != names.MANAGED_BY or claim.deleting:
-            continue
-        volume_id = claim.labels.get(names.LABEL_VOLUME_ID, "")
-        if volume_id in current:
-            config = current[volume_id]
-            if config is None or config.source_type != source_type:
-                continue  # invalid config: keep what exists until it is fixed
-            if claim.labels.get(names.LABEL_SOURCE_HASH) == source_hash(config):
-                continue
-        stale.append(claim)
-    return stale
+    return [
+        claim
+        for claim in claims
+        if claim.labels.get(names.LABEL_MANAGED_BY) == names.MANAGED_BY
+        and not claim.deleting
+        and outdated(claim.labels, source_type, current, source_hash)
+    ]
 
 
 def orphaned_volumes(volumes: Iterable[VolumeRecord], live_claims: set[str], keep: set[str]) -> list[VolumeRecord]:
@@ -248,15 +390,14 @@ def remove_stale_claims(
     source_hash: Callable[[VolumeConfig], str],
     *,
     force: bool = False,
-    keep_volumes: Iterable[str] = (),
 ) -> list[str]:
     """Delete this VolumeManager's claims (and their PVs) that no current volume needs.
 
     A claim is stale when its volume id is gone from the spec or its source changed.
     Stale claims still mounted by a pod are kept (and reported) unless ``force``: the
     VolumeManager is being deleted, and Kubernetes' own pvc-protection then keeps the
-    claim until its last pod is gone. ``keep_volumes`` are the PVs of the current volumes:
-    never deleted, even when their claim, made a moment ago, is not in the informer yet.
+    claim until its last pod is gone. The PVs of current volumes (of any type) are never
+    deleted, even when their claim, made a moment ago, is not in the informer yet.
     Deleting the VolumeManager (``force``) reads the API, not the informers: what a pass
     made just before must not be missed, or it would outlive its VolumeManager.
     """
@@ -273,7 +414,9 @@ def remove_stale_claims(
         logger.info("deleting stale PersistentVolumeClaim %s/%s", owner.namespace, claim.name)
         _delete_ignoring_not_found(ctx.core.delete_namespaced_persistent_volume_claim, claim.name, owner.namespace)
     live_claims = {c.name for c in claims if c not in stale or users.get(c.name)}
-    for volume in orphaned_volumes(volumes_of(ctx, cached=not force), live_claims, set(keep_volumes)):
+    volumes = volumes_of(ctx, cached=not force)
+    keep = {v.name for v in volumes if not outdated(v.labels, source_type, current, source_hash)}
+    for volume in orphaned_volumes(volumes, live_claims, keep):
         delete_volume(ctx, volume.name, "its claim is gone or going")
     return kept
 

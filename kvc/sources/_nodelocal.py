@@ -2,8 +2,10 @@
 
 For each volume: choose nodes (``kvc.placement``), write the assignments into those
 nodes' VolumeNode objects, read the agents' reports back, label a node for the volume
-only once its replica is Ready (and unlabel it before its data is deleted), and build
-the volume's status: a hostPath, the node affinity that finds the data, progress.
+only once its replica is Ready (and unlabel it before its data is deleted), make the
+claim workloads mount (a ``local`` PV on the node path whose node affinity is the data
+label, so pods pass Pod Security ``restricted``), and build the volume's status: the
+claim, the node path (hostPath), the node affinity that finds the data, progress.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from kvc.api import names
 from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
 from kvc.api.units import parse_duration, parse_quantity
 from kvc.placement import NodeInfo, Placement, VolumeRequest, place
+from kvc.sources import _claims
 from kvc.sources.base import Source, SourceContext, VolumeManagerRef, object_name_problem
 from kvc.throttle import Throttle
 
@@ -57,6 +60,43 @@ def node_affinity(label: str) -> dict[str, Any]:
             "nodeSelectorTerms": [{"matchExpressions": [{"key": label, "operator": "Exists"}]}]
         }
     }
+
+
+def claim_name(owner: VolumeManagerRef, volume_id: str, digest: str) -> str:
+    """The claim through which workloads mount this data (deterministic: see _claims.object_names)."""
+    return _claims.object_names(owner, volume_id, digest)[1]
+
+
+def build_persistent_volume(
+    owner: VolumeManagerRef, config: VolumeConfig, digest: str, *, path: str, label: str, claim_uid: str = ""
+) -> dict[str, Any]:
+    """The ``local`` PV on the replicas' node path, usable only on nodes labelled for the data.
+
+    Its node affinity is the data label, so the scheduler itself keeps a pod that mounts the
+    claim off nodes without a Ready replica, whatever the pod's own affinity says. A
+    ReadOnlyMany volume is mounted ``ro`` by the kubelet, whatever a pod asks.
+    """
+    source: dict[str, Any] = {
+        "local": {"path": path},
+        "nodeAffinity": {"required": node_affinity(label)["requiredDuringSchedulingIgnoredDuringExecution"]},
+    }
+    if config.access_mode == AccessMode.READ_ONLY_MANY:
+        source["mountOptions"] = ["ro"]
+    return _claims.build_persistent_volume(
+        owner,
+        config,
+        digest,
+        storage_class=names.NODE_LOCAL_STORAGE_CLASS,
+        capacity=config.capacity or _claims.DEFAULT_CAPACITY,
+        source=source,
+        claim_uid=claim_uid,
+    )
+
+
+def build_claim(owner: VolumeManagerRef, config: VolumeConfig, digest: str) -> dict[str, Any]:
+    return _claims.build_claim(
+        owner, config, digest, names.NODE_LOCAL_STORAGE_CLASS, config.capacity or _claims.DEFAULT_CAPACITY
+    )
 
 
 # --------------------------------------------------------------------------- cluster view
@@ -419,16 +459,21 @@ def set_label(ctx: SourceContext, view: ClusterView, node: str, label: str, pres
     return True
 
 
-def pods_using_path(ctx: SourceContext, node: str, path: str, namespace: str | None = None) -> list[str]:
-    """Running pods of the VolumeManager's namespace (or ``namespace``) on ``node`` that mount ``path``."""
+def pods_using_path(ctx: SourceContext, node: str, path: str, claim: str, namespace: str | None = None) -> list[str]:
+    """Pods of the VolumeManager's namespace (or ``namespace``) on ``node``, not finished, that
+    mount the data: through its ``claim``, or ``path`` as a hostPath (pods wired by earlier
+    versions, or by the hostPath opt-in)."""
     pods = ctx.core.list_namespaced_pod(namespace or ctx.owner.namespace, field_selector=f"spec.nodeName={node}").items
     users = []
     for pod in pods:
         if pod.status and pod.status.phase in ("Succeeded", "Failed"):
             continue
         for volume in pod.spec.volumes or []:
-            if volume.host_path is not None and volume.host_path.path == path:
+            by_path = volume.host_path is not None and volume.host_path.path == path
+            by_claim = volume.persistent_volume_claim is not None and volume.persistent_volume_claim.claim_name == claim
+            if by_path or by_claim:
                 users.append(pod.metadata.name)
+                break
     return users
 
 
@@ -492,13 +537,14 @@ def collect_garbage(ctx: SourceContext, view: ClusterView, sweeps: Throttle = GA
                 logger.info("removed stale label %s from node %s: it holds no such data", key, name)
     for node, owner, entry in orphans:
         path = str(entry.get("path"))
-        if node in view.nodes and pods_using_path(ctx, node, path, owner.namespace):
+        claim = claim_name(owner, str(entry.get("volumeId")), str(entry.get("sourceHash")))
+        if node in view.nodes and pods_using_path(ctx, node, path, claim, owner.namespace):
             continue
         logger.info("releasing %s from node %s: its VolumeManager is gone", entry.get("name"), node)
         unassign(ctx, node, [str(entry.get("name"))])
 
 
-def release_blocked(ctx: SourceContext, view: ClusterView, node: str, label: str, path: str) -> bool:
+def release_blocked(ctx: SourceContext, view: ClusterView, node: str, label: str, *, path: str, claim: str) -> bool:
     """Unlabel ``node`` for the data at ``path``; True while that data must stay there.
 
     It stays while a pod that has not finished runs on the node and mounts it, and for one
@@ -506,7 +552,7 @@ def release_blocked(ctx: SourceContext, view: ClusterView, node: str, label: str
     the strength of the label just before it went, and the next pass sees that pod.
     """
     unlabelled_now = set_label(ctx, view, node, label, present=False)
-    if node in view.nodes and pods_using_path(ctx, node, path):
+    if node in view.nodes and pods_using_path(ctx, node, path, claim):
         return True
     return unlabelled_now
 
@@ -572,6 +618,7 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
     key = replica_key(owner, config.id, replica.digest)
     path = node_path(replica.root or ctx.node_data_root, owner, config.id, replica.digest)
     label = data_label(owner, config.id, replica.digest)
+    claim = claim_name(owner, config.id, replica.digest)
     assigned, placement = place_replica(view, config, key)
     entry: dict[str, Any] = {
         "name": key,
@@ -596,7 +643,7 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
         # Lost (node cordoned, NotReady past the grace, agent gone) or no longer needed:
         # unlabel first, then release the data, but never under a pod that still runs there
         # (whatever the node's state: if it comes back, its pods find their data).
-        if release_blocked(ctx, view, node, label, path):
+        if release_blocked(ctx, view, node, label, path=path, claim=claim):
             continue
         logger.info("releasing %s from node %s", key, node)
         unassign(ctx, node, [key])
@@ -617,6 +664,15 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
                 "message": report.get("message", "assigned; waiting for the node's agent"),
             }
         )
+    volume_name, _ = _claims.object_names(owner, config.id, replica.digest)
+    known = _claims.ensure_pair(
+        ctx,
+        volume_name,
+        build_claim(owner, config, replica.digest),
+        lambda claim_uid: build_persistent_volume(
+            owner, config, replica.digest, path=path, label=label, claim_uid=claim_uid
+        ),
+    )
     return _status(
         config,
         shortfall=placement.shortfall_message(config.replicas),
@@ -625,6 +681,7 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
         path=path,
         label=label,
         was_usable=ctx.previous_phases.get(config.id) in ("Ready", "Degraded"),
+        claim=(claim, volume_name, known.phase),
     )
 
 
@@ -670,7 +727,9 @@ def _status(
     path: str,
     label: str,
     was_usable: bool,
+    claim: tuple[str, str, str | None],
 ) -> VolumeStatus:
+    """``claim`` is (claim name, PV name, the claim's phase or None while it is being made)."""
     desired = config.replicas
     done = sum(n["bytes"] for n in nodes)
     total = sum(n["totalBytes"] for n in nodes)
@@ -684,12 +743,22 @@ def _status(
         progress=progress,
         placed=len(nodes),
     )
+    name, volume_name, claim_phase = claim
+    if phase in (VolumePhase.READY, VolumePhase.DEGRADED) and claim_phase != "Bound":
+        # Workloads mount the claim: the data is not usable until the claim is bound.
+        state = f"is {claim_phase}" if claim_phase else "is being created"
+        phase = VolumePhase.PROVISIONING
+        message = f"{message}; waiting for claim {name} to bind to PersistentVolume {volume_name}: the claim {state}"
     return VolumeStatus(
         id=config.id,
         sourceType=config.source_type,
         phase=phase,
         message=message,
+        # The node path stays in the status (the original KVC contract, and the hostPath
+        # opt-in); workloads are wired to the claim.
         volumeSource={"hostPath": {"path": path, "type": "Directory"}},
+        claimName=name,
+        persistentVolumeName=volume_name,
         nodeAffinity=node_affinity(label),
         replicas={"desired": desired, "ready": ready},
         nodes=nodes,
@@ -730,7 +799,8 @@ def cleanup(
         # does not wait for a lost node (deleted, NotReady past the grace, agent gone):
         # uninstalling never hangs on it, and its agent deletes the data when it comes back.
         waits = node in view.nodes and not (deleting and node_lost(view, node))
-        users = pods_using_path(ctx, node, str(entry.get("path"))) if waits else []
+        claim = claim_name(ctx.owner, volume_id, str(entry.get("sourceHash")))
+        users = pods_using_path(ctx, node, str(entry.get("path")), claim) if waits else []
         if users:
             kept.append(f"old data of {volume_id} on {node} is kept until pod(s) {', '.join(sorted(users)[:5])} stop")
             continue
@@ -750,7 +820,7 @@ def cleanup(
 
 
 class NodeLocalSource(Source):
-    """A source type whose data is copied onto nodes and mounted as a hostPath."""
+    """A source type whose data is copied onto nodes and mounted through a claim on its node path."""
 
     node_local = True
     access_modes = frozenset(
@@ -799,4 +869,6 @@ class NodeLocalSource(Source):
             for volume_id, config in current.items()
             if config is None or config.source_type == self.source_type
         }
-        return cleanup(ctx, self.source_type, digests, deleting)
+        # Claims first: one still mounted keeps its PV, and the data under it is kept by cleanup.
+        kept = _claims.remove_stale_claims(ctx, self.source_type, current, self.digest, force=deleting)
+        return kept + cleanup(ctx, self.source_type, digests, deleting)

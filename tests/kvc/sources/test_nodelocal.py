@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 
+from kvc.api import names
 from kvc.api.models import VolumeConfig, VolumePhase
-from kvc.sources import _nodelocal
+from kvc.sources import _claims, _nodelocal
 from kvc.sources._nodelocal import (
     ClusterView,
     HeartbeatWatch,
@@ -28,6 +30,8 @@ from kvc.sources._nodelocal import (
     volume_phase,
 )
 from kvc.sources.base import SourceContext, VolumeManagerRef
+from kvc.sources.http import HTTPSource
+from kvc.sources.s3 import S3Source
 from kvc.throttle import Throttle
 from tests.fakeclock import FakeClock
 
@@ -213,6 +217,48 @@ class FakeCluster:
         self.vnodes = {v["metadata"]["name"]: v for v in vnodes}
         self.pods: list[Any] = []
         self.volumemanagers = [OWNER.uid]
+        self.claims: dict[str, dict[str, Any]] = {}
+        self.volumes: dict[str, dict[str, Any]] = {}
+        self.api_client = client.ApiClient()
+
+    # CoreV1Api: the claims and PVs through which workloads mount the data (dicts, as the API's JSON)
+    def create_namespaced_persistent_volume_claim(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        if body["metadata"]["name"] in self.claims:
+            raise ApiException(status=409)
+        claim = copy.deepcopy(body)
+        claim["metadata"]["uid"] = f"uid-{claim['metadata']['name']}"
+        claim["status"] = {"phase": "Pending"}
+        self.claims[claim["metadata"]["name"]] = claim
+        return claim
+
+    def read_namespaced_persistent_volume_claim(self, name: str, namespace: str) -> dict[str, Any]:
+        return copy.deepcopy(self.claims[name])
+
+    def read_persistent_volume(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.volumes[name])
+
+    def create_persistent_volume(self, body: dict[str, Any]) -> dict[str, Any]:
+        if body["metadata"]["name"] in self.volumes:
+            raise ApiException(status=409)
+        self.volumes[body["metadata"]["name"]] = copy.deepcopy(body)
+        claim = self.claims[body["spec"]["claimRef"]["name"]]
+        claim["status"] = {"phase": "Bound"}  # kube-controller-manager's part, at once
+        return body
+
+    def patch_namespaced_persistent_volume_claim(self, name: str, namespace: str, body: dict[str, Any]) -> None:
+        self.claims[name]["metadata"].setdefault("annotations", {}).update(body["metadata"]["annotations"])
+
+    def list_namespaced_persistent_volume_claim(self, namespace: str, label_selector: str = "") -> Any:
+        return SimpleNamespace(items=[c for c in self.claims.values() if not c["metadata"].get("deletionTimestamp")])
+
+    def list_persistent_volume(self, label_selector: str = "") -> Any:
+        return SimpleNamespace(items=list(self.volumes.values()))
+
+    def delete_namespaced_persistent_volume_claim(self, name: str, namespace: str) -> None:
+        self.claims.pop(name, None)
+
+    def delete_persistent_volume(self, name: str) -> None:
+        self.volumes.pop(name, None)
 
     # CoreV1Api
     def list_node(self) -> Any:
@@ -228,7 +274,7 @@ class FakeCluster:
 
     def list_namespaced_pod(self, namespace: str, field_selector: str = "") -> Any:
         node = field_selector.removeprefix("spec.nodeName=")
-        return SimpleNamespace(items=[p for p in self.pods if p.spec.node_name == node])
+        return SimpleNamespace(items=[p for p in self.pods if not node or p.spec.node_name == node])
 
     # CustomObjectsApi
     def list_cluster_custom_object(self, group: str, version: str, plural: str) -> dict[str, Any]:
@@ -262,14 +308,19 @@ PATH = node_path("/var/lib/kvc", OWNER, "d", "abc")
 LABEL = data_label(OWNER, "d", "abc")
 
 
-def running_pod(node: str) -> Any:
+CLAIM = _nodelocal.claim_name(OWNER, "d", "abc")
+
+
+def running_pod(node: str, *, through_claim: bool = False) -> Any:
+    """A pod on ``node`` that mounts the data: as a hostPath (wired by earlier versions), or its claim."""
+    volume = (
+        client.V1Volume(name="data", persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(CLAIM))
+        if through_claim
+        else client.V1Volume(name="data", host_path=client.V1HostPathVolumeSource(path=PATH))
+    )
     return client.V1Pod(
         metadata=client.V1ObjectMeta(name="reader"),
-        spec=client.V1PodSpec(
-            node_name=node,
-            containers=[],
-            volumes=[client.V1Volume(name="data", host_path=client.V1HostPathVolumeSource(path=PATH))],
-        ),
+        spec=client.V1PodSpec(node_name=node, containers=[], volumes=[volume]),
         status=client.V1PodStatus(phase="Running"),
     )
 
@@ -300,6 +351,9 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> FakeCluster:
         [make_vnode("a", replicas=[{**entry, "path": PATH}]), make_vnode("b")],
     )
     fake.report("a", KEY)
+    # The data was Ready before these tests: its claim and PV exist and are bound.
+    fake.create_namespaced_persistent_volume_claim(OWNER.namespace, _nodelocal.build_claim(OWNER, CONFIG, "abc"))
+    fake.create_persistent_volume(_nodelocal.build_persistent_volume(OWNER, CONFIG, "abc", path=PATH, label=LABEL))
     return fake
 
 
@@ -307,9 +361,12 @@ def context(cluster: FakeCluster) -> SourceContext:
     return SourceContext(owner=OWNER, core=cluster, custom=cluster, agent_grace_seconds=GRACE)
 
 
-def test_a_cordoned_node_keeps_data_a_running_pod_uses_while_the_replica_moves(cluster: FakeCluster) -> None:
+@pytest.mark.parametrize("through_claim", [False, True], ids=["hostPath", "claim"])
+def test_a_cordoned_node_keeps_data_a_running_pod_uses_while_the_replica_moves(
+    cluster: FakeCluster, through_claim: bool
+) -> None:
     cluster.nodes["a"].spec.unschedulable = True
-    cluster.pods.append(running_pod("a"))
+    cluster.pods.append(running_pod("a", through_claim=through_claim))
     status = provision(context(cluster), CONFIG, REPLICA)
     assert [n["name"] for n in status.nodes or []] == ["b"]  # placed elsewhere
     assert LABEL not in cluster.nodes["a"].metadata.labels  # no new pod is sent there
@@ -452,3 +509,76 @@ def test_the_owners_whose_replicas_changed_on_a_volumenode() -> None:
     # A VolumeNode that comes or goes concerns all its owners.
     assert ClusterView.changed_owners(None, before) == {"u1", "u2"}
     assert ClusterView.changed_owners(before, None) == {"u1", "u2"}
+
+
+# --------------------------------------------------------------------------- the claim workloads mount
+
+
+def test_a_volume_gets_a_local_pv_on_its_node_path_pinned_to_the_data_label_and_a_claim_bound_to_it() -> None:
+    fake = FakeCluster([make_node("a")], [make_vnode("a")])
+    status = provision(context(fake), CONFIG, REPLICA)
+    volume_name, claim = _claims.object_names(OWNER, "d", "abc")
+    assert claim == CLAIM
+    pv = fake.volumes[volume_name]
+    assert pv["spec"]["local"] == {"path": PATH}
+    assert pv["spec"]["nodeAffinity"] == {
+        "required": {"nodeSelectorTerms": [{"matchExpressions": [{"key": LABEL, "operator": "Exists"}]}]}
+    }
+    assert pv["spec"]["claimRef"] == {"namespace": "ns", "name": CLAIM, "uid": f"uid-{CLAIM}"}
+    assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"  # deleting the PV never touches the data
+    assert pv["spec"]["storageClassName"] == names.NODE_LOCAL_STORAGE_CLASS
+    assert "mountOptions" not in pv["spec"]  # ReadWriteOnce: a writable mount is the user's choice
+    made = fake.claims[CLAIM]
+    assert made["spec"]["volumeName"] == volume_name
+    assert made["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    assert made["metadata"]["labels"][names.LABEL_SOURCE_HASH] == "abc"
+    # The claim is reported; the node path and the node affinity stay (the original contract).
+    assert (status.claim_name, status.persistent_volume_name) == (CLAIM, volume_name)
+    assert status.volume_source == {"hostPath": {"path": PATH, "type": "Directory"}}
+    assert status.node_affinity == node_affinity(LABEL)
+
+
+def test_a_read_only_volume_is_mounted_ro_by_the_kubelet_whatever_the_pod_asks() -> None:
+    fake = FakeCluster([make_node("a")], [make_vnode("a")])
+    read_only = CONFIG.model_copy(update={"access_mode": "ReadOnlyMany"})
+    provision(context(fake), read_only, REPLICA)
+    (pv,) = fake.volumes.values()
+    assert pv["spec"]["mountOptions"] == ["ro"]
+    assert pv["spec"]["accessModes"] == ["ReadOnlyMany"]
+
+
+def test_ready_replicas_are_not_usable_until_their_claim_is_bound(cluster: FakeCluster) -> None:
+    cluster.claims[CLAIM]["status"] = {"phase": "Pending"}
+    status = provision(context(cluster), CONFIG, REPLICA)
+    assert status.phase == VolumePhase.PROVISIONING
+    assert f"waiting for claim {CLAIM} to bind" in status.message
+    cluster.claims[CLAIM]["status"] = {"phase": "Bound"}
+    assert provision(context(cluster), CONFIG, REPLICA).phase == VolumePhase.READY
+
+
+def test_a_changed_source_keeps_the_old_claim_while_a_pod_mounts_it_then_removes_it_and_its_pv(
+    cluster: FakeCluster,
+) -> None:
+    old_volume, old_claim = _claims.object_names(OWNER, "d", "abc")
+    moved = CONFIG.model_copy(update={"options": {**CONFIG.options, "sourceURL": "s3://other/"}})
+    source = S3Source()
+    cluster.pods.append(running_pod("a", through_claim=True))
+    kept = source.cleanup(context(cluster), {"d": moved})
+    assert any(old_claim in note for note in kept)
+    assert old_claim in cluster.claims and old_volume in cluster.volumes
+    assert cluster.holders(KEY) == ["a"]  # nor is the data under it released
+    cluster.pods.clear()
+    source.cleanup(context(cluster), {"d": moved})
+    assert old_claim not in cluster.claims and old_volume not in cluster.volumes
+
+
+def test_cleanup_of_one_type_never_deletes_the_pv_of_another_types_current_volume(cluster: FakeCluster) -> None:
+    # An HTTP volume's PV just made, its claim not listed yet: the S3 type's cleanup leaves it.
+    http = VolumeConfig.model_validate({"id": "m", "sourceType": "HTTP", "options": {"url": "https://h/m.bin"}})
+    digest = HTTPSource().digest(http)
+    pv = _nodelocal.build_persistent_volume(OWNER, http, digest, path="/p", label="l")
+    cluster.volumes[pv["metadata"]["name"]] = pv
+    S3Source().cleanup(context(cluster), {"d": CONFIG, "m": http})
+    assert pv["metadata"]["name"] in cluster.volumes
+    S3Source().cleanup(context(cluster), {"d": CONFIG})  # gone from the spec: its PV goes
+    assert pv["metadata"]["name"] not in cluster.volumes
