@@ -565,11 +565,13 @@ def test_a_changed_source_keeps_the_old_claim_while_a_pod_mounts_it_then_removes
     cluster.pods.append(running_pod("a", through_claim=True))
     kept = source.cleanup(context(cluster), {"d": moved})
     assert any(old_claim in note for note in kept)
-    assert old_claim in cluster.claims and old_volume in cluster.volumes
+    assert old_claim in cluster.claims
+    assert old_volume in cluster.volumes
     assert cluster.holders(KEY) == ["a"]  # nor is the data under it released
     cluster.pods.clear()
     source.cleanup(context(cluster), {"d": moved})
-    assert old_claim not in cluster.claims and old_volume not in cluster.volumes
+    assert old_claim not in cluster.claims
+    assert old_volume not in cluster.volumes
 
 
 def test_cleanup_of_one_type_never_deletes_the_pv_of_another_types_current_volume(cluster: FakeCluster) -> None:
