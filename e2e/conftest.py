@@ -1,7 +1,7 @@
 """Fixtures for tests against the real local control plane.
 
 ``control_plane`` (session): one cluster with three simulated nodes for the whole run.
-``namespace`` (per test): a fresh namespace, deleted afterwards.
+``namespace`` (per test): a fresh namespace enforcing Pod Security `restricted`, deleted afterwards.
 ``s3`` (session): an S3 server on loopback.
 When a test fails, the tails of every component's log are attached to its report and
 the full logs are copied to ``.e2e-logs/`` for reading after the run (always, with
@@ -81,10 +81,15 @@ def api(control_plane: ControlPlane) -> Any:
 
 
 @pytest.fixture
-def namespace(control_plane: ControlPlane, api: Any) -> Iterator[str]:
+def namespace(control_plane: ControlPlane, api: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace that enforces Pod Security `restricted` (the level KVC's wiring must
+    pass), unless the test is marked ``pod_security("<level>")``."""
+    marker = request.node.get_closest_marker("pod_security")
+    level = marker.args[0] if marker else "restricted"
     core = client.CoreV1Api(api)
     name = f"kvc-e2e-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name, "labels": {"kvc.test/e2e": "true"}}})
+    labels = {"kvc.test/e2e": "true", "pod-security.kubernetes.io/enforce": level}
+    core.create_namespace({"metadata": {"name": name, "labels": labels}})
     # Pods are refused until the ServiceAccount controller has created `default`.
     deadline = time.monotonic() + 30
     while not core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:

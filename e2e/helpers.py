@@ -16,6 +16,38 @@ from kvc.api import names
 
 GROUP, VERSION, PLURAL = names.GROUP, names.VERSION, names.VOLUMEMANAGER_PLURAL
 
+# What Pod Security `restricted`, which the e2e namespaces enforce, asks of a pod and of each
+# of its containers (a non-root user, the runtime's seccomp profile, no privilege escalation,
+# no capabilities).
+RESTRICTED_POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": 65532,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_CONTAINER_SECURITY: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def restricted_container(name: str = "main", **fields: Any) -> dict[str, Any]:
+    """A container that Pod Security `restricted` admits."""
+    return {
+        "name": name,
+        "image": "busybox:1.36",
+        "command": ["sleep", "3600"],
+        "securityContext": RESTRICTED_CONTAINER_SECURITY,
+        **fields,
+    }
+
+
+def restricted_pod(name: str, annotations: Mapping[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    """A Pod that Pod Security `restricted` admits: one ``restricted_container()`` unless ``spec`` says otherwise."""
+    metadata: dict[str, Any] = {"name": name}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    return {
+        "metadata": metadata,
+        "spec": {"securityContext": RESTRICTED_POD_SECURITY, "containers": [restricted_container()], **spec},
+    }
+
 
 def tree(root: Path) -> dict[str, str]:
     """Relative path -> SHA-256 of every data file under a replica directory."""

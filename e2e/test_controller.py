@@ -11,7 +11,7 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from e2e.cluster import ControlPlane
-from e2e.helpers import VolumeManagers, wait_for
+from e2e.helpers import VolumeManagers, restricted_container, restricted_pod, wait_for
 from e2e.kvc import KvcController
 from kvc.api import names
 
@@ -284,15 +284,11 @@ def test_adding_and_removing_a_volume_touches_only_that_volume(vms: VolumeManage
 
 
 def _pod_using(claim_name: str, name: str) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name},
-        "spec": {
-            "containers": [
-                {"name": "main", "image": "busybox:1.36", "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
-            ],
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim_name}}],
-        },
-    }
+    return restricted_pod(
+        name,
+        containers=[restricted_container(volumeMounts=[{"name": "data", "mountPath": "/data"}])],
+        volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": claim_name}}],
+    )
 
 
 def test_changing_the_nfs_source_makes_a_new_pair_and_keeps_the_old_while_a_pod_uses_it(

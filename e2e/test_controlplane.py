@@ -23,7 +23,7 @@ from kubernetes.client.rest import ApiException
 
 from certs import pki
 from e2e.cluster import ControlPlane, NodeSpec, pid_alive, reap_stale_workdirs
-from e2e.helpers import wait_for
+from e2e.helpers import restricted_pod, wait_for
 from e2e.s3server import S3Server
 
 
@@ -31,8 +31,7 @@ def pod_manifest(name: str, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {"containers": [{"name": "main", "image": "busybox:1.36", "command": ["sleep", "3600"]}], **spec},
+        **restricted_pod(name, **spec),
     }
 
 

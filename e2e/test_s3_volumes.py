@@ -19,7 +19,7 @@ import pytest
 from kubernetes import client
 
 from e2e.cluster import ControlPlane, NodeSpec
-from e2e.helpers import VolumeManagers, tree, wait_for
+from e2e.helpers import VolumeManagers, restricted_container, restricted_pod, tree, wait_for
 from e2e.kvc import KvcAgent, KvcController
 from e2e.s3server import SECRET_ACCESS_KEY, S3Server, authenticating_server, credentials_secret
 from kvc.api import names
@@ -112,20 +112,17 @@ def test_s3_data_lands_on_two_nodes_verified_labelled_and_schedulable(
         else:
             assert not local.exists()
 
-    # kube-scheduler puts a pod with the volume's affinity on a node that holds the data.
+    # kube-scheduler puts a pod that mounts the volume's claim on a node that holds the data:
+    # the claim's PV requires the data label, whatever the pod's own affinity says.
+    assert volume["claimName"]
     core = client.CoreV1Api(api)
     core.create_namespaced_pod(
         vms.namespace,
-        {
-            "metadata": {"name": "trainer"},
-            "spec": {
-                "affinity": {"nodeAffinity": volume["nodeAffinity"]},
-                "containers": [
-                    {"name": "main", "image": "busybox:1.36", "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
-                ],
-                "volumes": [{"name": "data", "hostPath": volume["volumeSource"]["hostPath"]}],
-            },
-        },
+        restricted_pod(
+            "trainer",
+            containers=[restricted_container(volumeMounts=[{"name": "data", "mountPath": "/data"}])],
+            volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": volume["claimName"], "readOnly": True}}],
+        ),
     )
     pod = wait_for(
         lambda: (p := core.read_namespaced_pod("trainer", vms.namespace)).spec.node_name and p, what="pod bound"
@@ -608,6 +605,14 @@ def test_deletion_does_not_wait_for_a_dead_node_whose_agent_cleans_up_when_back(
     wait_for(lambda: not local.exists(), timeout=60, what="the returning agent to delete the data")
 
 
+@pytest.mark.parametrize(
+    "mounted_as",
+    [
+        "claim",
+        # As pods wired by earlier versions (or with the webhook's hostPath opt-in) mount it.
+        pytest.param("hostPath", marks=pytest.mark.pod_security("privileged")),
+    ],
+)
 def test_deletion_keeps_data_a_running_pod_mounts_until_the_pod_is_gone(
     vms: VolumeManagers,
     s3: S3Server,
@@ -615,23 +620,20 @@ def test_deletion_keeps_data_a_running_pod_mounts_until_the_pod_is_gone(
     credentials: str,
     agents: dict[str, KvcAgent],
     api: Any,
+    mounted_as: str,
 ) -> None:
     bucket, _ = dataset
     vms.create("in-use", [s3_volume(s3, bucket, replicas=1)])
     volume = vms.wait_state("in-use", "Running", timeout=120)["status"]["volumes"][0]
     node = volume["nodes"][0]["name"]
     core = client.CoreV1Api(api)
-    core.create_namespaced_pod(
-        vms.namespace,
-        {
-            "metadata": {"name": "reader"},
-            "spec": {
-                "nodeName": node,
-                "containers": [{"name": "main", "image": "busybox:1.36"}],
-                "volumes": [{"name": "data", "hostPath": volume["volumeSource"]["hostPath"]}],
-            },
-        },
+    source = (
+        {"persistentVolumeClaim": {"claimName": volume["claimName"], "readOnly": True}}
+        if mounted_as == "claim"
+        else {"hostPath": volume["volumeSource"]["hostPath"]}
     )
+    reader = restricted_pod("reader", nodeName=node, volumes=[{"name": "data", **source}])
+    core.create_namespaced_pod(vms.namespace, reader)
     wait_for(lambda: core.read_namespaced_pod("reader", vms.namespace).status.phase == "Running", what="pod Running")
     vms.delete("in-use")
     message = wait_for(

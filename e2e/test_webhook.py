@@ -17,7 +17,14 @@ from kubernetes.client.rest import ApiException
 
 from e2e import pod_strategies
 from e2e.cluster import ControlPlane, NodeSpec
-from e2e.helpers import VolumeManagers, operator_pods, wait_for
+from e2e.helpers import (
+    RESTRICTED_POD_SECURITY,
+    VolumeManagers,
+    operator_pods,
+    restricted_container,
+    restricted_pod,
+    wait_for,
+)
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
 from e2e.s3server import S3Server, credentials_secret
 from webhook.mutation import GATE, INJECTED, MutationError, wire_pod
@@ -26,10 +33,7 @@ TRAINING_CRDS = Path(__file__).parent / "manifests" / "kubeflow-training-crds.ya
 
 
 def annotated_pod(name: str, annotations: dict[str, str]) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {"containers": [{"name": "main", "image": "busybox:1.36", "command": ["sleep", "3600"]}]},
-    }
+    return restricted_pod(name, annotations)
 
 
 def wait_running(core: Any, namespace: str, name: str, timeout: float = 60) -> Any:
@@ -100,7 +104,10 @@ def test_annotated_pods_are_wired_and_scheduled_onto_the_data_nodes(
         assert mount.mount_path == "/var/datasets/cifar"
         assert mount.read_only is True
         kvc_volume = next(v for v in pod.spec.volumes if v.name == mount.name)
-        assert kvc_volume.host_path.path == volume["volumeSource"]["hostPath"]["path"]
+        # Through the volume's claim, read-only, in a namespace that enforces `restricted`.
+        assert kvc_volume.host_path is None
+        assert kvc_volume.persistent_volume_claim.claim_name == volume["claimName"]
+        assert kvc_volume.persistent_volume_claim.read_only is True
         assert json.loads(pod.metadata.annotations[INJECTED]) == [mount.name]
 
 
@@ -238,11 +245,7 @@ def test_each_denial_reaches_kubectl_with_what_to_fix(
         ns = vms.namespace
         own_mount = {
             "containers": [
-                {
-                    "name": "main",
-                    "image": "busybox:1.36",
-                    "volumeMounts": [{"name": "cache", "mountPath": "/var/datasets/scratch"}],
-                }
+                restricted_container(volumeMounts=[{"name": "cache", "mountPath": "/var/datasets/scratch"}])
             ],
             "volumes": [{"name": "cache", "emptyDir": {}}],
         }
@@ -303,6 +306,7 @@ def test_each_denial_reaches_kubectl_with_what_to_fix(
         core.delete_namespace(other)
 
 
+@pytest.mark.pod_security("privileged")  # the strategy's pods have hostPath volumes of their own
 def test_wired_pods_of_every_shape_are_valid_for_the_api_server(webhook: KvcWebhook, api: Any, namespace: str) -> None:
     """The property-test strategy's wired pods, created (dry run) through the real API server."""
     core = client.CoreV1Api(api)
@@ -399,11 +403,7 @@ def job(
     template_annotations: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     field = {"TFJob": "tfReplicaSpecs", "PyTorchJob": "pytorchReplicaSpecs"}[kind]
-    container = {
-        "name": "tensorflow" if kind == "TFJob" else "pytorch",
-        "image": "busybox:1.36",
-        "command": ["sleep", "3600"],
-    }
+    main = restricted_container("tensorflow" if kind == "TFJob" else "pytorch")
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": kind,
@@ -418,7 +418,7 @@ def job(
                             "annotations": (template_annotations or {}).get(role, {}),
                             "labels": {"training.kubeflow.org/replica-type": role.lower()},
                         },
-                        "spec": {"containers": [container]},
+                        "spec": {"securityContext": RESTRICTED_POD_SECURITY, "containers": [main]},
                     },
                 }
                 for role, count in replicas.items()

@@ -361,7 +361,17 @@ def run_agent(
     envvar="KVC_WEBHOOK_WORKERS",
     help="Processes serving the port, each with its own index. 0: one per CPU the container may use, at most 4.",
 )
-def run_webhook(host: str, port: int, cert_file: Path, key_file: Path, workers: int) -> None:
+@click.option(
+    "--inject-host-path",
+    is_flag=True,
+    envvar="KVC_WEBHOOK_INJECT_HOST_PATH",
+    help=(
+        "Wire S3/HTTP data into pods as a hostPath instead of through its claim. Single-tenant "
+        "clusters only: hostPath pods need Pod Security `privileged`, which lets any pod of the "
+        "namespace mount any host path."
+    ),
+)
+def run_webhook(host: str, port: int, cert_file: Path, key_file: Path, workers: int, inject_host_path: bool) -> None:
     """The mutating admission webhook (HTTPS only)."""
     import functools  # noqa: PLC0415
 
@@ -374,7 +384,15 @@ def run_webhook(host: str, port: int, cert_file: Path, key_file: Path, workers: 
     setup_logging = functools.partial(
         logs.configure, verbose=options["verbose"], json_lines=options["log_format"] == "json"
     )
-    settings = Settings(host, port, cert_file, key_file, api_client=kube.api_client, setup_logging=setup_logging)
+    settings = Settings(
+        host,
+        port,
+        cert_file,
+        key_file,
+        api_client=kube.api_client,
+        setup_logging=setup_logging,
+        inject_host_path=inject_host_path,
+    )
     run(settings, workers or default_workers())
 
 

@@ -31,7 +31,9 @@ INDEXED = Gauge(
 
 
 class VolumeIndex:
-    def __init__(self) -> None:
+    def __init__(self, *, host_path: bool = False) -> None:
+        # Wire node-local data as a hostPath rather than its claim (webhook.resolve.catalog_entries).
+        self.host_path = host_path
         self._lock = threading.Lock()
         self._by_namespace: dict[str, dict[str, list[CatalogEntry]]] = {}
         # Built on first use after a change in the namespace: admissions far outnumber changes.
@@ -54,7 +56,9 @@ class VolumeIndex:
         fresh: dict[str, dict[str, list[CatalogEntry]]] = {}
         for obj in volumemanagers:
             metadata = obj.get("metadata") or {}
-            fresh.setdefault(str(metadata.get("namespace")), {})[str(metadata.get("name"))] = catalog_entries(obj)
+            fresh.setdefault(str(metadata.get("namespace")), {})[str(metadata.get("name"))] = catalog_entries(
+                obj, host_path=self.host_path
+            )
         with self._lock:
             self._by_namespace = fresh
             self._catalogs = {}
@@ -70,7 +74,7 @@ class VolumeIndex:
             if event_type == "DELETED":
                 managers.pop(name, None)
             else:
-                managers[name] = catalog_entries(obj)
+                managers[name] = catalog_entries(obj, host_path=self.host_path)
             INDEXED.set(sum(len(managers) for managers in self._by_namespace.values()))
 
 

@@ -28,8 +28,25 @@ class CatalogEntry:
     deleting: bool = False
 
 
-def catalog_entries(volumemanager: Mapping[str, Any]) -> list[CatalogEntry]:
-    """The volumes of a VolumeManager object, with what its status says about each."""
+def _workload_source(status: Mapping[str, Any], host_path: bool) -> Mapping[str, Any] | None:
+    """What a workload mounts for a volume: its claim, or (node-local data, with the admin's
+    hostPath opt-in) the node path itself."""
+    source = status.get("volumeSource")
+    claim = status.get("claimName")
+    if isinstance(source, dict) and "hostPath" in source and claim and not host_path:
+        return {"persistentVolumeClaim": {"claimName": claim}}
+    return source
+
+
+def catalog_entries(volumemanager: Mapping[str, Any], *, host_path: bool = False) -> list[CatalogEntry]:
+    """The volumes of a VolumeManager object, with what its status says about each.
+
+    Node-local data (its status gives both the node path and a claim) is wired through its
+    claim, which Pod Security ``restricted`` admits; ``host_path`` wires the node path as a
+    hostPath instead, an admin's opt-in for single-tenant clusters. A status written before
+    node-local volumes had claims gives the node path alone, which is wired as it is until
+    the controller's next pass reports the claim.
+    """
     metadata = volumemanager.get("metadata") or {}
     name = str(metadata.get("name"))
     deleting = bool(metadata.get("deletionTimestamp"))
@@ -43,7 +60,7 @@ def catalog_entries(volumemanager: Mapping[str, Any]) -> list[CatalogEntry]:
                 volume_id=str(config.get("id")),
                 phase=str(status.get("phase") or "Pending"),
                 message=str(status.get("message") or "not provisioned yet"),
-                volume_source=status.get("volumeSource"),
+                volume_source=_workload_source(status, host_path),
                 node_affinity=status.get("nodeAffinity"),
                 access_mode=str(config.get("accessMode") or "ReadWriteOnce"),
                 deleting=deleting,

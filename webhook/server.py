@@ -185,6 +185,8 @@ class Settings:
     api_client: Callable[[], Any]
     # Called first in each worker process (the CLI's logging options); None: leave logging as it is.
     setup_logging: Callable[[], None] | None = None
+    # Wire node-local data as a hostPath, not through its claim: single-tenant clusters only.
+    inject_host_path: bool = False
 
 
 def _take_connections(
@@ -242,7 +244,7 @@ def serve(
     """
     from webhook.index import follow  # noqa: PLC0415 - the watch needs a cluster; tests use make_app
 
-    index = VolumeIndex()
+    index = VolumeIndex(host_path=settings.inject_host_path)
     stop = threading.Event()
     threading.Thread(target=follow, args=(index, settings.api_client(), stop), name="index", daemon=True).start()
     tls = ReloadingTLS(settings.cert_file, settings.key_file)

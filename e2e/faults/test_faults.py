@@ -62,7 +62,7 @@ from kubernetes.client.rest import ApiException
 from e2e.cluster import ControlPlane, NodeSpec, tail
 from e2e.faults import chaos
 from e2e.faults.proxy import TcpProxy
-from e2e.helpers import tree, wait_for
+from e2e.helpers import restricted_pod, tree, wait_for
 from e2e.httpserver import FileServer
 from e2e.kvc import NODE_DATA_ROOT, KvcAgent, KvcController, KvcWebhook, apply_crds
 from e2e.s3server import S3Server, credentials_secret
@@ -305,7 +305,7 @@ def pod_body(pod: chaos.PodPlan) -> dict[str, Any]:
             "annotations": {"kvc/volume": pod.annotation},
             "labels": {"kvc.test/fault": "1"},
         },
-        "spec": {"containers": [{"name": "main", "image": "busybox:1.36", "command": ["sleep", "3600"]}]},
+        "spec": restricted_pod(pod.name)["spec"],
     }
 
 
@@ -582,25 +582,14 @@ class Checks:
                     if owner is None or name not in holders.get(owner, set()):
                         problems.append(f"orphan label {key} on node {name} (volume: {owner or 'none'})")
 
-        # PVs and claims: only for live NFS VolumeManagers.
-        nfs_uids = {uid for uid, name in uids.items() if self.by_name[name].kind == chaos.NFS}
+        # PVs and claims (NFS and node-local volumes alike): only for live VolumeManagers.
         selector = names.LABEL_VOLUMEMANAGER_UID
         for pv in self.core.list_persistent_volume(label_selector=selector).items:
-            if (pv.metadata.labels or {}).get(selector) not in nfs_uids:
+            if (pv.metadata.labels or {}).get(selector) not in uids:
                 problems.append(f"orphan PV {pv.metadata.name} (VolumeManager uid {pv.metadata.labels.get(selector)})")
         for pvc in self.core.list_namespaced_persistent_volume_claim(NAMESPACE, label_selector=selector).items:
-            if (pvc.metadata.labels or {}).get(selector) not in nfs_uids:
+            if (pvc.metadata.labels or {}).get(selector) not in uids:
                 problems.append(f"orphan claim {pvc.metadata.name}")
-
-        # Pods: which node-local paths are in use where (data in use must be kept).
-        in_use: dict[tuple[str, str], list[str]] = {}
-        for pod in pods:
-            node = pod.spec.node_name
-            if not node or node not in nodes or (pod.status and pod.status.phase in ("Succeeded", "Failed")):
-                continue
-            for volume in pod.spec.volumes or []:
-                if volume.host_path is not None:
-                    in_use.setdefault((node, volume.host_path.path), []).append(pod.metadata.name)
 
         # VolumeNodes: only for existing nodes; each assignment current and needed.
         paths = {
@@ -608,6 +597,22 @@ class Checks:
             for name, entry in live.items()
             if "hostPath" in (entry.get("volumeSource") or {})
         }
+        claim_paths = {entry["claimName"]: paths[name] for name, entry in live.items() if name in paths}
+
+        # Pods: which node-local paths are in use where (data in use must be kept), mounted
+        # through their claim or as a hostPath.
+        in_use: dict[tuple[str, str], list[str]] = {}
+        for pod in pods:
+            node = pod.spec.node_name
+            if not node or node not in nodes or (pod.status and pod.status.phase in ("Succeeded", "Failed")):
+                continue
+            for volume in pod.spec.volumes or []:
+                claim = volume.persistent_volume_claim
+                path = volume.host_path.path if volume.host_path is not None else None
+                path = claim_paths.get(claim.claim_name) if claim is not None else path
+                if path is not None:
+                    in_use.setdefault((node, path), []).append(pod.metadata.name)
+
         for name, vnode in vnodes.items():
             if name not in nodes:
                 problems.append(f"VolumeNode {name} left behind by a removed node")
@@ -680,7 +685,7 @@ class Checks:
                 problems.append(f"pod {name} ({outcome}) admitted without its wiring: {problem}")
         return problems
 
-    def _wiring_problem(self, pod: Any, vms: dict[str, Any]) -> str | None:  # noqa: PLR0911 - one reason each
+    def _wiring_problem(self, pod: Any, vms: dict[str, Any]) -> str | None:
         annotations = pod.metadata.annotations or {}
         if INJECTED not in annotations:
             return f"no {INJECTED} marker"
@@ -701,12 +706,10 @@ class Checks:
                 mounts = {(m.name, m.mount_path) for m in container.volume_mounts or []}
                 if (volume_name, f"/var/datasets/{ref}") not in mounts:
                     return f"container {container.name} does not mount {ref}"
+            if volume.persistent_volume_claim is None:
+                return f"{ref} is not mounted from its claim"
             if not self.by_name[ref].node_local:
-                if volume.persistent_volume_claim is None:
-                    return f"{ref} is not mounted from its claim"
                 continue
-            if volume.host_path is None:
-                return f"{ref} is not a hostPath volume"
             if gated:
                 continue
             status = ((vms.get(ref) or {}).get("status") or {}).get("volumes") or [{}]
@@ -742,7 +745,10 @@ def test_kvc_converges_after_a_seeded_storm_of_faults(
 
     api = env.plane.api_client()
     core = client.CoreV1Api(api)
-    core.create_namespace({"metadata": {"name": NAMESPACE}})
+    # Node-local data reaches the pods through claims, which Pod Security `restricted` admits.
+    core.create_namespace(
+        {"metadata": {"name": NAMESPACE, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    )
     wait_for(
         lambda: core.list_namespaced_service_account(NAMESPACE, field_selector="metadata.name=default").items,
         what="the namespace's default ServiceAccount",

@@ -5,6 +5,7 @@ from typing import Any
 import pytest
 
 from webhook import grammar
+from webhook.index import VolumeIndex
 from webhook.mutation import MutationError
 from webhook.resolve import catalog_entries, resolve
 
@@ -75,3 +76,32 @@ def test_a_volume_the_controller_has_not_reported_is_denied_until_it_has() -> No
     assert fresh[0].phase == "Pending"
     with pytest.raises(MutationError, match="has no volume source yet"):
         resolve(ask("cifar"), "team-a", fresh)
+
+
+def node_local_status(claim: str | None) -> dict[str, Any]:
+    volume = vmgr("datasets", ("cifar", "Ready"))
+    if claim:
+        volume["status"]["volumes"][0]["claimName"] = claim
+    return volume
+
+
+def test_node_local_data_is_wired_through_its_claim_unless_the_admin_opted_into_host_paths() -> None:
+    (entry,) = catalog_entries(node_local_status("datasets-cifar-1234"))
+    assert entry.volume_source == {"persistentVolumeClaim": {"claimName": "datasets-cifar-1234"}}
+    (opted_in,) = catalog_entries(node_local_status("datasets-cifar-1234"), host_path=True)
+    assert opted_in.volume_source == SOURCE
+
+
+def test_a_status_written_before_claims_existed_is_wired_as_it_says() -> None:
+    # VolumeManagers of an earlier version until the controller's next pass reports the claim.
+    (entry,) = catalog_entries(node_local_status(None))
+    assert entry.volume_source == SOURCE
+
+
+def test_the_index_wires_claims_by_default_and_host_paths_only_when_told() -> None:
+    for host_path, expected in [(False, "persistentVolumeClaim"), (True, "hostPath")]:
+        index = VolumeIndex(host_path=host_path)
+        index.replace_all([node_local_status("datasets-cifar-1234")])
+        (entry,) = index.entries("team-a")
+        assert entry.volume_source is not None
+        assert list(entry.volume_source) == [expected]
