@@ -39,7 +39,7 @@ import yaml
 from kubernetes.client.rest import ApiException
 
 from e2e.cluster import ControlPlane, ControlPlaneError, NodeSpec, pid_alive, tail, terminate_group
-from e2e.helpers import operator_pods
+from e2e.helpers import RESTRICTED_POD_SECURITY, operator_pods, restricted_container
 from e2e.httpserver import FileServer
 from e2e.kvc import WEBHOOK_MANIFEST, KvcAgent, KvcController, KvcWebhook, apply_crds
 from e2e.s3server import S3Server, credentials_secret
@@ -397,6 +397,10 @@ def _prepare_namespace(session: Session, s3_endpoint: str, http_endpoint: str, d
         if time.monotonic() > deadline:
             raise DemoError(f"no default ServiceAccount in namespace {NAMESPACE} after 30s")
         time.sleep(0.2)
+    # Tenants' namespaces can enforce Pod Security `restricted`: KVC wires data through claims.
+    session.core.patch_namespace(
+        NAMESPACE, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    )
     session.core.create_namespaced_secret(NAMESPACE, credentials_secret(S3_CREDENTIALS_SECRET))
     # A statically provisioned volume for the claim, as an admin would make one (nothing mounts it here).
     session.core.create_persistent_volume(
@@ -536,16 +540,12 @@ def _wait_bound(session: Session, pod_names: list[str], timeout: float = 60) -> 
         time.sleep(0.3)
 
 
-def _container(name: str) -> dict[str, Any]:
-    return {"name": name, "image": "busybox:1.36", "command": ["sleep", "3600"]}
-
-
 def _show_pod(session: Session, holders: Mapping[str, list[str]]) -> str:
     manifest = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": POD_NAME, "annotations": {"kvc/volume": f"{IMAGES},{NFS_VOLUME}"}},
-        "spec": {"containers": [_container("trainer")]},
+        "spec": {"securityContext": RESTRICTED_POD_SECURITY, "containers": [restricted_container("trainer")]},
     }
     _say(f"$ kubectl create -f pod.yaml   # a Pod annotated kvc/volume: {IMAGES},{NFS_VOLUME}")
     created = session.plain(session.core.create_namespaced_pod(NAMESPACE, manifest))
@@ -563,7 +563,9 @@ def tfjob_manifest() -> dict[str, Any]:
         return {
             "replicas": count,
             "restartPolicy": "OnFailure",
-            "template": {"spec": {"containers": [_container("tensorflow")]}},
+            "template": {
+                "spec": {"securityContext": RESTRICTED_POD_SECURITY, "containers": [restricted_container("tensorflow")]}
+            },
         }
 
     return {

@@ -128,9 +128,15 @@ def test_demo_brings_data_to_the_workloads_and_down_leaves_nothing(tmp_path: Pat
         assert pods[POD_NAME].spec.node_name in images
         job_pods = [p for name, p in pods.items() if name.startswith(f"{TFJOB_NAME}-")]
         assert len(job_pods) == 3
+        # The demo's namespace enforces `restricted`: the S3 and HTTP data arrive through their claims.
+        assert core.read_namespace(NAMESPACE).metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
+        claims = {v["claimName"] for vm in (vms[DATASETS], vms[MODELS]) for v in vm["status"]["volumes"]}
         for pod in [pods[POD_NAME], *job_pods]:
             assert pod.status.phase == "Running"
             assert pod.spec.node_name in images
+            assert all(volume.host_path is None for volume in pod.spec.volumes)
+            mounted = {v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim}
+            assert mounted & claims
             assert f"pod/{pod.metadata.name} " in out
             assert pod.spec.node_name in out
 

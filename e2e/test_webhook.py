@@ -94,6 +94,14 @@ def test_annotated_pods_are_wired_and_scheduled_onto_the_data_nodes(
     volume = vms.wait_state("datasets", "Running", timeout=120)["status"]["volumes"][0]
     holders = {n["name"] for n in volume["nodes"]}
     core = client.CoreV1Api(api)
+    # The namespace enforces `restricted`: a tenant's own hostPath, even to its own data, is refused...
+    own = restricted_pod("own-path", volumes=[{"name": "data", "hostPath": volume["volumeSource"]["hostPath"]}])
+    with pytest.raises(ApiException) as refused:
+        core.create_namespaced_pod(vms.namespace, own)
+    assert refused.value.status == 403
+    assert 'violates PodSecurity "restricted:latest"' in refused.value.body
+    assert "hostPath volumes" in refused.value.body
+    # ...while KVC's wiring is admitted, and the pods are scheduled onto the data nodes.
     for i in range(6):
         core.create_namespaced_pod(vms.namespace, annotated_pod(f"trainer-{i}", {"kvc/volume": "cifar"}))
 
