@@ -3,7 +3,10 @@
 Data is written into ``<dir>.partial`` and becomes visible at ``<dir>`` only once every
 file is complete and verified, by one ``rename``: a reader (or a restarted agent) never
 sees half a replica as complete.  A restarted agent finds the staging directory and
-resumes from what is already there.
+resumes from what is already there.  Published data is owned by the agent and writable by
+it alone (directories 0755, files 0644, or 0755 where the owner could execute them), so a
+workload that runs as any other user, as Pod Security ``restricted`` requires, can read the
+replica but never change it, even through a writable mount.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -20,6 +24,10 @@ MANIFEST = ".kvc-manifest.json"
 STAGING_SUFFIX = ".partial"
 # Archives to unpack are downloaded here, inside the staging directory, then removed.
 DOWNLOADS = ".kvc-download"
+
+# What published data may be: readable by all, writable by its owner (the agent) alone.
+DIRECTORY_MODE = 0o755
+FILE_MODE = 0o644
 
 
 def md5_etag(etag: str | None) -> str | None:
@@ -149,11 +157,12 @@ class ReplicaDir:
         return self.staging
 
     def publish(self, manifest: Manifest) -> None:
-        """Make the staged data visible at its final path in one rename."""
+        """Make the staged data visible at its final path in one rename, sealed (``seal``)."""
         manifest_path = self.staging / MANIFEST
         manifest_path.write_text(manifest.dump())
         with open(manifest_path, "rb") as handle:
             os.fsync(handle.fileno())
+        seal(self.staging)
         if self.final.exists():  # an earlier, now invalid copy (e.g. failed verification)
             shutil.rmtree(self.final)
         os.rename(self.staging, self.final)
@@ -189,6 +198,23 @@ class ReplicaDir:
     def remove(self) -> None:
         for directory in (self.final, self.staging):
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def seal(root: Path) -> None:
+    """Modes that let only the owner change anything under ``root``: whatever the umask, or the
+    modes an archive asked for, no group or other write bit, no setuid, setgid or sticky bit.
+    Symbolic links are left alone (fetches never make them, and a link's mode means nothing)."""
+    os.chmod(root, DIRECTORY_MODE)
+    for directory, subdirectories, files in os.walk(root):
+        for name in subdirectories:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                os.chmod(path, DIRECTORY_MODE)
+        for name in files:
+            path = os.path.join(directory, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                os.chmod(path, FILE_MODE | (0o111 if mode & stat.S_IXUSR else 0))
 
 
 def files_under(root: Path) -> list[ManifestFile]:
