@@ -18,6 +18,7 @@ from webhook.mutation import (
     REPLICA_SPECS,
     MutationError,
     check_metadata,
+    guard_ephemeral_containers,
     job_templates,
     json_copy,
     wire_job,
@@ -163,6 +164,13 @@ def admit(review: Any, lookup: Lookup) -> dict[str, Any]:
     obj = request.get("object")
     if request.get("operation") == "CREATE" and not isinstance(obj, dict):
         raise BadReviewError("the AdmissionReview has no request.object")
+    if request.get("subResource") == "ephemeralcontainers" and isinstance(obj, dict) and obj.get("kind") == "Pod":
+        # kubectl debug adds a container to a running pod: it must not write what the pod reads.
+        try:
+            guarded = guard_ephemeral_containers(obj)
+        except MutationError as exc:
+            return _response(uid, allowed=False, message=f"KVC: {exc}")
+        return _response(uid, allowed=True, patch=json_patch(obj, guarded))
     if request.get("operation") != "CREATE" or not isinstance(obj, dict) or not wants_volumes(obj):
         return _response(uid, allowed=True)
     namespace = str(request.get("namespace") or (obj.get("metadata") or {}).get("namespace") or "")

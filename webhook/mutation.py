@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,8 @@ from webhook import grammar
 GATE = names.SCHEDULING_GATE
 INJECTED = f"{names.GROUP}/injected"
 READ_ONLY_MODES = frozenset({"ReadOnlyMany"})
+# Every kind of container a pod has; ephemeral ones are added later, by kubectl debug.
+CONTAINER_FIELDS = ("containers", "initContainers", "ephemeralContainers")
 
 
 class MutationError(ValueError):
@@ -102,7 +104,7 @@ def check_pod_shape(pod: Any, where: str = "the pod") -> None:
     _check_type(spec, dict, f"{where} spec")
     _check_items(spec.get("volumes"), f"{where} spec.volumes")
     _check_items(spec.get("schedulingGates"), f"{where} spec.schedulingGates")
-    for field in ("containers", "initContainers"):
+    for field in CONTAINER_FIELDS:
         for index, container in enumerate(_check_items(spec.get(field), f"{where} spec.{field}")):
             _check_items(container.get("volumeMounts"), f"{where} spec.{field}[{index}].volumeMounts")
     affinity = spec.get("affinity", {})
@@ -169,6 +171,57 @@ def _targets(spec: dict[str, Any], containers: tuple[str, ...] | None) -> list[d
     return [by_name[name] for name in containers]
 
 
+def force_read_only(spec: dict[str, Any], volume_names: Iterable[str]) -> None:
+    """Make every mount of these volumes read-only, in every container of every kind: a
+    container the annotations did not name (an init container, an ephemeral one added by
+    kubectl debug) must not get a writable mount of data that other pods read."""
+    read_only = set(volume_names)
+    for field in CONTAINER_FIELDS:
+        for container in spec.get(field) or []:
+            for mount in container.get("volumeMounts") or []:
+                if mount.get("name") in read_only and mount.get("readOnly") is not True:
+                    mount["readOnly"] = True
+
+
+def read_only_volumes(pod: Mapping[str, Any]) -> list[str]:
+    """The KVC volumes (those the marker annotation lists) that the pod was wired to read only:
+    a claim marked readOnly, or a volume that every app and init container mounts read-only."""
+    try:
+        injected = json.loads(((pod.get("metadata") or {}).get("annotations") or {}).get(INJECTED, "[]"))
+    except ValueError:
+        return []
+    if not isinstance(injected, list):
+        return []
+    spec = pod.get("spec") or {}
+    mounts = [
+        mount
+        for field in ("containers", "initContainers")
+        for container in spec.get(field) or []
+        for mount in container.get("volumeMounts") or []
+    ]
+    found = []
+    for volume in spec.get("volumes") or []:
+        name = volume.get("name")
+        if name not in injected:
+            continue
+        claim = volume.get("persistentVolumeClaim")
+        if claim is not None:
+            read_only = claim.get("readOnly") is True
+        else:
+            read_only = all(m.get("readOnly") is True for m in mounts if m.get("name") == name)
+        if read_only:
+            found.append(name)
+    return found
+
+
+def guard_ephemeral_containers(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a wired pod whose ephemeral containers mount its read-only KVC volumes read-only."""
+    check_pod_shape(pod)
+    guarded: dict[str, Any] = json_copy(pod)
+    force_read_only(guarded.setdefault("spec", {}), read_only_volumes(pod))
+    return guarded
+
+
 def json_copy(obj: Any) -> Any:
     """A deep copy of JSON data (about 20 times faster than copy.deepcopy on pods)."""
     return orjson.loads(orjson.dumps(obj))
@@ -206,6 +259,8 @@ def _wire_spec(wired: dict[str, Any], request: grammar.VolumeRequest, volumes: S
                     f"container {container.get('name')} already mounts {current[0].get('name')} at {path}: "
                     f"choose another path with kvc/mount-path.{volume.volume_id}"
                 )
+    if request.read_only:
+        force_read_only(wired, [volume.volume_name for volume in volumes])
     if pending:
         gates = wired.setdefault("schedulingGates", [])
         if {"name": GATE} not in gates:

@@ -301,3 +301,17 @@ def test_the_patch_of_any_two_documents_turns_one_into_the_other(pair: tuple[Any
 )
 def test_patch_operations_address_the_parts_that_changed(original: Any, changed: Any, expected: Any) -> None:
     assert json_patch(original, changed) == expected
+
+
+def test_an_ephemeral_container_added_to_a_wired_pod_is_made_read_only() -> None:
+    wired = patched(admit(review(pod({"kvc/volume": "cifar"})), catalog), pod({"kvc/volume": "cifar"}))
+    wired["spec"]["ephemeralContainers"] = [
+        {"name": "debugger", "image": "busybox", "volumeMounts": [{"name": "kvc-datasets-cifar", "mountPath": "/d"}]}
+    ]
+    update = review(wired, operation="UPDATE")
+    update["request"]["subResource"] = "ephemeralcontainers"
+    response = admit(update, catalog)
+    assert response["response"]["allowed"] is True
+    assert patched(response, wired)["spec"]["ephemeralContainers"][0]["volumeMounts"][0]["readOnly"] is True
+    # The same update of the pod itself (not the subresource) is none of the webhook's business.
+    assert "patch" not in admit(review(wired, operation="UPDATE"), catalog)["response"]

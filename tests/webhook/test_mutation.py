@@ -279,3 +279,78 @@ def test_wiring_any_pod_refuses_exactly_the_bad_requests_and_otherwise_patches_c
     else:
         assert spec["schedulingGates"][-1] == {"name": GATE}
         assert spec.get("affinity") == before.get("affinity")
+
+
+def claim_volume(volume_id: str = "cifar") -> ResolvedVolume:
+    """Node-local data as the webhook wires it by default: through its claim."""
+    return ResolvedVolume(
+        ref=grammar.VolumeRef(volume_id),
+        manager="datasets",
+        volume_id=volume_id,
+        phase="Ready",
+        message="2/2 replicas ready",
+        volume_source={"persistentVolumeClaim": {"claimName": f"datasets-{volume_id}-0123456789"}},
+        node_affinity=s3_volume(volume_id).node_affinity,
+        access_mode="ReadWriteOnce",
+    )
+
+
+def test_node_local_data_is_a_read_only_claim_with_the_data_affinity() -> None:
+    wired = wire_pod(pod(), request({"kvc/volume": "cifar"}), [claim_volume()])
+    spec = wired["spec"]
+    assert spec["volumes"] == [
+        {
+            "name": "kvc-datasets-cifar",
+            "persistentVolumeClaim": {"claimName": "datasets-cifar-0123456789", "readOnly": True},
+        }
+    ]
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [{"key": LABEL, "operator": "Exists"}]}]
+
+
+def test_a_read_only_volume_is_read_only_in_every_container_that_mounts_it_whoever_wrote_the_mount() -> None:
+    # The user mounts our volume writable in an init container and a container the
+    # annotations did not name: the webhook makes those mounts read-only too.
+    writable = {"name": "kvc-datasets-cifar", "mountPath": "/own", "readOnly": False}
+    original = pod(
+        initContainers=[{"name": "prep", "image": "x", "volumeMounts": [dict(writable)]}],
+    )
+    original["spec"]["containers"][1]["volumeMounts"] = [dict(writable)]
+    wired = wire_pod(original, request({"kvc/volume": "cifar", "kvc/containers": "main"}), [claim_volume()])
+    spec = wired["spec"]
+    assert spec["initContainers"][0]["volumeMounts"] == [{**writable, "readOnly": True}]
+    assert spec["containers"][1]["volumeMounts"] == [{**writable, "readOnly": True}]
+    assert spec["containers"][0]["volumeMounts"][0]["readOnly"] is True
+    # A writable request leaves the user's mounts as they are.
+    rwo = wire_pod(original, request({"kvc/volume": "cifar", "kvc/read-only": "false"}), [claim_volume()])
+    assert rwo["spec"]["initContainers"][0]["volumeMounts"] == [writable]
+
+
+@pytest.mark.parametrize("volume", [claim_volume(), s3_volume()], ids=["claim", "hostPath"])
+def test_an_ephemeral_container_gets_only_read_only_mounts_of_read_only_kvc_volumes(volume: ResolvedVolume) -> None:
+    wired = wire_pod(pod(), request({"kvc/volume": "cifar"}), [volume])
+    debug = {
+        "name": "debugger",
+        "image": "busybox",
+        "volumeMounts": [
+            {"name": "kvc-datasets-cifar", "mountPath": "/data"},
+            {"name": "kvc-datasets-cifar", "mountPath": "/again", "readOnly": False},
+        ],
+    }
+    wired["spec"]["ephemeralContainers"] = [debug]
+    guarded = mutation.guard_ephemeral_containers(wired)
+    assert [m["readOnly"] for m in guarded["spec"]["ephemeralContainers"][0]["volumeMounts"]] == [True, True]
+    assert guarded["spec"]["containers"] == wired["spec"]["containers"]
+
+
+def test_an_ephemeral_container_may_write_what_the_pod_was_wired_to_write() -> None:
+    wired = wire_pod(pod(), request({"kvc/volume": "shared", "kvc/read-only": "false"}), [nfs_volume()])
+    mount = {"name": "kvc-datasets-shared", "mountPath": "/data", "readOnly": False}
+    wired["spec"]["ephemeralContainers"] = [{"name": "debugger", "image": "busybox", "volumeMounts": [mount]}]
+    assert mutation.guard_ephemeral_containers(wired) == wired
+    # Volumes the pod has of its own are not KVC's to judge.
+    own = pod(volumes=[{"name": "own", "persistentVolumeClaim": {"claimName": "c", "readOnly": True}}])
+    own["spec"]["ephemeralContainers"] = [
+        {"name": "debugger", "image": "busybox", "volumeMounts": [{"name": "own", "mountPath": "/o"}]}
+    ]
+    assert mutation.guard_ephemeral_containers(own) == own
