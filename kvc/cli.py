@@ -255,6 +255,16 @@ _METRICS_PORT = click.option(
     metavar="NODE_PATH",
     help="A node path under which users may put data with options.dataPath (repeatable; default: none).",
 )
+@click.option(
+    "--credentials-namespace",
+    default=names.DEFAULT_CREDENTIALS_NAMESPACE,
+    show_default=True,
+    envvar="KVC_CREDENTIALS_NAMESPACE",
+    help=(
+        "KVC's namespace for copies of the credentials Secrets that replicas need: the only namespace "
+        "whose Secrets the agents may read. Never kvc-system, which holds the webhook's CA."
+    ),
+)
 @_METRICS_PORT
 def run_controller(
     namespaces: tuple[str, ...],
@@ -262,6 +272,7 @@ def run_controller(
     node_data_root: str,
     agent_grace: float,
     allowed_data_roots: tuple[str, ...],
+    credentials_namespace: str,
     metrics_port: int,
 ) -> None:
     """The VolumeManager controller."""
@@ -271,7 +282,7 @@ def run_controller(
 
     limit_malloc_arenas()  # before any thread starts
     metrics.serve(metrics_port)
-    run_kopf(namespaces, liveness_endpoint, node_data_root, agent_grace, allowed_data_roots)
+    run_kopf(namespaces, liveness_endpoint, node_data_root, agent_grace, allowed_data_roots, credentials_namespace)
 
 
 @run.command("agent")

@@ -63,6 +63,7 @@ NODES = "nodes"
 VOLUMENODES = "volumenodes"
 CLAIMS = "persistentvolumeclaims"
 VOLUMES = "persistentvolumes"
+CREDENTIALS = "secrets"  # the copies in the credentials namespace (kvc.sources._credentials)
 
 
 @dataclass(frozen=True, slots=True)

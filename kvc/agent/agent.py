@@ -368,12 +368,14 @@ class Agent:
         ref = spec.get("credentialsSecret") or {}
         if not ref.get("name"):
             return {}
+        # A copy in KVC's credentials namespace: named in messages by the user's Secret it copies.
+        source = ref.get("source") or ref
         try:
             secret = self.core.read_namespaced_secret(ref["name"], ref["namespace"])
         except ApiException as exc:
             if exc.status == 404:
                 raise FetchError(
-                    f"credentials Secret {ref['name']} not found in namespace {ref['namespace']}"
+                    f"credentials Secret {source['name']} not found in namespace {source['namespace']}"
                 ) from None
             raise FetchError(
                 f"cannot read credentials Secret {ref['namespace']}/{ref['name']}: API answered {exc.status}"

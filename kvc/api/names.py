@@ -39,6 +39,10 @@ ANNOTATION_VOLUME_CREATED = f"{GROUP}/volume-created"
 SCHEDULING_GATE = f"{GROUP}/data-ready"
 LABEL_GATED = f"{GROUP}/gated"
 
+# KVC's namespace for the copies of the Secrets that replicas need (never kvc-system, which
+# holds the webhook's CA): the only Secrets the agents may read.
+DEFAULT_CREDENTIALS_NAMESPACE = "kvc-credentials"
+
 # A StorageClass name no provisioner serves: KVC's PVs bind only to KVC's claims.
 NFS_STORAGE_CLASS = "kvc-static-nfs"
 # The same for the `local` PVs through which workloads mount node-local replicas.

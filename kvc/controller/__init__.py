@@ -7,6 +7,8 @@ import logging
 
 import kopf
 
+from kvc.api import names
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,12 +28,13 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
-def run(
+def run(  # noqa: PLR0917 - the command line's options, in its order
     namespaces: tuple[str, ...] = (),
     liveness_endpoint: str | None = None,
     node_data_root: str = "/var/lib/kvc",
     agent_grace_seconds: float = 45.0,
     allowed_data_roots: tuple[str, ...] = (),
+    credentials_namespace: str = names.DEFAULT_CREDENTIALS_NAMESPACE,
 ) -> None:
     """Run the controller until interrupted (``kvc run controller``)."""
     from kvc.controller import handlers  # noqa: F401, PLC0415 - registers the handlers with kopf
@@ -45,5 +48,6 @@ def run(
             node_data_root=node_data_root,
             agent_grace_seconds=agent_grace_seconds,
             allowed_data_roots=allowed_data_roots,
+            credentials_namespace=credentials_namespace,
         ),
     )

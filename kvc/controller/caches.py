@@ -1,7 +1,7 @@
 """The controller's informers: what it reads on every pass, kept in memory by watches.
 
-Nodes and VolumeNodes (placement, labels, the agents' reports) and the claims and
-volumes KVC made for NFS volumes. With them a pass over a VolumeManager whose resources
+Nodes and VolumeNodes (placement, labels, the agents' reports), the claims and volumes
+KVC made, and its copies of credentials. With them a pass over a VolumeManager whose resources
 are in place makes no API call to read, however many nodes and VolumeManagers there are.
 """
 
@@ -16,7 +16,7 @@ from kubernetes import client
 
 from kvc import kube
 from kvc.api import names
-from kvc.sources import _claims
+from kvc.sources import _claims, _credentials
 from kvc.sources._nodelocal import ClusterView
 
 logger = logging.getLogger(__name__)
@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 def start(
     api: Any,
+    *,
+    credentials_namespace: str = names.DEFAULT_CREDENTIALS_NAMESPACE,
     timeout: float = 120.0,
     on_node_deleted: Callable[[str], None] | None = None,
     touch: Callable[[Iterable[str]], None] = lambda _uids: None,
@@ -82,6 +84,14 @@ def start(
             label_selector=_claims.SELECTOR,
             indexers={"owner": _claims.owner_uid},
             on_change=made_changed,
+        ),
+        # The copies of credentials, metadata only (their data is never kept in memory).
+        kube.Informer(
+            kube.CREDENTIALS,
+            functools.partial(core.list_namespaced_secret, credentials_namespace),
+            _credentials.CopyRecord.from_raw,
+            label_selector=_credentials.SELECTOR,
+            indexers={"owner": _credentials.owner_uid},
         ),
     ]
     for informer in informers:

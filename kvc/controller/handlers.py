@@ -68,8 +68,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     api = kube.api_client(pool_size=2 * WORKERS)
     memo.core = client.CoreV1Api(api)
     memo.custom = client.CustomObjectsApi(api)
+    memo.setdefault("credentials_namespace", names.DEFAULT_CREDENTIALS_NAMESPACE)
     caches.start(
         api,
+        credentials_namespace=memo.credentials_namespace,
         on_node_deleted=functools.partial(node_deleted, memo.custom),
         touch=PASSES.touch,
         touch_nodes=PASSES.touch_nodes,
@@ -138,6 +140,7 @@ def _context(body: kopf.Body, memo: kopf.Memo, known_status: Mapping[str, Any] |
         node_data_root=memo.node_data_root,
         agent_grace_seconds=memo.agent_grace_seconds,
         allowed_data_roots=memo.allowed_data_roots,
+        credentials_namespace=memo.credentials_namespace,
         previous_phases={str(v.get("id")): str(v.get("phase")) for v in known.get("volumes") or []},
     )
 

@@ -28,7 +28,7 @@ from kvc.api import names
 from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
 from kvc.api.units import parse_duration, parse_quantity
 from kvc.placement import NodeInfo, Placement, VolumeRequest, place
-from kvc.sources import _claims
+from kvc.sources import _claims, _credentials
 from kvc.sources.base import Source, SourceContext, VolumeManagerRef, object_name_problem
 from kvc.throttle import Throttle
 
@@ -629,9 +629,22 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
         "path": path,
         "options": dict(replica.options),
     }
-    if replica.credentials_secret:
-        entry["credentialsSecret"] = {"namespace": owner.namespace, "name": replica.credentials_secret}
     kept = [n for n in placement.nodes if n not in placement.added]
+    if replica.credentials_secret:
+        # The agents read a copy in KVC's credentials namespace, never the tenant's Secret.
+        # It is refreshed while some node still fetches: the user may fix the Secret meanwhile.
+        entry["credentialsSecret"] = _credentials.reference(ctx, config.id, replica.credentials_secret)
+        if placement.added or any(view.report(node, key).get("phase") != "Ready" for node in kept):
+            _credentials.refresh(ctx, config, replica.credentials_secret)
+    for node in kept:
+        # Assigned by an earlier version (the tenant's Secret), or the volume's Secret was
+        # named or dropped since: the agent is told where its credentials are now.
+        held = view.entry(node, key)
+        if held.get("credentialsSecret") != entry.get("credentialsSecret"):
+            held.pop("credentialsSecret", None)
+            if "credentialsSecret" in entry:
+                held["credentialsSecret"] = entry["credentialsSecret"]
+            assign(ctx, node, held)
     free_slots = slots_to_fill(replica.slots, [view.entry(n, key).get("options") or {} for n in kept])
     for index, node in enumerate(placement.added):
         logger.info("assigning %s to node %s", key, node)
@@ -869,6 +882,12 @@ class NodeLocalSource(Source):
             for volume_id, config in current.items()
             if config is None or config.source_type == self.source_type
         }
+        wanted = {
+            volume_id: secret
+            for volume_id, config in current.items()
+            if config is not None and (secret := config.options.get(self.credentials_option, "").strip())
+        }
+        _credentials.remove_stale(ctx, self.source_type, current, wanted, force=deleting)
         # Claims first: one still mounted keeps its PV, and the data under it is kept by cleanup.
         kept = _claims.remove_stale_claims(ctx, self.source_type, current, self.digest, force=deleting)
         return kept + cleanup(ctx, self.source_type, digests, deleting)

@@ -74,6 +74,9 @@ class SourceContext:
     agent_grace_seconds: float = 45.0
     # Node paths under which users may place data with options.dataPath (admin setting).
     allowed_data_roots: tuple[str, ...] = ()
+    # KVC's own namespace for the copies of the Secrets that replicas need: the only place
+    # agents may read Secrets (kvc.sources._credentials).
+    credentials_namespace: str = names.DEFAULT_CREDENTIALS_NAMESPACE
     # Each volume's phase in the status before this pass (id -> phase).
     previous_phases: Mapping[str, str] = field(default_factory=dict)
 

@@ -11,7 +11,7 @@ from kubernetes.client.rest import ApiException
 
 from kvc.api import names
 from kvc.api.models import VolumeConfig, VolumePhase
-from kvc.sources import _claims, _nodelocal
+from kvc.sources import _claims, _credentials, _nodelocal
 from kvc.sources._nodelocal import (
     ClusterView,
     HeartbeatWatch,
@@ -220,6 +220,9 @@ class FakeCluster:
         self.claims: dict[str, dict[str, Any]] = {}
         self.volumes: dict[str, dict[str, Any]] = {}
         self.api_client = client.ApiClient()
+        self.secrets: dict[tuple[str, str], dict[str, Any]] = {}
+        self.secret_reads: list[tuple[str, str]] = []
+        self.versions = 0
 
     # CoreV1Api: the claims and PVs through which workloads mount the data (dicts, as the API's JSON)
     def create_namespaced_persistent_volume_claim(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -259,6 +262,34 @@ class FakeCluster:
 
     def delete_persistent_volume(self, name: str) -> None:
         self.volumes.pop(name, None)
+
+    # CoreV1Api: Secrets, as (namespace, name) -> the API's JSON
+    def read_namespaced_secret(self, name: str, namespace: str) -> dict[str, Any]:
+        self.secret_reads.append((namespace, name))
+        if (namespace, name) not in self.secrets:
+            raise ApiException(status=404)
+        return copy.deepcopy(self.secrets[namespace, name])
+
+    def create_namespaced_secret(self, namespace: str, body: dict[str, Any]) -> None:
+        if (namespace, body["metadata"]["name"]) in self.secrets:
+            raise ApiException(status=409)
+        self.put_secret(namespace, body)
+
+    def replace_namespaced_secret(self, name: str, namespace: str, body: dict[str, Any]) -> None:
+        self.put_secret(namespace, body)
+
+    def delete_namespaced_secret(self, name: str, namespace: str) -> None:
+        self.secrets.pop((namespace, name), None)
+
+    def list_namespaced_secret(self, namespace: str, label_selector: str = "") -> Any:
+        return SimpleNamespace(items=[s for (ns, _), s in self.secrets.items() if ns == namespace])
+
+    def put_secret(self, namespace: str, body: dict[str, Any]) -> None:
+        secret = copy.deepcopy(body)
+        secret["metadata"]["namespace"] = namespace
+        self.versions += 1
+        secret["metadata"]["resourceVersion"] = str(self.versions)
+        self.secrets[namespace, secret["metadata"]["name"]] = secret
 
     # CoreV1Api
     def list_node(self) -> Any:
@@ -355,6 +386,12 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> FakeCluster:
     fake.create_namespaced_persistent_volume_claim(OWNER.namespace, _nodelocal.build_claim(OWNER, CONFIG, "abc"))
     fake.create_persistent_volume(_nodelocal.build_persistent_volume(OWNER, CONFIG, "abc", path=PATH, label=LABEL))
     return fake
+
+
+@pytest.fixture
+def bare(cluster: FakeCluster) -> FakeCluster:
+    """One node whose agent reports, nothing assigned yet (with the ``cluster`` fixture's views)."""
+    return FakeCluster([make_node("a")], [make_vnode("a")])
 
 
 def context(cluster: FakeCluster) -> SourceContext:
@@ -514,8 +551,10 @@ def test_the_owners_whose_replicas_changed_on_a_volumenode() -> None:
 # --------------------------------------------------------------------------- the claim workloads mount
 
 
-def test_a_volume_gets_a_local_pv_on_its_node_path_pinned_to_the_data_label_and_a_claim_bound_to_it() -> None:
-    fake = FakeCluster([make_node("a")], [make_vnode("a")])
+def test_a_volume_gets_a_local_pv_on_its_node_path_pinned_to_the_data_label_and_a_claim_bound_to_it(
+    bare: FakeCluster,
+) -> None:
+    fake = bare
     status = provision(context(fake), CONFIG, REPLICA)
     volume_name, claim = _claims.object_names(OWNER, "d", "abc")
     assert claim == CLAIM
@@ -538,8 +577,8 @@ def test_a_volume_gets_a_local_pv_on_its_node_path_pinned_to_the_data_label_and_
     assert status.node_affinity == node_affinity(LABEL)
 
 
-def test_a_read_only_volume_is_mounted_ro_by_the_kubelet_whatever_the_pod_asks() -> None:
-    fake = FakeCluster([make_node("a")], [make_vnode("a")])
+def test_a_read_only_volume_is_mounted_ro_by_the_kubelet_whatever_the_pod_asks(bare: FakeCluster) -> None:
+    fake = bare
     read_only = CONFIG.model_copy(update={"access_mode": "ReadOnlyMany"})
     provision(context(fake), read_only, REPLICA)
     (pv,) = fake.volumes.values()
@@ -584,3 +623,85 @@ def test_cleanup_of_one_type_never_deletes_the_pv_of_another_types_current_volum
     assert pv["metadata"]["name"] in cluster.volumes
     S3Source().cleanup(context(cluster), {"d": CONFIG})  # gone from the spec: its PV goes
     assert pv["metadata"]["name"] not in cluster.volumes
+
+
+# --------------------------------------------------------------------------- credentials, copied for the agents
+
+WITH_SECRET = Replica(digest="abc", options={}, credentials_secret="aws-creds")
+COPY = _credentials.copy_name(OWNER, "d")
+KVC_CREDENTIALS = names.DEFAULT_CREDENTIALS_NAMESPACE
+
+
+def user_secret(key: str = "AKIA1") -> dict[str, Any]:
+    return {"metadata": {"name": "aws-creds"}, "data": {"awsAccessKeyID": key, "awsSecretAccessKey": "c2VjcmV0"}}
+
+
+def test_the_agents_are_told_to_read_a_copy_of_the_secret_in_kvc_s_namespace(bare: FakeCluster) -> None:
+    fake = bare
+    fake.put_secret("ns", user_secret())
+    provision(context(fake), CONFIG, WITH_SECRET)
+    (entry,) = fake.vnodes["a"]["spec"]["replicas"]
+    assert entry["credentialsSecret"] == {
+        "namespace": KVC_CREDENTIALS,
+        "name": COPY,
+        "source": {"namespace": "ns", "name": "aws-creds"},
+    }
+    copied = fake.secrets[KVC_CREDENTIALS, COPY]
+    assert copied["data"] == user_secret()["data"]
+    assert copied["metadata"]["labels"][names.LABEL_VOLUMEMANAGER_UID] == OWNER.uid
+    assert copied["metadata"]["annotations"][_credentials.ANNOTATION_SOURCE] == "ns/aws-creds"
+
+
+def test_a_missing_secret_is_not_copied_and_is_copied_once_it_exists(bare: FakeCluster) -> None:
+    fake = bare
+    provision(context(fake), CONFIG, WITH_SECRET)
+    assert (KVC_CREDENTIALS, COPY) not in fake.secrets  # the agent reports the user's Secret missing
+    fake.put_secret("ns", user_secret())
+    provision(context(fake), CONFIG, WITH_SECRET)
+    assert (KVC_CREDENTIALS, COPY) in fake.secrets
+
+
+def test_the_copy_follows_the_secret_while_fetching_and_is_not_read_once_every_replica_is_ready(
+    cluster: FakeCluster,
+) -> None:
+    cluster.report("a", KEY, phase="Failed")  # wrong keys
+    cluster.put_secret("ns", user_secret("AKIAWRONG"))
+    provision(context(cluster), CONFIG, WITH_SECRET)
+    cluster.put_secret("ns", user_secret("AKIARIGHT"))  # the user fixes the Secret
+    provision(context(cluster), CONFIG, WITH_SECRET)
+    assert cluster.secrets[KVC_CREDENTIALS, COPY]["data"]["awsAccessKeyID"] == "AKIARIGHT"
+    # The entry assigned before copies existed (the tenant's Secret) now names the copy.
+    (entry,) = cluster.vnodes["a"]["spec"]["replicas"]
+    assert entry["credentialsSecret"]["namespace"] == KVC_CREDENTIALS
+    cluster.report("a", KEY)  # Ready: no more reads of the user's Secret
+    cluster.secret_reads.clear()
+    provision(context(cluster), CONFIG, WITH_SECRET)
+    assert ("ns", "aws-creds") not in cluster.secret_reads
+
+
+def test_copies_go_with_their_volume_and_with_the_volumemanager(bare: FakeCluster) -> None:
+    fake = bare
+    fake.put_secret("ns", user_secret())
+    provision(context(fake), CONFIG, WITH_SECRET)
+    source = S3Source()
+    source.cleanup(context(fake), {"d": CONFIG})
+    assert (KVC_CREDENTIALS, COPY) in fake.secrets
+    HTTPSource().cleanup(context(fake), {})  # another type's cleanup leaves S3's copies alone
+    assert (KVC_CREDENTIALS, COPY) in fake.secrets
+    invalid: dict[str, VolumeConfig | None] = {"d": None}
+    source.cleanup(context(fake), invalid)  # kept until the config is fixed
+    assert (KVC_CREDENTIALS, COPY) in fake.secrets
+    public = CONFIG.model_copy(update={"options": {"sourceURL": "s3://b/"}})
+    source.cleanup(context(fake), {"d": public})  # no Secret named any more
+    assert (KVC_CREDENTIALS, COPY) not in fake.secrets
+    provision(context(fake), CONFIG, WITH_SECRET)
+    source.cleanup(context(fake), {}, deleting=True)
+    assert (KVC_CREDENTIALS, COPY) not in fake.secrets
+    assert ("ns", "aws-creds") in fake.secrets  # the user's own Secret is never touched
+
+
+def test_copy_names_are_valid_and_distinct() -> None:
+    long = VolumeManagerRef(namespace="n" * 63, name="v" * 253, uid="u")
+    assert len(_credentials.copy_name(long, "i" * 63)) <= 63
+    alike = [VolumeManagerRef("a-b", "c", "u1"), VolumeManagerRef("a", "b-c", "u1"), VolumeManagerRef("a", "b-c", "u2")]
+    assert len({_credentials.copy_name(owner, "d") for owner in alike}) == 3
