@@ -100,10 +100,21 @@ CRD_DIR = Path(__file__).resolve().parent.parent / "deploy" / "crd"
 KVC_CRDS = ("crd/volumemanagers.kvc.kubeflow.org", "crd/volumenodes.kvc.kubeflow.org")
 
 
+NAMESPACES = CRD_DIR.parent / "default" / "namespaces.yaml"
+
+
 def apply_crds(plane: ControlPlane, *manifests: Path, names_: tuple[str, ...] = ()) -> None:
     """KVC's CRDs from deploy/crd (and any other CRD ``manifests``), applied as an admin would,
-    until the API server serves them (``names_``: the other CRDs to wait for)."""
+    until the API server serves them (``names_``: the other CRDs to wait for); and KVC's
+    credentials namespace from deploy/default, where the controller copies the Secrets that
+    replicas need."""
     plane.kubectl("apply", "--server-side", "-k", str(CRD_DIR))
+    (credentials,) = [
+        doc
+        for doc in yaml.safe_load_all(NAMESPACES.read_text())
+        if doc["metadata"]["name"] == names.DEFAULT_CREDENTIALS_NAMESPACE
+    ]
+    plane.kubectl("apply", "--server-side", "-f", "-", input_text=yaml.safe_dump(credentials))
     for manifest in manifests:
         plane.kubectl("apply", "--server-side", "-f", str(manifest))
     plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", *KVC_CRDS, *names_)

@@ -218,7 +218,7 @@ def test_default_installs_every_component_with_one_image(default: list[dict[str,
 
 def test_every_object_is_in_a_namespace_of_its_own_install(default: list[dict[str, Any]]) -> None:
     namespaces = {doc["metadata"]["name"] for doc in default if doc["kind"] == "Namespace"}
-    assert namespaces == {"kvc-system", "kvc-agent"}
+    assert namespaces == {"kvc-system", "kvc-agent", "kvc-credentials"}
     cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
     cluster_scoped |= {"MutatingWebhookConfiguration", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     for doc in default:
@@ -229,6 +229,7 @@ def test_every_object_is_in_a_namespace_of_its_own_install(default: list[dict[st
     # namespace of its own, and everything else runs under `restricted`.
     assert labels["kvc-system"]["pod-security.kubernetes.io/enforce"] == "restricted"
     assert labels["kvc-agent"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert labels["kvc-credentials"]["pod-security.kubernetes.io/enforce"] == "restricted"  # no pods at all
     assert workloads(default)["agent"]["metadata"]["namespace"] == "kvc-agent"
 
 
