@@ -21,6 +21,7 @@ floor as many processes on one port, so that the ratio compares like with like.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import ssl
@@ -141,6 +142,8 @@ def seed(plane: ControlPlane, count: int) -> float:
                     "phase": "Ready",
                     "message": "2/2 replicas ready",
                     "volumeSource": {"hostPath": {"path": f"/var/lib/kvc/{NAMESPACE}/{name}", "type": "Directory"}},
+                    # As the controller reports node-local data: workloads are wired to the claim.
+                    "claimName": f"{name}-data-{i:04d}-0123456789",
                     "nodeAffinity": {
                         "requiredDuringSchedulingIgnoredDuringExecution": {
                             "nodeSelectorTerms": [{"matchExpressions": [{"key": label, "operator": "Exists"}]}]
@@ -160,9 +163,10 @@ def seed(plane: ControlPlane, count: int) -> float:
 # --------------------------------------------------------------------------- the floor
 
 
-def serve_floor(port: int, cert: Path, key: Path, ready_dir: Path) -> None:
+def serve_floor(port: int, cert: Path, key: Path, client_ca: Path, ready_dir: Path) -> None:
     """A bare HTTPS server of the same stack (aiohttp on the webhook's event loop, orjson,
-    SO_REUSEPORT beside its siblings): parse the review, answer allowed:true."""
+    SO_REUSEPORT beside its siblings, client certificates checked against the same CA):
+    parse the review, answer allowed:true."""
 
     async def allow(request: web.Request) -> web.Response:
         review = orjson.loads(await request.read())
@@ -178,6 +182,8 @@ def serve_floor(port: int, cert: Path, key: Path, ready_dir: Path) -> None:
     app.router.add_post("/mutate", allow)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.load_verify_locations(cafile=client_ca)
 
     async def listening(app: web.Application) -> None:
         (ready_dir / str(os.getpid())).touch()
@@ -212,10 +218,12 @@ def _wait_up(url: str, ready_dir: Path, processes: int, timeout: float = 30) -> 
 # --------------------------------------------------------------------------- load
 
 
-def load(url: str, body: Path, seconds: float, connections: int) -> dict[str, float]:
-    """bombardier against ``url``: requests/s, p50 and p99 in ms, and non-2xx count."""
+def load(url: str, body: Path, seconds: float, connections: int, client: tuple[Path, Path]) -> dict[str, float]:
+    """bombardier against ``url``, with the API server's ``client`` certificate: requests/s,
+    p50 and p99 in ms, and non-2xx count."""
     tool = benchtools.binary("bombardier")
     base = [str(tool), "-k", "-m", "POST", "-H", "Content-Type: application/json", "-f", str(body)]
+    base += ["--cert", str(client[0]), "--key", str(client[1])]
     base += ["-c", str(connections), "-l", "-o", "json", "-p", "result"]
     subprocess.run([*base, "-d", "2s", url], check=True, capture_output=True)  # warm-up
     out = subprocess.run([*base, "-d", f"{seconds}s", url], check=True, capture_output=True, text=True).stdout
@@ -231,14 +239,21 @@ def load(url: str, body: Path, seconds: float, connections: int) -> dict[str, fl
     }
 
 
-def check_answers(url: str, plain: Path, annotated: Path) -> None:
-    """The webhook really wires the annotated pod and passes the plain one (before timing)."""
-    plain_answer = requests.post(url, data=plain.read_bytes(), verify=False, timeout=5).json()["response"]  # noqa: S501
-    wired = requests.post(url, data=annotated.read_bytes(), verify=False, timeout=5).json()["response"]  # noqa: S501
+def check_answers(url: str, plain: Path, annotated: Path, client: tuple[Path, Path]) -> None:
+    """The webhook really wires the annotated pod (through its claim) and passes the plain
+    one (before timing)."""
+
+    def answer(body: Path) -> dict[str, Any]:
+        pair = (str(client[0]), str(client[1]))
+        posted = requests.post(url, data=body.read_bytes(), verify=False, timeout=5, cert=pair)  # noqa: S501
+        response: dict[str, Any] = posted.json()["response"]
+        return response
+
+    plain_answer, wired = answer(plain), answer(annotated)
     if not plain_answer["allowed"] or "patch" in plain_answer:
         raise RuntimeError(f"plain pod not passed through: {plain_answer}")
-    if not wired["allowed"] or "patch" not in wired:
-        raise RuntimeError(f"annotated pod not wired: {wired}")
+    if not wired["allowed"] or "persistentVolumeClaim" not in base64.b64decode(wired.get("patch", "")).decode():
+        raise RuntimeError(f"annotated pod not wired through its claim: {wired}")
 
 
 def _median(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -250,7 +265,8 @@ def _spawn_floor(plane: ControlPlane, cert: Path, key: Path, processes: int, scr
     port = free_port()
     ready_dir = scratch / "floor-ready"
     ready_dir.mkdir()
-    argv = [sys.executable, "-m", "e2e.bench_webhook", "--floor-server", str(port), str(cert), str(key), str(ready_dir)]
+    argv = [sys.executable, "-m", "e2e.bench_webhook", "--floor-server", str(port), str(cert), str(key)]
+    argv += [str(plane.webhook_client_ca), str(ready_dir)]
     floors = [plane.spawn(f"bench-floor-{i}", argv, env={"PYTHONPATH": os.getcwd()}) for i in range(processes)]
     url = f"https://127.0.0.1:{port}/mutate"
     _wait_up(url, ready_dir, processes)
@@ -266,11 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=default_workers(), help="webhook worker processes, and as many floor servers"
     )
     parser.add_argument("--rounds", type=int, default=1, help="measure every row this many times; print medians")
-    parser.add_argument("--floor-server", nargs=4, metavar=("PORT", "CERT", "KEY", "READY_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--floor-server", nargs=5, metavar=("PORT", "CERT", "KEY", "CLIENT_CA", "READY_DIR"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.floor_server:
-        port, cert, key, ready_dir = args.floor_server
-        serve_floor(int(port), Path(cert), Path(key), Path(ready_dir))
+        port, cert, key, client_ca, ready_dir = args.floor_server
+        serve_floor(int(port), Path(cert), Path(key), Path(client_ca), Path(ready_dir))
         return 0
 
     import urllib3  # noqa: PLC0415
@@ -297,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         plain, annotated = bodies / "plain.json", bodies / "annotated.json"
         plain.write_text(json.dumps(pod_review({"team": "vision"})))
         annotated.write_text(json.dumps(pod_review({"kvc/volume": f"data-{args.managers // 2:04d}"})))
-        check_answers(f"{webhook.url}/mutate", plain, annotated)
+        client = plane.webhook_client_cert
+        check_answers(f"{webhook.url}/mutate", plain, annotated, client)
 
         targets = [
             ("floor (bare aiohttp, allowed:true)", floor_url, plain),
@@ -308,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for connections in args.connections:
                 for label, url, body in targets:
-                    measured.setdefault((connections, label), []).append(load(url, body, args.seconds, connections))
+                    row = load(url, body, args.seconds, connections, client)
+                    measured.setdefault((connections, label), []).append(row)
         for floor in floors:
             floor.stop()
         webhook.stop()

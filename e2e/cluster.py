@@ -48,6 +48,8 @@ KWOK_STAGES = HERE / "kwok-stages.yaml"
 SERVICE_CIDR = "10.0.0.0/24"
 # The first address of the service range: the API server's own `kubernetes` Service.
 KUBERNETES_SERVICE_IP = "10.0.0.1"
+# The name in the client certificate kube-apiserver presents to admission webhooks.
+WEBHOOK_CLIENT_NAME = "kube-apiserver-webhook-client"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 WORKDIR_PREFIX = "kvc-cp-"
 _OWNER_FILE = "owner.pid"
@@ -351,6 +353,10 @@ class ControlPlane:
         )
         admin = pki.new_client_cert(self.ca, "kvc-testenv-admin", ("system:masters",))
         front_proxy = pki.new_client_cert(self.ca, "front-proxy-client")
+        # What kube-apiserver presents to admission webhooks (its AdmissionConfiguration), from
+        # a CA of its own: KVC's webhook answers only certificates of that CA and that name.
+        webhook_clients = pki.new_ca("kvc-testenv-webhook-client-ca")
+        webhook_client = pki.new_client_cert(webhook_clients, WEBHOOK_CLIENT_NAME)
         sa_key, sa_pub = pki.new_signing_key()
         files = {
             "ca.crt": self.ca.cert_pem,
@@ -363,11 +369,57 @@ class ControlPlane:
             "front-proxy.key": front_proxy.key_pem,
             "sa.key": sa_key,
             "sa.pub": sa_pub,
+            "webhook-client-ca.crt": webhook_clients.cert_pem,
+            "webhook-client.crt": webhook_client.cert_pem,
+            "webhook-client.key": webhook_client.key_pem,
         }
         for filename, content in files.items():
             path = pki_dir / filename
             path.write_bytes(content)
             path.chmod(0o600)
+        self._write_admission_config(webhook_client)
+
+    def _write_admission_config(self, client: pki.CertKeyPair) -> None:
+        """kube-apiserver's AdmissionConfiguration: the client certificate it presents to every
+        admission webhook (the kubeconfig user ``*`` matches any webhook's host)."""
+        kubeconfig = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "users": [
+                {
+                    "name": "*",
+                    "user": {"client-certificate-data": _b64(client.cert_pem), "client-key-data": _b64(client.key_pem)},
+                }
+            ],
+        }
+        webhooks = {
+            "apiVersion": "apiserver.config.k8s.io/v1",
+            "kind": "WebhookAdmissionConfiguration",
+            "kubeConfigFile": self._pki("webhook-client.kubeconfig"),
+        }
+        admission = {
+            "apiVersion": "apiserver.config.k8s.io/v1",
+            "kind": "AdmissionConfiguration",
+            "plugins": [
+                {"name": name, "configuration": webhooks}
+                for name in ("MutatingAdmissionWebhook", "ValidatingAdmissionWebhook")
+            ],
+        }
+        for filename, content in (("webhook-client.kubeconfig", kubeconfig), ("admission.yaml", admission)):
+            path = Path(self._pki(filename))
+            path.write_text(yaml.safe_dump(content))
+            path.chmod(0o600)
+
+    @property
+    def webhook_client_ca(self) -> Path:
+        """The CA of the certificate kube-apiserver presents to admission webhooks."""
+        return Path(self._pki("webhook-client-ca.crt"))
+
+    @property
+    def webhook_client_cert(self) -> tuple[Path, Path]:
+        """(certificate, key) kube-apiserver presents to admission webhooks: for a benchmark
+        that speaks to the webhook as the API server does."""
+        return Path(self._pki("webhook-client.crt")), Path(self._pki("webhook-client.key"))
 
     def _pki(self, filename: str) -> str:
         return str(self.workdir / "pki" / filename)
@@ -413,6 +465,7 @@ class ControlPlane:
                 f"--tls-private-key-file={self._pki('apiserver.key')}",
                 f"--client-ca-file={self._pki('ca.crt')}",
                 "--authorization-mode=RBAC",
+                f"--admission-control-config-file={self._pki('admission.yaml')}",
                 # Request-header (front proxy) authentication, as kubeadm configures it: the
                 # controller-manager and scheduler read this CA to authenticate their clients.
                 f"--requestheader-client-ca-file={self._pki('ca.crt')}",

@@ -17,7 +17,7 @@ import yaml
 from kubernetes.client.rest import ApiException
 
 from certs import pki
-from e2e.cluster import Component, ControlPlane, free_port
+from e2e.cluster import WEBHOOK_CLIENT_NAME, Component, ControlPlane, free_port
 from e2e.helpers import wait_for
 from kvc.api import names
 
@@ -200,6 +200,9 @@ class KvcWebhook(_KvcProcess):
                 f"--port={self.port}",
                 f"--cert-file={self.cert_file}",
                 f"--key-file={self.key_file}",
+                # Only kube-apiserver's certificate gets admission answers.
+                f"--client-ca-file={self.plane.webhook_client_ca}",
+                f"--client-name={WEBHOOK_CLIENT_NAME}",
             ]
         )
         self.plane.wait_healthy(f"{self.url}/readyz", component, self.name, timeout=60)

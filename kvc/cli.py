@@ -382,7 +382,33 @@ def run_agent(
         "namespace mount any host path."
     ),
 )
-def run_webhook(host: str, port: int, cert_file: Path, key_file: Path, workers: int, inject_host_path: bool) -> None:
+@click.option(
+    "--client-ca-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    envvar="KVC_WEBHOOK_CLIENT_CA_FILE",
+    help=(
+        "Answer admission requests only from clients with a certificate of this CA: the API server's "
+        "(its AdmissionConfiguration). Without it anyone who reaches the port may ask."
+    ),
+)
+@click.option(
+    "--client-name",
+    "client_names",
+    multiple=True,
+    envvar="KVC_WEBHOOK_CLIENT_NAMES",
+    help="With --client-ca-file: the certificate's CN or DNS name must be one of these (repeatable).",
+)
+def run_webhook(
+    host: str,
+    port: int,
+    cert_file: Path,
+    key_file: Path,
+    workers: int,
+    inject_host_path: bool,
+    client_ca_file: Path | None,
+    client_names: tuple[str, ...],
+) -> None:
     """The mutating admission webhook (HTTPS only)."""
     import functools  # noqa: PLC0415
 
@@ -403,6 +429,8 @@ def run_webhook(host: str, port: int, cert_file: Path, key_file: Path, workers: 
         api_client=kube.api_client,
         setup_logging=setup_logging,
         inject_host_path=inject_host_path,
+        client_ca_file=client_ca_file,
+        client_names=client_names,
     )
     run(settings, workers or default_workers())
 

@@ -5,6 +5,10 @@
 - ``/healthz`` (alive), ``/readyz`` (the VolumeManager index has synced), ``/metrics``.
 - The serving certificate is re-read when its files change: new connections get the new
   certificate, open ones finish undisturbed, and no request is refused meanwhile.
+- With a client CA (``--client-ca-file``), /mutate answers only callers that present a
+  certificate of that CA (and, with ``--client-name``, of one of those names): the API server,
+  given one in its AdmissionConfiguration. Anyone else who can reach the port learns nothing
+  of any namespace's VolumeManagers, ids or node paths. The probes and /metrics stay open.
 
 ``run`` serves from this process, or from several worker processes that it hands the
 connections to (``webhook.workers``); ``serve`` is what one serving process does.
@@ -52,8 +56,35 @@ LATENCY = Histogram(
 )
 # Looked up once: labels() takes a lock and a dict lookup on every call.
 _ALLOWED, _PATCHED, _DENIED, _REJECTED = (ADMISSIONS.labels(r) for r in ("allowed", "patched", "denied", "rejected"))
+_UNAUTHENTICATED = ADMISSIONS.labels("unauthenticated")
 _INDEX_KEY = web.AppKey("index", VolumeIndex)
 _READY_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
+
+
+@dataclass(frozen=True)
+class Callers:
+    """Who may ask for admissions: anyone (no client CA), or the holders of a client
+    certificate the TLS context verified, of one of ``names`` (CN or DNS SAN) when given."""
+
+    required: bool = False
+    names: frozenset[str] = frozenset()
+
+    def refusal(self, peer: Any) -> str | None:
+        """Why the peer (``ssl.SSLSocket.getpeercert()``) may not ask; None when it may."""
+        if not self.required:
+            return None
+        if not peer:
+            return "KVC answers admission requests from the Kubernetes API server only: present its client certificate"
+        if not self.names:
+            return None
+        subject = {value for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"}
+        alternative = {value for kind, value in peer.get("subjectAltName", ()) if kind == "DNS"}
+        if (subject | alternative) & self.names:
+            return None
+        return "this client certificate is not one KVC accepts admission requests from"
+
+
+_CALLERS_KEY = web.AppKey("callers", Callers)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -77,6 +108,11 @@ def _denial_reason(message: str) -> str:
 
 async def mutate(request: web.Request) -> web.Response:
     started = time.perf_counter()
+    transport = request.transport
+    refusal = request.app[_CALLERS_KEY].refusal(transport.get_extra_info("peercert") if transport else None)
+    if refusal is not None:
+        _UNAUTHENTICATED.inc()
+        return web.json_response({"error": refusal}, status=403)
     if request.content_length is not None and request.content_length > MAX_BODY:
         _REJECTED.inc()
         return web.json_response({"error": f"body larger than {MAX_BODY} bytes"}, status=413)
@@ -126,11 +162,15 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=_exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def make_app(index: VolumeIndex, ready: Callable[[], bool] | None = None) -> web.Application:
-    """The application; ``ready`` (default: ``index`` has synced) answers /readyz."""
+def make_app(
+    index: VolumeIndex, ready: Callable[[], bool] | None = None, callers: Callers = Callers()
+) -> web.Application:
+    """The application; ``ready`` (default: ``index`` has synced) answers /readyz, ``callers``
+    says who /mutate answers."""
     app = web.Application(client_max_size=MAX_BODY)
     app[_INDEX_KEY] = index
     app[_READY_KEY] = ready or index.synced.is_set
+    app[_CALLERS_KEY] = callers
     app.router.add_post("/mutate", mutate)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -141,10 +181,16 @@ def make_app(index: VolumeIndex, ready: Callable[[], bool] | None = None) -> web
 class ReloadingTLS:
     """An SSL context whose certificate follows its files (cert-manager, `kvc certs rotate`)."""
 
-    def __init__(self, cert_file: Path, key_file: Path) -> None:
+    def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None = None) -> None:
         self.cert_file, self.key_file = cert_file, key_file
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if client_ca_file is not None:
+            # Optional at the handshake, so that the kubelet's probes and Prometheus (which
+            # present none) still reach /healthz, /readyz and /metrics; a certificate that is
+            # presented must be of this CA. /mutate requires one (Callers).
+            self.context.verify_mode = ssl.CERT_OPTIONAL
+            self.context.load_verify_locations(cafile=client_ca_file)
         self._stamp: tuple[float, float] = (0.0, 0.0)
         self.reload_if_changed()
 
@@ -187,6 +233,13 @@ class Settings:
     setup_logging: Callable[[], None] | None = None
     # Wire node-local data as a hostPath, not through its claim: single-tenant clusters only.
     inject_host_path: bool = False
+    # Answer /mutate only for a client certificate of this CA (the API server's), and of one
+    # of these names when any are given.
+    client_ca_file: Path | None = None
+    client_names: tuple[str, ...] = ()
+
+    def callers(self) -> Callers:
+        return Callers(required=self.client_ca_file is not None, names=frozenset(self.client_names))
 
 
 def _take_connections(
@@ -247,7 +300,7 @@ def serve(
     index = VolumeIndex(host_path=settings.inject_host_path)
     stop = threading.Event()
     threading.Thread(target=follow, args=(index, settings.api_client(), stop), name="index", daemon=True).start()
-    tls = ReloadingTLS(settings.cert_file, settings.key_file)
+    tls = ReloadingTLS(settings.cert_file, settings.key_file, settings.client_ca_file)
 
     async def report_synced() -> None:
         while not index.synced.is_set():
@@ -260,7 +313,7 @@ def serve(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
-        app = make_app(index, (lambda: index.synced.is_set() and ready()) if ready else None)
+        app = make_app(index, (lambda: index.synced.is_set() and ready()) if ready else None, settings.callers())
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
         await runner.setup()
         if handoff is None:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import orjson
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 
 from certs import pki
 from webhook.index import VolumeIndex
-from webhook.server import MAX_BODY, ReloadingTLS, make_app, new_event_loop
+from webhook.server import MAX_BODY, Callers, ReloadingTLS, make_app, new_event_loop
 
 SOURCE = {"hostPath": {"path": "/var/lib/kvc/team-a/datasets/cifar-1", "type": "Directory"}}
 
@@ -165,3 +168,78 @@ def test_a_broken_certificate_pair_keeps_the_old_one(tmp_path: Path) -> None:
             await runner.cleanup()
 
     run(main())
+
+
+# --------------------------------------------------------------------------- only the API server may ask
+
+
+def _post(port: int, server_ca: bytes, client: pki.CertKeyPair | None, directory: Path, path: str) -> tuple[int, str]:
+    """(status, body) of a request over TLS, with ``client``'s certificate when given."""
+    context = ssl.create_default_context(cadata=server_ca.decode())
+    if client is not None:
+        cert, key = directory / "client.crt", directory / "client.key"
+        cert.write_bytes(client.cert_pem)
+        key.write_bytes(client.key_pem)
+        context.load_cert_chain(cert, key)
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+    try:
+        if path == "/mutate":
+            connection.request("POST", path, body=orjson.dumps(review({"kvc/volume": "cifar"})))
+        else:
+            connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_only_the_api_servers_client_certificate_gets_admission_answers(tmp_path: Path) -> None:
+    server_ca, clients_ca, stranger_ca = pki.new_ca("serving"), pki.new_ca("api-server-clients"), pki.new_ca("other")
+    serving = pki.new_serving_cert(server_ca, ["localhost"], ["127.0.0.1"])
+    files = {"tls.crt": serving.cert_pem, "tls.key": serving.key_pem, "clients.crt": clients_ca.cert_pem}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    tls = ReloadingTLS(tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "clients.crt")
+    callers = Callers(required=True, names=frozenset({"kube-apiserver-webhook-client"}))
+    api_server = pki.new_client_cert(clients_ca, "kube-apiserver-webhook-client")
+    wrong_name = pki.new_client_cert(clients_ca, "someone-else")
+    forged = pki.new_client_cert(stranger_ca, "kube-apiserver-webhook-client")
+
+    async def main() -> None:
+        runner = web.AppRunner(make_app(synced_index(), callers=callers))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.context).start()
+        port = runner.addresses[0][1]
+        loop = asyncio.get_running_loop()
+
+        def ask(client: pki.CertKeyPair | None, path: str = "/mutate") -> tuple[int, str]:
+            return _post(port, server_ca.cert_pem, client, tmp_path, path)
+
+        try:
+            status, body = await loop.run_in_executor(None, ask, api_server)
+            assert status == 200
+            assert "patch" in body
+            # A pod that reaches the port, naming team-a: refused, and told nothing of team-a.
+            for client in (None, wrong_name):
+                status, body = await loop.run_in_executor(None, ask, client)
+                assert status == 403
+                assert not {"cifar", "datasets", "team-a", "/var/lib/kvc"} & set(body.replace('"', " ").split())
+                assert "cifar" not in body
+            with pytest.raises(ssl.SSLError):  # a certificate of another CA fails the handshake
+                await loop.run_in_executor(None, ask, forged)
+            # The kubelet's probes and Prometheus present no certificate and still get answers.
+            for path in ("/healthz", "/readyz", "/metrics"):
+                status, _ = await loop.run_in_executor(None, ask, None, path)
+                assert status == 200, path
+        finally:
+            await runner.cleanup()
+
+    run(main())
+
+
+def test_without_a_client_ca_anyone_is_answered(tmp_path: Path) -> None:
+    assert Callers().refusal(None) is None
+    assert Callers(required=True).refusal({"subject": ((("commonName", "anyone"),),)}) is None
+    assert Callers(required=True).refusal(None) is not None
+    by_san = {"subject": ((("commonName", "x"),),), "subjectAltName": (("DNS", "apiserver"),)}
+    assert Callers(required=True, names=frozenset({"apiserver"})).refusal(by_san) is None
