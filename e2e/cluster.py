@@ -608,11 +608,16 @@ class ControlPlane:
         what: str,
         timeout: float = 60,
         accept: Callable[[str], bool] = lambda body: True,
+        client_certificate: bool = True,
     ) -> None:
+        """Until ``url`` answers 200 (and ``accept`` likes the body); over https with the admin's
+        client certificate unless ``client_certificate`` is False (as the kubelet probes: a server
+        that checks client certificates against a CA of its own refuses the admin's)."""
         context = ssl.create_default_context()
         if url.startswith("https://") and self.ca is not None:
             context.load_verify_locations(cadata=self.ca.cert_pem.decode())
-            context.load_cert_chain(self._pki("admin.crt"), self._pki("admin.key"))
+            if client_certificate:
+                context.load_cert_chain(self._pki("admin.crt"), self._pki("admin.key"))
             # Controller-manager and scheduler serve self-signed certificates.
             if "apiserver" not in what:
                 context.check_hostname = False

@@ -205,7 +205,7 @@ class KvcWebhook(_KvcProcess):
                 f"--client-name={WEBHOOK_CLIENT_NAME}",
             ]
         )
-        self.plane.wait_healthy(f"{self.url}/readyz", component, self.name, timeout=60)
+        self.plane.wait_healthy(f"{self.url}/readyz", component, self.name, timeout=60, client_certificate=False)
         return self
 
     def registration(self) -> dict[str, Any]:

@@ -24,13 +24,10 @@ from kubernetes.client.rest import ApiException
 
 from certs import pki
 from e2e.cluster import ControlPlane, free_port
-from e2e.helpers import wait_for
+from e2e.helpers import restricted_pod, wait_for
 from e2e.kvc import WEBHOOK_MANIFEST, KvcWebhook
 
-PROBE = {
-    "metadata": {"name": "probe", "annotations": {"kvc/volume": "probe"}},
-    "spec": {"containers": [{"name": "main", "image": "busybox:1.36"}]},
-}
+PROBE = restricted_pod("probe", {"kvc/volume": "probe"})
 REACHED = "KVC: volume probe not found"  # the webhook answered: the TLS handshake worked
 
 

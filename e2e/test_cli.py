@@ -100,7 +100,8 @@ def test_status_shows_each_node_holding_an_s3_replica_complete(
         "Message:  all 1 volumes ready",
     ]
     assert next(line for line in lines if line.startswith("imagenet")).split()[:4] == ["imagenet", "S3", "Ready", "2/2"]
-    node_lines = {line.split()[0]: line.split() for line in lines if line.startswith("    ")}
+    assert f"    claim {volume['claimName']} (PersistentVolume {volume['persistentVolumeName']})" in lines
+    node_lines = {line.split()[0]: line.split() for line in lines if line.startswith("    ") and "claim" not in line}
     assert set(node_lines) == holders  # the third node holds nothing and is not listed
     for fields in node_lines.values():
         assert fields[1:3] == [FULL_BAR, "100%"]

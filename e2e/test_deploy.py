@@ -23,7 +23,7 @@ from kubernetes.client.rest import ApiException
 
 from certs import pki
 from e2e.cluster import Component, ControlPlane, free_port
-from e2e.helpers import VolumeManagers, wait_for
+from e2e.helpers import VolumeManagers, restricted_pod, wait_for
 from e2e.kvc import KvcAgent, KvcController
 from e2e.s3server import S3Server, credentials_secret
 from kvc.api import names
@@ -36,10 +36,7 @@ def render(plane: ControlPlane, directory: Path) -> list[dict[str, Any]]:
 
 
 def pod(name: str, annotations: dict[str, str]) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {"containers": [{"name": "main", "image": "busybox:1.36"}]},
-    }
+    return restricted_pod(name, annotations)
 
 
 def test_failure_policy_refuses_only_kvc_workloads_and_the_ignore_component_admits_them(
@@ -679,20 +676,9 @@ def test_each_component_works_with_only_its_own_rbac(
         assert vms.events("data"), "the controller posted no event"
 
         # A pod gated while its data was on its way is released by the controller.
-        core.create_namespaced_pod(
-            namespace,
-            {
-                "metadata": {
-                    "name": "gated",
-                    "labels": {names.LABEL_GATED: "true"},
-                    "annotations": {"kvc/volume": "cifar"},
-                },
-                "spec": {
-                    "schedulingGates": [{"name": names.SCHEDULING_GATE}],
-                    "containers": [{"name": "main", "image": "busybox:1.36"}],
-                },
-            },
-        )
+        gated = restricted_pod("gated", {"kvc/volume": "cifar"}, schedulingGates=[{"name": names.SCHEDULING_GATE}])
+        gated["metadata"]["labels"] = {names.LABEL_GATED: "true"}
+        core.create_namespaced_pod(namespace, gated)
         released = wait_for(
             lambda: (p := core.read_namespaced_pod("gated", namespace)).spec.scheduling_gates is None and p,
             what="the gated pod to be released",
@@ -703,6 +689,11 @@ def test_each_component_works_with_only_its_own_rbac(
         vms.delete("data")
         wait_for(lambda: not vms.exists("data"), timeout=90, what="the VolumeManager to be deleted")
         assert not vms.volumes_of(created["metadata"]["uid"])
+        copies = core.list_namespaced_secret(
+            names.DEFAULT_CREDENTIALS_NAMESPACE,
+            label_selector=f"{names.LABEL_VOLUMEMANAGER_UID}={created['metadata']['uid']}",
+        )
+        assert not copies.items
         assert data_label not in (core.read_node(RBAC_NODE).metadata.labels or {})
     finally:
         controller.stop()
@@ -717,6 +708,48 @@ def test_each_component_works_with_only_its_own_rbac(
         log = (control_plane.logs_dir / f"{name}.log").read_text(errors="replace")
         refused = [line for line in log.splitlines() if REFUSED.search(line)]
         assert not refused, f"{name} was refused something:\n" + "\n".join(refused[:20])
+
+
+def test_the_agent_reads_no_secret_but_the_copies_in_the_credentials_namespace(
+    control_plane: ControlPlane, api: Any, namespace: str, default: list[dict[str, Any]]
+) -> None:
+    """With the agent's real ServiceAccount token (bound to a pod on a node, as the kubelet's),
+    against the API server: a tenant's Secret and kvc-system's are out of reach."""
+    kubeconfigs = install_rbac(control_plane, default)
+    agent = client.CoreV1Api(kubernetes.config.new_client_from_config(config_file=str(kubeconfigs["agent"])))
+    core = client.CoreV1Api(api)
+    planted = {
+        namespace: "aws-creds",  # a tenant's own credentials
+        "kvc-system": "kvc-webhook-ca-probe",  # beside the webhook's CA key
+        names.DEFAULT_CREDENTIALS_NAMESPACE: f"copy-{namespace}",  # a copy the controller made
+    }
+    for where, name in planted.items():
+        core.create_namespaced_secret(where, {"metadata": {"name": name}, "stringData": {"key": "s3cr3t"}})
+    try:
+
+        def read(where: str, name: str) -> int:
+            try:
+                agent.read_namespaced_secret(name, where)
+            except ApiException as exc:
+                return int(exc.status)
+            return 200
+
+        assert read(namespace, "aws-creds") == 403
+        assert read("kvc-system", "kvc-webhook-ca-probe") == 403
+        assert read(names.DEFAULT_CREDENTIALS_NAMESPACE, f"copy-{namespace}") == 200
+        for listing in (
+            lambda: agent.list_namespaced_secret(names.DEFAULT_CREDENTIALS_NAMESPACE),
+            lambda: agent.list_namespaced_secret(namespace),
+            agent.list_secret_for_all_namespaces,
+        ):
+            with pytest.raises(ApiException) as refused:
+                listing()
+            assert refused.value.status == 403
+        can = kubectl_as(control_plane, kubeconfigs["agent"], "auth", "can-i", "get", "secrets", "-n", "kvc-system")
+        assert can.strip() == "no" or can.startswith("refused")
+    finally:
+        for where, name in planted.items():
+            core.delete_namespaced_secret(name, where)
 
 
 def kubectl_as(plane: ControlPlane, kubeconfig: Path, *args: str, input_text: str | None = None) -> str:

@@ -184,11 +184,30 @@ def test_deleting_the_volumemanager_unlabels_nodes_and_removes_the_data(
     path = volume["volumeSource"]["hostPath"]["path"]
     holders = [n["name"] for n in volume["nodes"]]
     assert all(agents[n].local(path).is_dir() for n in holders)
+    # The claim workloads mount, its PV, and the agents' copy of the credentials exist...
+    core = client.CoreV1Api(api)
+    uid = vms.get("gone")["metadata"]["uid"]
+    assert [c.metadata.name for c in vms.claims("gone")] == [volume["claimName"]]
+    assert [v.metadata.name for v in vms.volumes_of(uid)] == [volume["persistentVolumeName"]]
+    selector = f"{names.LABEL_VOLUMEMANAGER_UID}={uid}"
+    (copied,) = core.list_namespaced_secret(names.DEFAULT_CREDENTIALS_NAMESPACE, label_selector=selector).items
+    assert copied.metadata.annotations["kvc.kubeflow.org/source-secret"] == f"{vms.namespace}/{credentials}"
+    custom = client.CustomObjectsApi(api)
+    vnode = custom.get_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, holders[0])
+    (assigned,) = [r for r in vnode["spec"]["replicas"] if r["volumeManager"]["uid"] == uid]
+    assert assigned["credentialsSecret"] == {
+        "namespace": names.DEFAULT_CREDENTIALS_NAMESPACE,
+        "name": copied.metadata.name,
+        "source": {"namespace": vms.namespace, "name": credentials},
+    }
     vms.delete("gone")
     wait_for(lambda: not vms.exists("gone"), what="VolumeManager gone")
+    # ...and go with it.
+    assert not core.list_namespaced_secret(names.DEFAULT_CREDENTIALS_NAMESPACE, label_selector=selector).items
+    wait_for(lambda: not vms.volumes_of(uid), what="the PV removed")
+    assert core.read_namespaced_secret(credentials, vms.namespace)  # the user's own Secret stays
     assert labelled_nodes(api, label) == []
     wait_for(lambda: not any(agents[n].local(path).exists() for n in holders), what="data deleted on the nodes")
-    custom = client.CustomObjectsApi(api)
     for node in holders:
         vnode = custom.get_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, node)
         assert not [
@@ -694,3 +713,41 @@ def test_a_replica_corrupted_in_place_is_detected_and_fetched_again(
     victim.write_bytes(bytes(len(victim.read_bytes())))  # same size, other content: only checksums tell
     wait_for(lambda: tree_if_present(local) == expected, timeout=90, interval=0.5, what="data repaired")
     wait_for(lambda: vms.volume("rotted", "cifar").get("phase") == "Ready", what="Ready again")
+
+
+def test_another_namespace_cannot_claim_a_tenants_data(
+    vms: VolumeManagers, s3: S3Server, dataset: tuple[str, dict[str, str]], credentials: str, api: Any
+) -> None:
+    """Tenant B names tenant A's PersistentVolume in a claim of its own: the PV is bound to A's
+    claim (its uid), so kube-controller-manager refuses, and B's claim never binds."""
+    bucket, _ = dataset
+    vms.create("private", [s3_volume(s3, bucket, replicas=1)])
+    volume = vms.wait_state("private", "Running", timeout=120)["status"]["volumes"][0]
+    core = client.CoreV1Api(api)
+    other = f"{vms.namespace}-b"
+    core.create_namespace({"metadata": {"name": other, "labels": {"kvc.test/e2e": "true"}}})
+    try:
+        stolen = {
+            "metadata": {"name": "stolen"},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": names.NODE_LOCAL_STORAGE_CLASS,
+                "volumeName": volume["persistentVolumeName"],
+                "resources": {"requests": {"storage": "100Mi"}},
+            },
+        }
+        core.create_namespaced_persistent_volume_claim(other, stolen)
+        refused = wait_for(
+            lambda: [
+                e
+                for e in core.list_namespaced_event(other, field_selector="involvedObject.name=stolen").items
+                if e.reason == "FailedBinding"
+            ],
+            what="kube-controller-manager to refuse the binding",
+        )
+        assert "already bound to a different claim" in refused[0].message
+        assert core.read_namespaced_persistent_volume_claim("stolen", other).status.phase == "Pending"
+        pv = core.read_persistent_volume(volume["persistentVolumeName"])
+        assert (pv.spec.claim_ref.namespace, pv.spec.claim_ref.name) == (vms.namespace, volume["claimName"])
+    finally:
+        core.delete_namespace(other)

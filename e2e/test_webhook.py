@@ -4,8 +4,11 @@ placing the wired pods."""
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,8 +102,9 @@ def test_annotated_pods_are_wired_and_scheduled_onto_the_data_nodes(
     with pytest.raises(ApiException) as refused:
         core.create_namespaced_pod(vms.namespace, own)
     assert refused.value.status == 403
-    assert 'violates PodSecurity "restricted:latest"' in refused.value.body
-    assert "hostPath volumes" in refused.value.body
+    message = json.loads(refused.value.body)["message"]
+    assert 'violates PodSecurity "restricted:latest"' in message
+    assert 'restricted volume types (volume "data" uses restricted volume type "hostPath")' in message
     # ...while KVC's wiring is admitted, and the pods are scheduled onto the data nodes.
     for i in range(6):
         core.create_namespaced_pod(vms.namespace, annotated_pod(f"trainer-{i}", {"kvc/volume": "cifar"}))
@@ -117,6 +121,63 @@ def test_annotated_pods_are_wired_and_scheduled_onto_the_data_nodes(
         assert kvc_volume.persistent_volume_claim.claim_name == volume["claimName"]
         assert kvc_volume.persistent_volume_claim.read_only is True
         assert json.loads(pod.metadata.annotations[INJECTED]) == [mount.name]
+
+
+def test_an_ephemeral_container_cannot_write_the_data_its_pod_reads(
+    vms: VolumeManagers, s3: S3Server, s3_data: str, api: Any
+) -> None:
+    """`kubectl debug` on a wired pod, asking for a writable mount of its read-only data."""
+    vms.create("datasets", [s3_config(s3, s3_data)])
+    vms.wait_state("datasets", "Running", timeout=120)
+    core = client.CoreV1Api(api)
+    core.create_namespaced_pod(vms.namespace, annotated_pod("reader", {"kvc/volume": "cifar"}))
+    wait_running(core, vms.namespace, "reader")
+    debugger = restricted_container(
+        "debugger",
+        volumeMounts=[{"name": "kvc-datasets-cifar", "mountPath": "/debug", "readOnly": False}],
+    )
+    patched = core.patch_namespaced_pod_ephemeralcontainers(
+        "reader", vms.namespace, {"spec": {"ephemeralContainers": [debugger]}}
+    )
+    (added,) = patched.spec.ephemeral_containers
+    assert [(m.mount_path, m.read_only) for m in added.volume_mounts] == [("/debug", True)]
+    assert core.read_namespaced_pod("reader", vms.namespace).spec.ephemeral_containers[0].volume_mounts[0].read_only
+
+
+def test_only_the_api_server_learns_from_the_webhook(
+    vms: VolumeManagers, s3: S3Server, s3_data: str, webhook: KvcWebhook, api: Any, tmp_path: Path
+) -> None:
+    """A pod of another namespace that reaches the webhook's port and sends it an AdmissionReview
+    naming this namespace learns nothing; the API server, presenting its client certificate, is
+    answered (every admission in these tests goes that way)."""
+    vms.create("datasets", [s3_config(s3, s3_data)])
+    volume = vms.wait_state("datasets", "Running", timeout=120)["status"]["volumes"][0]
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "probe",
+            "operation": "CREATE",
+            "namespace": vms.namespace,
+            "object": {"kind": "Pod", **annotated_pod("probe", {"kvc/volume": "nope"})},
+        },
+    }
+    body = json.dumps(review).encode()
+    context = ssl.create_default_context(cadata=webhook.ca.cert_pem.decode())
+    request = urllib.request.Request(f"{webhook.url}/mutate", data=body, method="POST")  # noqa: S310
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, context=context, timeout=5)  # noqa: S310
+    assert refused.value.code == 403
+    answer = refused.value.read().decode()
+    for secret in (vms.namespace, "datasets", "cifar", volume["volumeSource"]["hostPath"]["path"]):
+        assert secret not in answer
+    # The same review from the API server's side of the connection is answered, and lists
+    # the namespace's volumes: what the certificate protects.
+    cert, key = webhook.plane.webhook_client_cert
+    context.load_cert_chain(cert, key)
+    with urllib.request.urlopen(request, context=context, timeout=5) as response:  # noqa: S310
+        answered = json.loads(response.read())["response"]
+    assert "datasets/cifar" in answered["status"]["message"]
 
 
 def test_a_plain_pod_is_admitted_unchanged(vms: VolumeManagers, api: Any) -> None:

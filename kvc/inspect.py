@@ -158,19 +158,20 @@ def status_report(vm: Mapping[str, Any]) -> str:
 
 
 def _volume_details(volume: Mapping[str, Any]) -> list[str]:
-    """The lines under a volume: one per node for node-local data, the claim for NFS and PVC."""
+    """The lines under a volume: the claim workloads mount, then, for node-local data, one per node."""
     volume_source = _mapping(volume.get("volumeSource"))
     claim = volume.get("claimName") or _mapping(volume_source.get("persistentVolumeClaim")).get("claimName")
+    lines = []
     if claim:
         persistent_volume = volume.get("persistentVolumeName")
         bound_to = f" (PersistentVolume {_one_line(persistent_volume)})" if persistent_volume else ""
-        return [f"claim {_one_line(claim)}{bound_to}"]
+        lines.append(f"claim {_one_line(claim)}{bound_to}")
     if "nodes" not in volume and "hostPath" not in volume_source:
-        return []
+        return lines
     nodes = _mappings(volume.get("nodes"))
     if not nodes:
-        return ["no node holds or is fetching this data yet"]
-    return _aligned([_node_row(node) for node in nodes])
+        return [*lines, "no node holds or is fetching this data yet"]
+    return [*lines, *_aligned([_node_row(node) for node in nodes])]
 
 
 def _node_row(node: Mapping[str, Any]) -> list[str]:

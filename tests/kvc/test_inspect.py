@@ -105,6 +105,8 @@ def test_status_shows_the_state_then_each_volume_with_its_nodes_or_claim() -> No
                         "phase": "Provisioning",
                         "message": "1/2 replicas ready, 232000000/320000000 bytes",
                         "volumeSource": {"hostPath": {"path": "/var/lib/kvc/x", "type": "Directory"}},
+                        "claimName": "datasets-cifar-1234",
+                        "persistentVolumeName": "kvc-team-a-datasets-cifar-1234",
                         "replicas": {"desired": 2, "ready": 1},
                         "nodes": [
                             {"name": "node-1", "phase": "Ready", "bytes": 160_000_000, "totalBytes": 160_000_000},
@@ -137,6 +139,7 @@ def test_status_shows_the_state_then_each_volume_with_its_nodes_or_claim() -> No
         "",
         "ID       SOURCE   PHASE          REPLICAS   MESSAGE",
         "cifar    S3       Provisioning   1/2        1/2 replicas ready, 232000000/320000000 bytes",
+        "    claim datasets-cifar-1234 (PersistentVolume kvc-team-a-datasets-cifar-1234)",
         "    node-1    [####################] 100%   160.0 MB / 160.0 MB   Ready",
         "    node-22   [#########-----------]  45%   72.0 MB / 160.0 MB    Downloading   downloading",
         "shared   NFS      Ready          -          claim datasets-shared bound to nfs:/x",
