@@ -398,8 +398,11 @@ def _prepare_namespace(session: Session, s3_endpoint: str, http_endpoint: str, d
             raise DemoError(f"no default ServiceAccount in namespace {NAMESPACE} after 30s")
         time.sleep(0.2)
     # Tenants' namespaces can enforce Pod Security `restricted`: KVC wires data through claims.
-    session.core.patch_namespace(
-        NAMESPACE, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    _run_shown(
+        f"kubectl label namespace {NAMESPACE} pod-security.kubernetes.io/enforce=restricted   # no hostPath pods",
+        session.kubectl(
+            "label", "--overwrite", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted"
+        ),
     )
     session.core.create_namespaced_secret(NAMESPACE, credentials_secret(S3_CREDENTIALS_SECRET))
     # A statically provisioned volume for the claim, as an admin would make one (nothing mounts it here).
