@@ -222,6 +222,38 @@ def test_a_pod_for_data_still_downloading_is_gated(vms: VolumeManagers, s3: S3Se
     assert [g.name for g in created.spec.scheduling_gates] == [GATE]
 
 
+def test_a_pod_created_with_its_volumemanager_is_wired_to_the_claim_and_released_onto_the_data(
+    vms: VolumeManagers, s3: S3Server, s3_data: str, webhook: KvcWebhook, api: Any, controller: KvcController
+) -> None:
+    """No waiting for the controller (stopped here): the claim's name follows from the spec."""
+    core = client.CoreV1Api(api)
+    controller.stop()
+    try:
+        vms.create("now", [s3_config(s3, s3_data)])
+        wait_for(lambda: webhook_knows(core, vms.namespace, "now/cifar"), what="the webhook to index it")
+        created = core.create_namespaced_pod(vms.namespace, annotated_pod("eager", {"kvc/volume": "now/cifar"}))
+        assert [g.name for g in created.spec.scheduling_gates] == [GATE]
+        assert "status" not in vms.get("now")  # nothing reported: the controller is down
+    finally:
+        controller.start()
+    (claim,) = [v.persistent_volume_claim for v in created.spec.volumes if v.persistent_volume_claim]
+    volume = vms.wait_state("now", "Running", timeout=120)["status"]["volumes"][0]
+    assert claim.claim_name == volume["claimName"]  # the controller made the claim the webhook named
+    running = wait_running(core, vms.namespace, "eager")
+    assert running.spec.node_name in {n["name"] for n in volume["nodes"]}
+
+
+def webhook_knows(core: Any, namespace: str, ref: str) -> bool:
+    """Whether the webhook's index has the VolumeManager of ``ref`` (a dry-run admission)."""
+    try:
+        core.create_namespaced_pod(namespace, annotated_pod("probe", {"kvc/volume": ref}), dry_run="All")
+    except ApiException as exc:
+        if "not found in namespace" in str(exc.body):
+            return False
+        raise
+    return True
+
+
 @pytest.mark.parametrize(
     ("annotations", "message"),
     [

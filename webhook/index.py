@@ -17,6 +17,7 @@ from kubernetes import client, watch
 from prometheus_client import Gauge
 
 from kvc.api import names
+from kvc.sources.registry import SourceRegistry
 from webhook.resolve import Catalog, CatalogEntry, catalog_entries
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,11 @@ INDEXED = Gauge(
 
 
 class VolumeIndex:
-    def __init__(self, *, host_path: bool = False) -> None:
-        # Wire node-local data as a hostPath rather than its claim (webhook.resolve.catalog_entries).
+    def __init__(self, *, host_path: bool = False, registry: SourceRegistry | None = None) -> None:
+        # Wire node-local data as a hostPath rather than its claim; name the claims of volumes
+        # the controller has not reported from their spec (webhook.resolve.catalog_entries).
         self.host_path = host_path
+        self.registry = registry
         self._lock = threading.Lock()
         self._by_namespace: dict[str, dict[str, list[CatalogEntry]]] = {}
         # Built on first use after a change in the namespace: admissions far outnumber changes.
@@ -57,7 +60,7 @@ class VolumeIndex:
         for obj in volumemanagers:
             metadata = obj.get("metadata") or {}
             fresh.setdefault(str(metadata.get("namespace")), {})[str(metadata.get("name"))] = catalog_entries(
-                obj, host_path=self.host_path
+                obj, host_path=self.host_path, registry=self.registry
             )
         with self._lock:
             self._by_namespace = fresh
@@ -74,7 +77,7 @@ class VolumeIndex:
             if event_type == "DELETED":
                 managers.pop(name, None)
             else:
-                managers[name] = catalog_entries(obj, host_path=self.host_path)
+                managers[name] = catalog_entries(obj, host_path=self.host_path, registry=self.registry)
             INDEXED.set(sum(len(managers) for managers in self._by_namespace.values()))
 
 

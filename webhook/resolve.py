@@ -10,6 +10,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from kvc.api.models import VolumeConfig
+from kvc.sources.base import VolumeManagerRef
+from kvc.sources.registry import SourceRegistry
 from webhook import grammar
 from webhook.mutation import MutationError, ResolvedVolume
 
@@ -38,29 +43,62 @@ def _workload_source(status: Mapping[str, Any], host_path: bool) -> Mapping[str,
     return source
 
 
-def catalog_entries(volumemanager: Mapping[str, Any], *, host_path: bool = False) -> list[CatalogEntry]:
+def _from_spec(
+    owner: VolumeManagerRef, raw: Mapping[str, Any], registry: SourceRegistry
+) -> tuple[Mapping[str, Any] | None, str | None]:
+    """(what a workload mounts, or why the volume can never be provisioned) for a volume the
+    controller has not reported yet, from its spec alone: claim names are deterministic.
+    (None, None) when the spec cannot tell (e.g. not a valid volumeConfig: the controller
+    reports why)."""
+    try:
+        config = VolumeConfig.model_validate(raw)
+    except ValidationError:
+        return None, None
+    source = registry.get(config.source_type)
+    if source is None:
+        return None, registry.unknown_message(config.source_type)
+    problems = source.validate(config)
+    if problems:
+        return None, "; ".join(problems)
+    claim = source.claim_name(owner, config)
+    return ({"persistentVolumeClaim": {"claimName": claim}} if claim else None), None
+
+
+def catalog_entries(
+    volumemanager: Mapping[str, Any], *, host_path: bool = False, registry: SourceRegistry | None = None
+) -> list[CatalogEntry]:
     """The volumes of a VolumeManager object, with what its status says about each.
 
     Node-local data (its status gives both the node path and a claim) is wired through its
     claim, which Pod Security ``restricted`` admits; ``host_path`` wires the node path as a
     hostPath instead, an admin's opt-in for single-tenant clusters. A status written before
     node-local volumes had claims gives the node path alone, which is wired as it is until
-    the controller's next pass reports the claim.
+    the controller's next pass reports the claim. With a ``registry`` of source types, a
+    volume the controller has not reported yet is wired to its claim, named from its spec
+    (the pod waits at the scheduling gate), or refused at once when its settings are wrong.
     """
     metadata = volumemanager.get("metadata") or {}
     name = str(metadata.get("name"))
+    owner = VolumeManagerRef(str(metadata.get("namespace")), name, str(metadata.get("uid") or ""))
     deleting = bool(metadata.get("deletionTimestamp"))
     statuses = {v.get("id"): v for v in (volumemanager.get("status") or {}).get("volumes") or []}
     entries = []
     for config in (volumemanager.get("spec") or {}).get("volumeConfigs") or []:
         status = statuses.get(config.get("id")) or {}
+        phase = str(status.get("phase") or "Pending")
+        message = str(status.get("message") or "not provisioned yet")
+        volume_source = _workload_source(status, host_path)
+        if volume_source is None and registry is not None and not host_path:
+            volume_source, problem = _from_spec(owner, config, registry)
+            if problem is not None:
+                phase, message = "Failed", problem
         entries.append(
             CatalogEntry(
                 manager=name,
                 volume_id=str(config.get("id")),
-                phase=str(status.get("phase") or "Pending"),
-                message=str(status.get("message") or "not provisioned yet"),
-                volume_source=_workload_source(status, host_path),
+                phase=phase,
+                message=message,
+                volume_source=volume_source,
                 node_affinity=status.get("nodeAffinity"),
                 access_mode=str(config.get("accessMode") or "ReadWriteOnce"),
                 deleting=deleting,

@@ -295,9 +295,10 @@ def serve(
     given, must also hold for /readyz to answer ok once this process's index has synced;
     ``on_synced`` is called once it has.
     """
+    from kvc.sources.registry import load_registry  # noqa: PLC0415 - the source types' plugins, per process
     from webhook.index import follow  # noqa: PLC0415 - the watch needs a cluster; tests use make_app
 
-    index = VolumeIndex(host_path=settings.inject_host_path)
+    index = VolumeIndex(host_path=settings.inject_host_path, registry=load_registry())
     stop = threading.Event()
     threading.Thread(target=follow, args=(index, settings.api_client(), stop), name="index", daemon=True).start()
     tls = ReloadingTLS(settings.cert_file, settings.key_file, settings.client_ca_file)

@@ -871,6 +871,9 @@ class NodeLocalSource(Source):
                 problems.append(f"options.timeoutForDataDownload: {exc}")
         return problems
 
+    def claim_name(self, owner: VolumeManagerRef, config: VolumeConfig) -> str | None:
+        return claim_name(owner, config.id, self.digest(config))
+
     def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
         return provision(ctx, config, self.replica(config))
 

@@ -145,6 +145,11 @@ class Source(abc.ABC):
         """
         return []
 
+    def claim_name(self, owner: VolumeManagerRef, config: VolumeConfig) -> str | None:
+        """The claim workloads mount for this (valid) volume, known from its spec alone: the
+        webhook wires it before the controller has reported anything. None: the type has none."""
+        return None
+
     def fetch(self, request: FetchRequest) -> Manifest:
         """Agent side of node-local types: fetch, verify and publish one replica."""
         raise NotImplementedError(f"{self.source_type} volumes are not fetched onto nodes")

@@ -114,6 +114,9 @@ class NFSSource(Source):
             problems.append(f"options.server must be a host name or IP address without scheme or path, not {server!r}")
         return problems
 
+    def claim_name(self, owner: VolumeManagerRef, config: VolumeConfig) -> str | None:
+        return object_names(owner, config)[1]
+
     def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
         volume_name, _ = object_names(ctx.owner, config)
         known = _claims.ensure_pair(

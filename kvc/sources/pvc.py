@@ -7,7 +7,7 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
-from kvc.sources.base import Source, SourceContext, object_name_problem, required_options
+from kvc.sources.base import Source, SourceContext, VolumeManagerRef, object_name_problem, required_options
 
 
 def claim_status(config: VolumeConfig, namespace: str, claim: Any | None) -> VolumeStatus:
@@ -56,6 +56,9 @@ class PVCSource(Source):
         name = config.options.get("claimName", "").strip()
         problem = object_name_problem("claimName", name, "PersistentVolumeClaim") if name else None
         return [*problems, problem] if problem else problems
+
+    def claim_name(self, owner: VolumeManagerRef, config: VolumeConfig) -> str | None:
+        return config.options["claimName"].strip()
 
     def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
         name = config.options["claimName"].strip()

@@ -4,6 +4,12 @@ from typing import Any
 
 import pytest
 
+from kvc.api.models import VolumeConfig
+from kvc.sources import _nodelocal
+from kvc.sources.base import VolumeManagerRef
+from kvc.sources.nfs import NFSSource
+from kvc.sources.registry import load_registry
+from kvc.sources.s3 import S3Source
 from webhook import grammar
 from webhook.index import VolumeIndex
 from webhook.mutation import MutationError
@@ -105,3 +111,55 @@ def test_the_index_wires_claims_by_default_and_host_paths_only_when_told() -> No
         (entry,) = index.entries("team-a")
         assert entry.volume_source is not None
         assert list(entry.volume_source) == [expected]
+
+
+REGISTRY = load_registry()
+
+
+def unreported(*configs: dict[str, Any]) -> dict[str, Any]:
+    """A VolumeManager created a moment ago: no status yet."""
+    return {
+        "metadata": {"name": "fresh", "namespace": "team-a", "uid": "u-1"},
+        "spec": {"volumeConfigs": list(configs)},
+    }
+
+
+S3_SPEC: dict[str, Any] = {
+    "id": "cifar",
+    "sourceType": "S3",
+    "options": {"sourceURL": "s3://b/cifar/", "awsCredentialsSecretName": "creds"},
+}
+
+
+def test_a_volume_not_reported_yet_is_wired_to_the_claim_its_spec_names_and_waits() -> None:
+    nfs = {"id": "shared", "sourceType": "NFS", "accessMode": "ReadWriteMany", "options": {"server": "n", "path": "/x"}}
+    pvc = {"id": "scratch", "sourceType": "PVC", "options": {"claimName": "mine"}}
+    entries = catalog_entries(unreported(S3_SPEC, nfs, pvc), registry=REGISTRY)
+    owner = VolumeManagerRef("team-a", "fresh", "u-1")
+    expected = [
+        _nodelocal.claim_name(owner, "cifar", S3Source().digest(VolumeConfig.model_validate(S3_SPEC))),
+        NFSSource().claim_name(owner, VolumeConfig.model_validate(nfs)),
+        "mine",
+    ]
+    assert [e.volume_source for e in entries] == [{"persistentVolumeClaim": {"claimName": c}} for c in expected]
+    resolved = resolve(ask("cifar, shared, scratch"), "team-a", entries)
+    assert [r.ready for r in resolved] == [False, False, False]  # gated until the controller says Ready
+    # The very names the controller gives the claims.
+    assert expected[0] == S3Source().claim_name(owner, VolumeConfig.model_validate(S3_SPEC))
+
+
+def test_a_volume_whose_settings_are_wrong_is_refused_at_once_with_the_controllers_words() -> None:
+    wrong = {"id": "cifar", "sourceType": "S3", "options": {**S3_SPEC["options"], "endpointUrl": "https://x"}}
+    (entry,) = catalog_entries(unreported(wrong), registry=REGISTRY)
+    with pytest.raises(MutationError, match=r"volume cifar is Failed: unknown option options.endpointUrl"):
+        resolve(ask("cifar"), "team-a", [entry])
+    (unknown,) = catalog_entries(unreported({"id": "x", "sourceType": "FTP"}), registry=REGISTRY)
+    with pytest.raises(MutationError, match="unknown sourceType 'FTP'"):
+        resolve(ask("x"), "team-a", [unknown])
+
+
+def test_with_the_host_path_opt_in_an_unreported_volume_still_waits_for_the_controller() -> None:
+    # The node path depends on the controller's data root: only the status can say it.
+    (entry,) = catalog_entries(unreported(S3_SPEC), host_path=True, registry=REGISTRY)
+    with pytest.raises(MutationError, match="has no volume source yet"):
+        resolve(ask("cifar"), "team-a", [entry])

@@ -223,9 +223,11 @@ def test_only_the_api_servers_client_certificate_gets_admission_answers(tmp_path
             for client in (None, wrong_name):
                 status, body = await loop.run_in_executor(None, ask, client)
                 assert status == 403
-                assert not {"cifar", "datasets", "team-a", "/var/lib/kvc"} & set(body.replace('"', " ").split())
-                assert "cifar" not in body
-            with pytest.raises(ssl.SSLError):  # a certificate of another CA fails the handshake
+                for secret in ("cifar", "datasets", "team-a", "/var/lib/kvc"):
+                    assert secret not in body
+            # A certificate of another CA fails the handshake: with TLS 1.3 the client may learn it
+            # only when it reads the answer that never comes.
+            with pytest.raises((ssl.SSLError, ConnectionError)):
                 await loop.run_in_executor(None, ask, forged)
             # The kubelet's probes and Prometheus present no certificate and still get answers.
             for path in ("/healthz", "/readyz", "/metrics"):
