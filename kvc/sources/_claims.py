@@ -1,11 +1,11 @@
 """PersistentVolumeClaims and PersistentVolumes KVC made: naming and making them, who uses
 them, removing stale ones.
 
-Shared by the source types that expose data through a claim KVC makes: NFS (the export) and
-the node-local types (the replicas' node path, so workloads mount a claim, never a hostPath). In the controller
-the claims and volumes KVC made are read from informers (``kvc.controller.caches``), so a
-pass over a VolumeManager whose claims are in place makes no API call; elsewhere, and
-when a VolumeManager is deleted, they are listed from the API.
+Shared by the source types that expose data through a claim KVC makes: NFS (the export)
+and the node-local types (the replicas' node path: workloads mount a claim, never a
+hostPath). In the controller the claims and volumes KVC made are read from informers
+(``kvc.controller.caches``), so a pass over a VolumeManager whose claims are in place makes
+no API call; elsewhere, and when a VolumeManager is deleted, they are listed from the API.
 """
 
 from __future__ import annotations

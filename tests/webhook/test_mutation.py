@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from typing import Any
 
@@ -283,14 +284,9 @@ def test_wiring_any_pod_refuses_exactly_the_bad_requests_and_otherwise_patches_c
 
 def claim_volume(volume_id: str = "cifar") -> ResolvedVolume:
     """Node-local data as the webhook wires it by default: through its claim."""
-    return ResolvedVolume(
-        ref=grammar.VolumeRef(volume_id),
-        manager="datasets",
-        volume_id=volume_id,
-        phase="Ready",
-        message="2/2 replicas ready",
+    return dataclasses.replace(
+        s3_volume(volume_id),
         volume_source={"persistentVolumeClaim": {"claimName": f"datasets-{volume_id}-0123456789"}},
-        node_affinity=s3_volume(volume_id).node_affinity,
         access_mode="ReadWriteOnce",
     )
 
