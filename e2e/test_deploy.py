@@ -101,6 +101,43 @@ def test_failure_policy_refuses_only_kvc_workloads_and_the_ignore_component_admi
         admission.delete_mutating_webhook_configuration(default["metadata"]["name"])
 
 
+def test_the_webhook_network_policy_lets_in_only_the_api_server_cidr_an_admin_sets(
+    control_plane: ControlPlane, default: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    install_namespaces(control_plane, default)
+    component = DEPLOY / "components" / "webhook-network-policy"
+
+    def overlay(name: str, patches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        directory = tmp_path / name
+        directory.mkdir()
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "components": [os.path.relpath(component, directory)],
+            "patches": patches,
+        }
+        (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        return render(control_plane, directory)
+
+    cidr = [{"op": "replace", "path": "/spec/ingress/0/from/0/ipBlock/cidr", "value": "172.16.0.0/28"}]
+    (policy,) = overlay(
+        "set", [{"target": {"kind": "NetworkPolicy", "name": "kvc-webhook"}, "patch": json.dumps(cidr)}]
+    )
+    # It selects the webhook's pods, and lets in that CIDR on the webhook's port alone.
+    webhook_pods = workloads(default)["webhook"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= webhook_pods.items()
+    assert policy["spec"]["ingress"] == [
+        {"from": [{"ipBlock": {"cidr": "172.16.0.0/28"}}], "ports": [{"port": 9443, "protocol": "TCP"}]}
+    ]
+    applied = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input_text=as_yaml([policy]))
+    assert "(server dry run)" in applied.stdout
+    # Unpatched, the API server refuses it and names the field: it never cuts the webhook off.
+    (unset,) = overlay("unset", [])
+    refused = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input_text=as_yaml([unset]), check=False)
+    assert refused.returncode != 0
+    assert "spec.ingress[0].from[0].ipBlock.cidr" in refused.stderr
+
+
 # --------------------------------------------------------------------------- rendering
 
 # Kustomizations an admin may apply, which must not disappear; kustomizations() finds any
