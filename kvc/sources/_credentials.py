@@ -193,9 +193,11 @@ def remove_stale(
     """Delete this VolumeManager's copies that no current volume of ``source_type`` needs;
     all of them when it is being deleted (``force``, which reads the API, not the informer)."""
     copies = _copies(ctx, cached=not force)
-    for copy in copies if force else stale(copies, source_type, current, wanted):
-        if force and copy.labels.get(LABEL_SOURCE_TYPE) != source_type:
-            continue
+    if force:
+        doomed = [copy for copy in copies if copy.labels.get(LABEL_SOURCE_TYPE) == source_type]
+    else:
+        doomed = stale(copies, source_type, current, wanted)
+    for copy in doomed:
         logger.info("deleting credentials copy %s/%s", ctx.credentials_namespace, copy.name)
         try:
             ctx.core.delete_namespaced_secret(copy.name, ctx.credentials_namespace)
