@@ -10,9 +10,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
-from kvc.api.models import VolumeConfig
 from kvc.sources.base import VolumeManagerRef
 from kvc.sources.registry import SourceRegistry
 from webhook import grammar
@@ -46,20 +43,13 @@ def _workload_source(status: Mapping[str, Any], host_path: bool) -> Mapping[str,
 def _from_spec(
     owner: VolumeManagerRef, raw: Mapping[str, Any], registry: SourceRegistry
 ) -> tuple[Mapping[str, Any] | None, str | None]:
-    """(what a workload mounts, or why the volume can never be provisioned) for a volume the
-    controller has not reported yet, from its spec alone: claim names are deterministic.
-    (None, None) when the spec cannot tell (e.g. not a valid volumeConfig: the controller
-    reports why)."""
-    try:
-        config = VolumeConfig.model_validate(raw)
-    except ValidationError:
-        return None, None
-    source = registry.get(config.source_type)
-    if source is None:
-        return None, registry.unknown_message(config.source_type)
-    problems = source.validate(config)
-    if problems:
-        return None, "; ".join(problems)
+    """(what a workload mounts, or why the volume can never be provisioned, in the controller's
+    words) for a volume the controller has not reported yet, from its spec alone: claim names
+    are deterministic."""
+    checked = registry.check(raw)
+    if isinstance(checked, str):
+        return None, checked
+    config, source = checked
     claim = source.claim_name(owner, config)
     return ({"persistentVolumeClaim": {"claimName": claim}} if claim else None), None
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client.rest import ApiException
-from pydantic import ValidationError
 
 from kvc.api.models import VolumeConfig, VolumePhase, VolumeStatus
 from kvc.sources.base import SourceContext, VolumeManagerRef
@@ -45,35 +44,17 @@ def _failed(raw: Mapping[str, Any], message: str) -> VolumeStatus:
     )
 
 
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"])
-        parts.append(f"{where}: {item['msg']}")
-    return "; ".join(parts)
-
-
 def reconcile(body: Mapping[str, Any], ctx: SourceContext, registry: SourceRegistry) -> ReconcileResult:
     owner = ctx.owner
     result = ReconcileResult(volumes=[])
     current: dict[str, VolumeConfig | None] = {}
     for raw in (body.get("spec") or {}).get("volumeConfigs") or []:
-        try:
-            config = VolumeConfig.model_validate(raw)
-        except ValidationError as exc:
-            result.volumes.append(_failed(raw, f"invalid volumeConfig: {_describe(exc)}"))
-            current[str(raw.get("id", ""))] = None
+        checked = registry.check(raw)
+        if isinstance(checked, str):
+            result.volumes.append(_failed(raw, checked))
+            current[str(raw.get("id", ""))] = None  # keep what exists until it is fixed
             continue
-        source = registry.get(config.source_type)
-        if source is None:
-            result.volumes.append(_failed(raw, registry.unknown_message(config.source_type)))
-            current[config.id] = None
-            continue
-        problems = source.validate(config)
-        if problems:
-            result.volumes.append(_failed(raw, "; ".join(problems)))
-            current[config.id] = None
-            continue
+        config, source = checked
         current[config.id] = config
         try:
             result.volumes.append(source.provision(ctx, config))

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from typing import Any
 
+from pydantic import ValidationError
+
+from kvc.api.models import VolumeConfig
 from kvc.sources.base import Source
 
 logger = logging.getLogger(__name__)
@@ -27,6 +32,30 @@ class SourceRegistry:
             return f"sourceType {source_type} is installed but failed to load: {self.broken[source_type]}"
         known = ", ".join(sorted(self.sources)) or "none"
         return f"unknown sourceType {source_type!r}: known types are {known}"
+
+    def check(self, raw: Mapping[str, Any]) -> tuple[VolumeConfig, Source] | str:
+        """A spec's volumeConfig, parsed, with its source type; or, as a message that says what
+        to fix, why it can never be provisioned. The controller reports that message as the
+        volume's failure, and the webhook refuses with it before the controller has."""
+        try:
+            config = VolumeConfig.model_validate(raw)
+        except ValidationError as exc:
+            return f"invalid volumeConfig: {_describe(exc)}"
+        source = self.get(config.source_type)
+        if source is None:
+            return self.unknown_message(config.source_type)
+        problems = source.validate(config)
+        if problems:
+            return "; ".join(problems)
+        return config, source
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"])
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
 
 
 def load_registry(group: str = ENTRY_POINT_GROUP) -> SourceRegistry:

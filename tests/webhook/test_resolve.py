@@ -156,6 +156,9 @@ def test_a_volume_whose_settings_are_wrong_is_refused_at_once_with_the_controlle
     (unknown,) = catalog_entries(unreported({"id": "x", "sourceType": "FTP"}), registry=REGISTRY)
     with pytest.raises(MutationError, match="unknown sourceType 'FTP'"):
         resolve(ask("x"), "team-a", [unknown])
+    (invalid,) = catalog_entries(unreported({**S3_SPEC, "replicas": "two"}), registry=REGISTRY)
+    with pytest.raises(MutationError, match="volume cifar is Failed: invalid volumeConfig: replicas: "):
+        resolve(ask("cifar"), "team-a", [invalid])
 
 
 def test_with_the_host_path_opt_in_an_unreported_volume_still_waits_for_the_controller() -> None:
