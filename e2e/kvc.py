@@ -8,7 +8,7 @@ import contextlib
 import datetime as dt
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,12 @@ WEBHOOK_MANIFEST = Path(__file__).resolve().parent.parent / "deploy" / "webhook"
 AGENT_GRACE_SECONDS = 10.0
 # A node path the admin lets users choose for their data (options.dataPath).
 ALLOWED_DATA_ROOT = "/data/kvc"
+# The NFS servers the tests, the corpus, the demo's samples and the benchmark name: allowed
+# by the admin (--allowed-nfs-server); any other is refused.
+ALLOWED_NFS_SERVERS = ("nfs.example.com", "mirror.example.com", "nfs.storage.example.com", "nfs")
 
 
-class _KvcProcess:
+class KvcProcess:
     """A KVC component run as a local process; can be killed (SIGKILL) and started again."""
 
     def __init__(self, plane: ControlPlane, name: str) -> None:
@@ -36,6 +39,8 @@ class _KvcProcess:
         self.component: Component | None = None
         self.metrics_port = free_port()
         self.env: dict[str, str] = {}
+        # `kvc -v`: debug logging (tests that check what debug logs may print).
+        self.verbose = False
 
     @property
     def metrics_url(self) -> str:
@@ -61,23 +66,31 @@ class _KvcProcess:
     def _spawn(self, args: list[str]) -> Component:
         self.component = self.plane.spawn(
             self.name,
-            [sys.executable, "-m", "kvc", "run", *args],
+            [sys.executable, "-m", "kvc", *(["-v"] if self.verbose else []), "run", *args],
             env={"KUBECONFIG": str(self.plane.kubeconfig), "PYTHONUNBUFFERED": "1", **self.env},
         )
         return self.component
 
 
-class KvcController(_KvcProcess):
+class KvcController(KvcProcess):
     """`kvc run controller` against the control plane.
 
     ``agent_grace``: agents here heartbeat every 2 s, so by default a dead one is noticed
     quickly; a benchmark without agents passes a grace that outlasts it.
     """
 
-    def __init__(self, plane: ControlPlane, agent_grace: float = AGENT_GRACE_SECONDS, timeout: float = 60) -> None:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        agent_grace: float = AGENT_GRACE_SECONDS,
+        timeout: float = 60,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         super().__init__(plane, "kvc-controller")
         self.agent_grace = agent_grace
         self.timeout = timeout
+        # More flags, e.g. an admin's policy a test needs (--max-replicas-per-node=2).
+        self.extra_args = list(extra_args)
         # JSON lines, as a log collector would read them (the agents log text).
         self.env["KVC_LOG_FORMAT"] = "json"
 
@@ -90,6 +103,8 @@ class KvcController(_KvcProcess):
                 f"--metrics-port={self.metrics_port}",
                 f"--agent-grace={self.agent_grace}",
                 f"--allowed-data-root={ALLOWED_DATA_ROOT}",
+                *(f"--allowed-nfs-server={server}" for server in ALLOWED_NFS_SERVERS),
+                *self.extra_args,
             ]
         )
         self.plane.wait_healthy(f"http://127.0.0.1:{port}/healthz", component, self.name, timeout=self.timeout)
@@ -123,7 +138,7 @@ def apply_crds(plane: ControlPlane, *manifests: Path, names_: tuple[str, ...] = 
 NODE_DATA_ROOT = "/var/lib/kvc"
 
 
-class KvcAgent(_KvcProcess):
+class KvcAgent(KvcProcess):
     """`kvc run agent` for one simulated node, with a data root of its own."""
 
     def __init__(self, plane: ControlPlane, node: str, heartbeat: float = 2.0) -> None:
@@ -174,7 +189,7 @@ class KvcAgent(_KvcProcess):
         return self.data_root / Path(node_path).relative_to(NODE_DATA_ROOT)
 
 
-class KvcWebhook(_KvcProcess):
+class KvcWebhook(KvcProcess):
     """`kvc run webhook` on loopback with a certificate for 127.0.0.1, and its registration."""
 
     def __init__(self, plane: ControlPlane, name: str = "kvc-webhook") -> None:

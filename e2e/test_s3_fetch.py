@@ -142,7 +142,10 @@ def test_symlink_planted_in_staging_is_not_followed(bucket: tuple[Any, str], age
     (replica.staging / "sub").symlink_to(outside)
     manifest = fetch(agent_client, f"s3://{name}/p/", replica, Progress())
     assert list(outside.iterdir()) == []
-    assert manifest.skipped == ["p/sub/file.txt"]
+    # Fetches make no symlinks: a planted one is removed, and the data goes where it belongs.
+    assert manifest.skipped == []
+    assert not (replica.final / "sub").is_symlink()
+    assert (replica.final / "sub" / "file.txt").read_bytes() == b"data"
 
 
 @pytest.mark.parametrize("mib", [3, 9], ids=["streamed", "large-on-a-thread"])

@@ -341,6 +341,56 @@ def test_a_replica_whose_agent_stops_is_placed_elsewhere_and_its_label_removed(
     assert tree(agents[new].local(volume["volumeSource"]["hostPath"]["path"])) == expected
 
 
+def test_a_deleted_volumenode_comes_back_with_its_replicas_and_the_data_stays_under_its_pod(
+    vms: VolumeManagers,
+    s3: S3Server,
+    dataset: tuple[str, dict[str, str]],
+    credentials: str,
+    agents: dict[str, KvcAgent],
+    api: Any,
+) -> None:
+    """`kubectl delete volumenode` on a node whose data a running pod reads: the agent creates
+    the object again with the same assignment, and the data is neither deleted nor fetched again."""
+    bucket, expected = dataset
+    vms.create("kept", [s3_volume(s3, bucket, replicas=1)])
+    volume = vms.wait_state("kept", "Running", timeout=120)["status"]["volumes"][0]
+    (node,) = _holders(vms, "kept")
+    local = agents[node].local(volume["volumeSource"]["hostPath"]["path"])
+    inodes = {path: path.stat().st_ino for path in local.rglob("*") if path.is_file()}
+    core = client.CoreV1Api(api)
+    claim = {"persistentVolumeClaim": {"claimName": volume["claimName"], "readOnly": True}}
+    core.create_namespaced_pod(
+        vms.namespace, restricted_pod("reader", nodeName=node, volumes=[{"name": "data", **claim}])
+    )
+    wait_for(lambda: core.read_namespaced_pod("reader", vms.namespace).status.phase == "Running", what="pod Running")
+    custom = client.CustomObjectsApi(api)
+    before = custom.get_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, node)
+    key = next(r["name"] for r in before["spec"]["replicas"] if r["volumeId"] == "cifar" and "kept" in r["name"])
+
+    custom.delete_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, node)
+
+    def recreated() -> dict[str, Any] | None:
+        try:
+            vnode = custom.get_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, node)
+        except client.ApiException:
+            return None
+        return vnode if vnode["metadata"]["uid"] != before["metadata"]["uid"] else None
+
+    again = wait_for(recreated, timeout=30, what="the VolumeNode created again")
+    assert key in [r["name"] for r in again["spec"]["replicas"]]
+    # Long enough for the agent to act on the deletion and the controller to run passes on it.
+    wait_for(
+        lambda: _holders(vms, "kept") == [node] and vms.volume("kept", "cifar").get("phase") == "Ready",
+        timeout=60,
+        what="the replica Ready on its node again",
+    )
+    time.sleep(6)
+    assert tree(local) == expected
+    assert {path: path.stat().st_ino for path in local.rglob("*") if path.is_file()} == inodes
+    assert _holders(vms, "kept") == [node]
+    assert core.read_namespaced_pod("reader", vms.namespace).status.phase == "Running"
+
+
 def test_a_deleted_node_loses_its_replica_to_another_node(
     vms: VolumeManagers,
     s3: S3Server,

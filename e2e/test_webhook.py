@@ -646,3 +646,70 @@ def test_a_pod_needing_two_volumes_lands_on_the_one_node_holding_both(
     pod = wait_running(core, vms.namespace, "both")
     assert pod.spec.node_name == "kvc-node-2"
     assert {m.mount_path for m in pod.spec.containers[0].volume_mounts} >= {"/var/datasets/cifar", "/var/datasets/coco"}
+
+
+def test_a_source_change_keeps_job_pods_and_gated_pods_on_the_data_they_were_wired_with(
+    vms: VolumeManagers,
+    s3: S3Server,
+    s3_data: str,
+    api: Any,
+    training_crds: None,
+    agents: dict[str, KvcAgent],
+) -> None:
+    """A TFJob and a bare pod wired (and gated) for a source that changes before its data is
+    Ready: they still run, on that data, and so do the job's pods created after the change."""
+    core = client.CoreV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    ns = vms.namespace
+    for prefix in ("cifar", "cifar-v2"):
+        s3.client().put_object(Bucket=s3_data, Key=f"{prefix}/only-in-{prefix}.txt", Body=prefix.encode())
+    # Agents stopped: the earlier source's replicas are assigned (their heartbeats are fresh)
+    # but nothing is fetched, so the pods below are gated on it when the source changes.
+    for agent in agents.values():
+        agent.stop()
+    try:
+        vms.create("changing", [s3_config(s3, s3_data)])
+        earlier = wait_for(lambda: vms.volume("changing", "cifar").get("claimName"), what="the earlier claim")
+        custom.create_namespaced_custom_object(
+            "kubeflow.org", "v1", ns, "tfjobs", job("TFJob", "resnet", {"Worker": 2}, {"kvc/volume": "cifar"})
+        )
+        early = core.create_namespaced_pod(ns, annotated_pod("early", {"kvc/volume": "cifar"}))
+        assert [g.name for g in early.spec.scheduling_gates] == [GATE]
+        changed = s3_config(s3, s3_data)
+        changed["options"]["sourceURL"] = f"s3://{s3_data}/cifar-v2/"
+        vms.set_volumes("changing", [changed])
+        wait_for(lambda: vms.volume("changing", "cifar").get("claimName") not in (None, earlier), what="a new claim")
+    finally:
+        for agent in agents.values():
+            agent.start()
+    volume = vms.wait_state("changing", "Running", timeout=120)["status"]["volumes"][0]
+    assert volume["claimName"] != earlier
+    tfjob = custom.get_namespaced_custom_object("kubeflow.org", "v1", ns, "tfjobs", "resnet")
+    # The operator makes the job's pods after the change, from the templates wired before it.
+    workers = [core.create_namespaced_pod(ns, pod) for pod in operator_pods(tfjob)]
+    later = core.create_namespaced_pod(ns, annotated_pod("later", {"kvc/volume": "cifar"}))
+    for name in ["early", *(w.metadata.name for w in workers)]:
+        pod = wait_running(core, ns, name, timeout=120)
+        (claim,) = [v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim]
+        assert claim == earlier, f"{name} was moved off the data it was wired with"
+        node = core.read_node(pod.spec.node_name)
+        data = [k for k in node.metadata.labels if k.startswith("data.kvc.kubeflow.org/")]
+        assert data, f"{name} runs on {pod.spec.node_name}, which holds no data"
+    new_pod = wait_running(core, ns, "later", timeout=120)
+    assert [v.persistent_volume_claim.claim_name for v in new_pod.spec.volumes if v.persistent_volume_claim] == [
+        volume["claimName"]
+    ]
+    assert later.spec.scheduling_gates is None  # the new data is Ready: wired and placed at once
+    # The earlier data is reported as kept, and goes once the job and its pods are gone.
+    wait_for(
+        lambda: "tfjob/resnet" in vms.get("changing")["status"].get("message", ""),
+        what="the status to say the job keeps the earlier data",
+    )
+    custom.delete_namespaced_custom_object("kubeflow.org", "v1", ns, "tfjobs", "resnet")
+    for name in ["early", *(w.metadata.name for w in workers)]:
+        core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
+
+    def earlier_claim_gone() -> bool:
+        return earlier not in [c.metadata.name for c in core.list_namespaced_persistent_volume_claim(ns).items]
+
+    wait_for(earlier_claim_gone, timeout=90, what="the earlier claim removed once nothing refers to it")

@@ -15,8 +15,19 @@ import click
 
 from certs.cli import certs as certs_group
 from kvc import __version__, logs
+from kvc.agent.files import MAX_OBJECTS
 from kvc.api import names
 from kvc.inspect import DATASET_HEADERS, Selector, dataset_rows, parse_selector, render_table, status_report
+from kvc.policy import (
+    DEFAULT_MAX_REPLICAS_PER_NAMESPACE,
+    DEFAULT_MAX_REPLICAS_PER_NODE,
+    ETCD_REQUEST_BYTES,
+    MAX_ENTRY_BYTES,
+    AdminPolicy,
+    NfsExport,
+    TolerationRule,
+)
+from kvc.sources._egress import DEFAULT_BLOCKED, EgressPolicy
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -228,6 +239,33 @@ _METRICS_PORT = click.option(
 )
 
 
+def _parse_rules(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...], parse: Callable[[str], Any]
+) -> tuple[Any, ...]:
+    """A repeatable admin allowlist flag, each value parsed: a bad one stops the command."""
+    try:
+        return tuple(parse(value) for value in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _quantity_flag(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """A flag's Kubernetes quantity (5Gi) in bytes; a bad one stops the command."""
+    from kvc.api.units import parse_quantity  # noqa: PLC0415
+
+    try:
+        return parse_quantity(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _capacity_flag(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A capacity, checked to be a positive quantity and kept as written (it reaches the agents so)."""
+    if _quantity_flag(ctx, param, value) <= 0:
+        raise click.BadParameter(f"{value!r} is not a positive quantity", ctx, param)
+    return value
+
+
 @run.command("controller")
 @click.option("-n", "--namespace", "namespaces", multiple=True, help="Watch only these namespaces (default: all).")
 @click.option(
@@ -256,6 +294,58 @@ _METRICS_PORT = click.option(
     help="A node path under which users may put data with options.dataPath (repeatable; default: none).",
 )
 @click.option(
+    "--default-capacity",
+    default="100Gi",
+    show_default=True,
+    metavar="QUANTITY",
+    callback=_capacity_flag,
+    help=(
+        "The bytes a replica of an S3 or HTTP volume without capacity may take on a node: its agent stops "
+        "writing past them and fails the volume (archives that expand further included)."
+    ),
+)
+@click.option(
+    "--allowed-toleration",
+    "allowed_tolerations",
+    multiple=True,
+    metavar="KEY[=VALUE][:EFFECT]",
+    callback=lambda ctx, param, values: _parse_rules(ctx, param, values, TolerationRule.parse),
+    help=(
+        "Taints whose tolerations volumes may carry, to put replicas on tainted nodes: KEY any toleration "
+        "of that key, =VALUE only operator Equal with it, :EFFECT only that effect, * any key (also "
+        "'tolerate everything'). Repeatable; default: none, so control-plane nodes and tainted pools hold "
+        "no tenant's data."
+    ),
+)
+@click.option(
+    "--allowed-nfs-server",
+    "allowed_nfs_servers",
+    multiple=True,
+    metavar="SERVER[:/PATH-PREFIX]",
+    callback=lambda ctx, param, values: _parse_rules(ctx, param, values, NfsExport.parse),
+    help=(
+        "An NFS server (and a path prefix, matched by whole components) that NFS volumes may mount; "
+        "* any server. Repeatable; default: none, as the kubelet mounts exports with the node's identity."
+    ),
+)
+@click.option(
+    "--max-replicas-per-node",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_REPLICAS_PER_NODE,
+    show_default=True,
+    help=(
+        f"Replicas one node's VolumeNode may hold: each takes up to {MAX_ENTRY_BYTES // 1024} KiB of it, "
+        f"and etcd refuses objects over {ETCD_REQUEST_BYTES // 1024} KiB."
+    ),
+)
+@click.option(
+    "--max-replicas-per-namespace",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_REPLICAS_PER_NAMESPACE,
+    show_default=True,
+    help="Replicas the volumes of one namespace may have on nodes in all; a volume beyond it is Failed.",
+)
+@click.option(
     "--credentials-namespace",
     default=names.DEFAULT_CREDENTIALS_NAMESPACE,
     show_default=True,
@@ -272,6 +362,11 @@ def run_controller(
     node_data_root: str,
     agent_grace: float,
     allowed_data_roots: tuple[str, ...],
+    default_capacity: str,
+    allowed_tolerations: tuple[TolerationRule, ...],
+    allowed_nfs_servers: tuple[NfsExport, ...],
+    max_replicas_per_node: int,
+    max_replicas_per_namespace: int,
     credentials_namespace: str,
     metrics_port: int,
 ) -> None:
@@ -282,7 +377,24 @@ def run_controller(
 
     limit_malloc_arenas()  # before any thread starts
     metrics.serve(metrics_port)
-    run_kopf(namespaces, liveness_endpoint, node_data_root, agent_grace, allowed_data_roots, credentials_namespace)
+    policy = AdminPolicy(allowed_tolerations, allowed_nfs_servers, max_replicas_per_node, max_replicas_per_namespace)
+    run_kopf(
+        namespaces,
+        liveness_endpoint,
+        node_data_root,
+        agent_grace,
+        allowed_data_roots,
+        credentials_namespace,
+        policy=policy,
+        default_capacity=default_capacity,
+    )
+
+
+def _egress_policy(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> EgressPolicy:
+    try:
+        return EgressPolicy.from_flags(values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 @run.command("agent")
@@ -315,6 +427,41 @@ def run_controller(
     show_default=True,
     help="Seconds between re-reads of Ready data against the source's checksums.",
 )
+@click.option(
+    "--min-free-disk",
+    default="1Gi",
+    show_default=True,
+    metavar="QUANTITY",
+    callback=_quantity_flag,
+    help=(
+        "Free space left on the data root's file system: under it no fetch starts and a running one stops "
+        "writing (looked at every 32 MiB written), failing its volume with a message. 0: no floor."
+    ),
+)
+@click.option(
+    "--max-objects",
+    type=click.IntRange(min=1),
+    default=MAX_OBJECTS,
+    show_default=True,
+    help=(
+        "Objects (S3 keys, archive members) one replica may hold: a longer listing fails its volume. "
+        "Bounds the agent's memory: about 1 KiB per object a fetch holds."
+    ),
+)
+@click.option(
+    "--blocked-network",
+    "blocked_networks",
+    multiple=True,
+    default=("default",),
+    show_default=True,
+    metavar="CIDR",
+    callback=_egress_policy,
+    help=(
+        "A network fetches never connect to: a URL, a redirect or an S3 endpoint whose host resolves into it "
+        "fails its volume. Repeatable; giving it replaces the default list, which 'default' stands for: "
+        f"{', '.join(DEFAULT_BLOCKED)} (link-local and cloud instance metadata). 'none' blocks nothing."
+    ),
+)
 @_METRICS_PORT
 def run_agent(
     node: str,
@@ -324,6 +471,9 @@ def run_agent(
     heartbeat: float,
     verify_interval: float,
     deep_verify_interval: float,
+    min_free_disk: int,
+    max_objects: int,
+    blocked_networks: EgressPolicy,
     metrics_port: int,
 ) -> None:
     """The node agent: fetches the replicas assigned to this node."""
@@ -349,6 +499,9 @@ def run_agent(
         heartbeat_seconds=heartbeat,
         verify_seconds=verify_interval,
         deep_verify_seconds=deep_verify_interval,
+        egress=blocked_networks,
+        min_free_disk=min_free_disk,
+        max_objects=max_objects,
     )
     agent.run(stop)
 

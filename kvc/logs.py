@@ -1,16 +1,121 @@
-"""Logging setup shared by every `kvc` command: text for people, JSON lines for collectors."""
+"""Logging setup shared by every `kvc` command: text for people, JSON lines for collectors.
+
+No credential reaches a log, at any level and in either format: libraries that print
+request and response bodies or headers at DEBUG are kept at INFO, and every line is
+scrubbed on its way out (``redact``) of private keys, authorization headers, signed-URL
+parameters and the values of every Secret this process has read (``register_secret``).
+"""
 
 from __future__ import annotations
 
+import base64
+import collections
 import datetime as dt
 import json
 import logging
+import re
+import threading
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is kept.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 # kopf passes its whole configuration with every message about an object: the same on every
 # line, and its repr cost more than the rest of the line.
 _OMITTED = frozenset({"settings"})
+
+
+# Loggers that print whole request or response bodies and headers at DEBUG: every Secret the
+# kubernetes client reads (kubernetes.client.rest logs each response body), SigV4
+# Authorization headers (botocore). Their debug output is never worth a credential.
+_BODY_LOGGERS = ("kubernetes.client.rest", "botocore", "boto3", "s3transfer")
+
+_REDACTED = "[redacted]"
+# What a credential looks like in a line, whatever the code that logged it; and what stays.
+_PATTERNS = (
+    # A PEM private key (a CA's or a serving key), whole or cut short; and a base64 PEM, as in a
+    # Secret's data ("-----BEGIN " encodes to LS0tLS1CRUdJTi...).
+    (
+        re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:.*?-----END [A-Z0-9 ]*PRIVATE KEY-----|.*)", re.DOTALL),
+        _REDACTED,
+    ),
+    (re.compile(r"LS0tLS1CRUdJTi[A-Za-z0-9+/=]*"), _REDACTED),
+    # A SigV4 Authorization value wherever it appears, and signed-URL query parameters.
+    (re.compile(r"AWS4-HMAC-SHA256 Credential=[^\s,\"'\\]+(?:,\s*\w+=[^\s,\"'\\]+)*"), f"AWS4-HMAC-SHA256 {_REDACTED}"),
+    # Header values: in a dict's repr, in JSON (quotes escaped), or as a raw header line.
+    (
+        re.compile(
+            r"(?i)\b((?:proxy-)?authorization|cookie|set-cookie|x-amz-security-token|x-api-key)"
+            r"(\\?[\"']?\s*[:=]\s*\\?[\"']?)[^\"'\\\r\n,}]+"
+        ),
+        rf"\1\2{_REDACTED}",
+    ),
+    (
+        re.compile(
+            r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|access_token|"
+            r"api_key|apikey|key|password)=)[^&\s\"'\\]+"
+        ),
+        rf"\1{_REDACTED}",
+    ),
+)
+# Registered values shorter than this are not redacted: they would blank common words.
+_MIN_SECRET_LENGTH = 6
+# The most recent values kept: a controller reads every tenant's Secrets, memory stays bounded.
+_MAX_SECRETS = 4096
+
+
+class _SecretValues:
+    """The values of Secrets this process has read, and their base64 forms, as one pattern."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._pattern: re.Pattern[str] | None = None
+
+    def add(self, value: str | bytes) -> None:
+        raw = value if isinstance(value, bytes) else value.encode()
+        forms = {raw.decode(errors="replace"), base64.b64encode(raw).decode()}
+        with self._lock:
+            for form in forms:
+                if len(form) >= _MIN_SECRET_LENGTH and form not in self._values:
+                    self._values[form] = None
+                    self._pattern = None
+                    while len(self._values) > _MAX_SECRETS:
+                        self._values.popitem(last=False)
+
+    def scrub(self, text: str) -> str:
+        with self._lock:
+            if self._pattern is None and self._values:
+                # Longest first: a value that contains another is replaced whole.
+                alternatives = sorted(self._values, key=len, reverse=True)
+                self._pattern = re.compile("|".join(re.escape(v) for v in alternatives))
+            pattern = self._pattern
+        return pattern.sub(_REDACTED, text) if pattern is not None else text
+
+
+_SECRETS = _SecretValues()
+
+
+def register_secret(value: str | bytes) -> None:
+    """Never log ``value`` (nor its base64 form) from now on: call it for every Secret value read."""
+    _SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    """``text`` without anything that looks like a credential or was registered as one."""
+    text = _SECRETS.scrub(text)
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class Redacting(logging.Formatter):
+    """Another formatter's lines, ``redact``-ed: messages, arguments, extra fields and tracebacks alike."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
 
 
 class JSONFormatter(logging.Formatter):
@@ -34,8 +139,12 @@ class JSONFormatter(logging.Formatter):
 def configure(verbose: bool = False, json_lines: bool = False) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(
-        JSONFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        Redacting(
+            JSONFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in _BODY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvc.policy import NODE_CAP_FLAG
+
 # Taint effects that keep a replica off a node unless tolerated (PreferNoSchedule does not).
 _BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
 
@@ -38,6 +40,8 @@ class VolumeRequest:
     capacity_bytes: int = 0
     node_affinity: Mapping[str, Any] | None = None
     tolerations: Sequence[Mapping[str, Any]] = ()
+    # A node already holding this many replicas takes no new one (0: no limit).
+    max_node_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,8 @@ def _ineligibility(node: NodeInfo, request: VolumeRequest, required: NodeTest | 
             return "with untolerated taints"
     if request.capacity_bytes and node.free_bytes is not None and node.free_bytes < request.capacity_bytes:
         return "short of free disk"
-    return None
+    full = bool(request.max_node_replicas) and node.replicas >= request.max_node_replicas
+    return f"full ({NODE_CAP_FLAG}={request.max_node_replicas})" if full else None
 
 
 def ineligibility(node: NodeInfo, request: VolumeRequest) -> str | None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from e2e.kvc import ALLOWED_DATA_ROOT
+from e2e.kvc import ALLOWED_DATA_ROOT, ALLOWED_NFS_SERVERS
 from e2e.test_corpus import (
     ADMISSION,
     ADMISSION_OUTCOMES,
@@ -35,6 +35,7 @@ from e2e.test_corpus import (
     workload,
 )
 from kvc.controller import reconcile, status
+from kvc.policy import AdminPolicy, NfsExport
 from kvc.sources.base import SourceContext
 from kvc.sources.registry import load_registry
 from webhook.index import VolumeIndex
@@ -112,6 +113,7 @@ def test_malformed_volumemanager_is_reported_failed_with_its_message(registry: A
         core=EmptyCluster(),
         custom=EmptyCluster(),
         allowed_data_roots=(ALLOWED_DATA_ROOT,),
+        policy=AdminPolicy(nfs_exports=tuple(NfsExport.parse(server) for server in ALLOWED_NFS_SERVERS)),
     )
     result = reconcile.reconcile(body, ctx, registry)
     assert [(v.phase.value, v.message) for v in result.volumes] == [

@@ -183,15 +183,19 @@ def force_read_only(spec: dict[str, Any], volume_names: Iterable[str]) -> None:
                     mount["readOnly"] = True
 
 
-def read_only_volumes(pod: Mapping[str, Any]) -> list[str]:
-    """The KVC volumes (those the marker annotation lists) that the pod was wired to read only:
-    a claim marked readOnly, or a volume that every app and init container mounts read-only."""
+def injected_volumes(pod: Mapping[str, Any]) -> list[str]:
+    """The volumes KVC added to the pod, or to the template it was made from (its marker annotation)."""
     try:
         injected = json.loads(((pod.get("metadata") or {}).get("annotations") or {}).get(INJECTED, "[]"))
     except ValueError:
         return []
-    if not isinstance(injected, list):
-        return []
+    return [str(name) for name in injected] if isinstance(injected, list) else []
+
+
+def read_only_volumes(pod: Mapping[str, Any]) -> list[str]:
+    """The KVC volumes (those the marker annotation lists) that the pod was wired to read only:
+    a claim marked readOnly, or a volume that every app and init container mounts read-only."""
+    injected = injected_volumes(pod)
     spec = pod.get("spec") or {}
     mounts = [
         mount
@@ -227,8 +231,45 @@ def json_copy(obj: Any) -> Any:
     return orjson.loads(orjson.dumps(obj))
 
 
-def _wire_spec(wired: dict[str, Any], request: grammar.VolumeRequest, volumes: Sequence[ResolvedVolume]) -> None:
-    """Add the volumes, their mounts, and the data's node affinity (or gate) to a pod spec we own."""
+def wired_earlier(
+    spec: Mapping[str, Any], volumes: Sequence[ResolvedVolume], injected: Sequence[str]
+) -> list[ResolvedVolume]:
+    """The volumes a template already wired to another source of the same KVC volume.
+
+    A TFJob's pods are made from the template the webhook wired when the job was created. If
+    the volume's source has changed since, its pods keep the data the job was wired with
+    (the controller keeps that data while the job exists): every worker of one job reads the
+    same data, and none is refused or left waiting for a claim that is not theirs.
+    """
+    by_name = {v.get("name"): v for v in spec.get("volumes") or []}
+    return [
+        volume
+        for volume in volumes
+        if volume.volume_name in injected
+        and volume.volume_name in by_name
+        and _ignoring_read_only(by_name[volume.volume_name]) != _ignoring_read_only(_pod_volume(volume, False))
+    ]
+
+
+def _ignoring_read_only(pod_volume: Mapping[str, Any]) -> dict[str, Any]:
+    plain: dict[str, Any] = json_copy(pod_volume)
+    (plain.get("persistentVolumeClaim") or {}).pop("readOnly", None)
+    return plain
+
+
+def _wire_spec(
+    wired: dict[str, Any],
+    request: grammar.VolumeRequest,
+    volumes: Sequence[ResolvedVolume],
+    injected: Sequence[str] = (),
+) -> None:
+    """Add the volumes, their mounts, and the data's node affinity (or gate) to a pod spec we own.
+
+    ``injected``: the volumes KVC wired into the template the pod was made from; those wired
+    to an earlier source of the volume are kept as they are (``wired_earlier``).
+    """
+    earlier = wired_earlier(wired, volumes, injected)
+    volumes = [v for v in volumes if v not in earlier]
     pending = [v for v in volumes if not v.ready]
     if pending and wired.get("nodeName"):
         raise MutationError(
@@ -275,12 +316,12 @@ def wire_pod(
     """A copy of a Pod (or a pod template) wired to ``volumes``, with a marker of what was added."""
     check_pod_shape(pod)
     wired: dict[str, Any] = json_copy(pod)
-    _wire_spec(wired.setdefault("spec", {}), request, volumes)
+    _wire_spec(wired.setdefault("spec", {}), request, volumes, injected_volumes(pod))
     metadata = wired.setdefault("metadata", {})
     if {"name": GATE} in wired["spec"].get("schedulingGates", []):
         metadata.setdefault("labels", {})[names.LABEL_GATED] = "true"
     annotations = metadata.setdefault("annotations", {})
-    annotations[INJECTED] = json.dumps(sorted(v.volume_name for v in volumes))
+    annotations[INJECTED] = json.dumps(sorted({*injected_volumes(pod), *(v.volume_name for v in volumes)}))
     return wired
 
 

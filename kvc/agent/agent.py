@@ -28,9 +28,11 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from kvc import __version__, metrics
-from kvc.agent.files import Manifest, ReplicaDir
+from kvc import __version__, logs, metrics
+from kvc.agent.files import MAX_OBJECTS, Limits, Manifest, ReplicaDir
 from kvc.api import names
+from kvc.api.units import parse_quantity
+from kvc.sources._egress import EgressPolicy
 from kvc.sources.base import FetchRequest, Source
 from kvc.sources.registry import SourceRegistry, load_registry
 from kvc.sources.transfer import FetchError, Progress
@@ -41,8 +43,18 @@ DEFAULT_NODE_DATA_ROOT = "/var/lib/kvc"
 STATE_FILE = ".kvc-agent-state.json"
 RETRY_BASE_SECONDS = 5.0
 RETRY_MAX_SECONDS = 300.0
+# A replica's message in the VolumeNode status is cut to this many characters: error texts
+# come from sources (a server's answer, a key name) and the status shares one etcd object
+# with every replica of the node.
+MAX_MESSAGE_CHARS = 512
+# Free disk the agent leaves on its node's file system: it stops writing under it (--min-free-disk).
+DEFAULT_MIN_FREE_DISK = 1 << 30
 # What a call to an API server that is down or restarting raises (besides 5xx ApiExceptions).
 UNREACHABLE = (urllib3.exceptions.HTTPError, OSError)
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 1] + "…"
 
 
 def _now() -> str:
@@ -71,7 +83,7 @@ class _Replica:
         entry: dict[str, Any] = {
             "name": self.name,
             "phase": self.phase,
-            "message": self.message,
+            "message": _bounded(self.message),
             "bytes": self.progress.bytes,
             "totalBytes": self.progress.total_bytes,
             "files": self.progress.files,
@@ -95,6 +107,9 @@ class Agent:
         deep_verify_seconds: float = 6 * 3600.0,
         parallel_replicas: int = 2,
         registry: SourceRegistry | None = None,
+        egress: EgressPolicy | None = None,
+        min_free_disk: int = DEFAULT_MIN_FREE_DISK,
+        max_objects: int = MAX_OBJECTS,
     ) -> None:
         self.node = node
         self.data_root = data_root.resolve()
@@ -110,6 +125,10 @@ class Agent:
         self.verify_seconds = verify_seconds
         self.deep_verify_seconds = deep_verify_seconds
         self.registry = registry or load_registry()
+        # What a fetch may take: the node's free disk it leaves, the objects it holds (memory).
+        self.min_free_disk, self.max_objects = min_free_disk, max_objects
+        # The networks fetches never connect to (--blocked-network).
+        self.egress = egress or EgressPolicy()
         self._pool = ThreadPoolExecutor(max_workers=parallel_replicas, thread_name_prefix="replica")
         self._replicas: dict[str, _Replica] = {}
         # Unassigned while a fetch was writing: their data is deleted once the fetch has stopped.
@@ -147,12 +166,13 @@ class Agent:
                 replica.stop.set()
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _ensure_volumenode(self) -> None:
+    def _ensure_volumenode(self, replicas: list[dict[str, Any]] | None = None) -> None:
+        """Create this node's VolumeNode if it does not exist, assigned ``replicas`` (none by default)."""
         body = {
             "apiVersion": names.API_VERSION,
             "kind": names.VOLUMENODE_KIND,
             "metadata": {"name": self.node, "labels": {names.LABEL_MANAGED_BY: names.MANAGED_BY}},
-            "spec": {"replicas": []},
+            "spec": {"replicas": replicas or []},
         }
         try:
             self.custom.create_cluster_custom_object(names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, body)
@@ -160,6 +180,23 @@ class Agent:
         except ApiException as exc:
             if exc.status != 409:
                 raise
+
+    def _restore_volumenode(self) -> None:
+        """Create this node's VolumeNode again, deleted while the agent runs, with its assignments.
+
+        Deleted by hand, by a script, or by a controller that thought the node gone: the data
+        on disk, and the pods that read it, are still here. The object comes back with the
+        replicas it had, so the deletion unassigns (and deletes) nothing; the controller
+        releases what it no longer wants the usual way, never under a running pod.
+        """
+        with self._lock:
+            kept = list((self._desired or {}).values())
+        logger.warning("VolumeNode %s was deleted: creating it again with its %d replicas", self.node, len(kept))
+        try:
+            self._ensure_volumenode(kept)
+        except (ApiException, *UNREACHABLE) as exc:  # the next report finds it missing and tries again
+            logger.warning("creating VolumeNode %s again failed: %s", self.node, type(exc).__name__)
+        self._wake.set()
 
     def _watch(self, stop: threading.Event) -> None:
         """Follow this node's VolumeNode only; every change wakes the main loop."""
@@ -175,10 +212,9 @@ class Agent:
                 ):
                     obj = event["object"]
                     if event["type"] == "DELETED":
-                        self._ensure_volumenode()
-                        desired: dict[str, dict[str, Any]] = {}
-                    else:
-                        desired = {r["name"]: r for r in (obj.get("spec") or {}).get("replicas") or []}
+                        self._restore_volumenode()
+                        continue
+                    desired = {r["name"]: r for r in (obj.get("spec") or {}).get("replicas") or []}
                     with self._lock:
                         self._desired = desired
                     self._wake.set()
@@ -295,8 +331,15 @@ class Agent:
             replica=ReplicaDir(replica.local),
             progress=replica.progress,
             stop=replica.stop,
+            egress=self.egress,
+            limits=self._limits(replica.spec),
         )
         return source.fetch(request)
+
+    def _limits(self, spec: Mapping[str, Any]) -> Limits:
+        """The replica's capacity (from the controller; none from one that gives none) and the agent's bounds."""
+        capacity = spec.get("capacity")
+        return Limits(parse_quantity(str(capacity)) if capacity else None, self.min_free_disk, self.max_objects)
 
     def _deep_verify(self, replica: _Replica) -> Manifest:
         """Runs in a worker thread: re-read the data and compare it with the source's checksums."""
@@ -380,7 +423,10 @@ class Agent:
             raise FetchError(
                 f"cannot read credentials Secret {ref['namespace']}/{ref['name']}: API answered {exc.status}"
             ) from None
-        return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
+        values = {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
+        for value in values.values():
+            logs.register_secret(value)
+        return values
 
     def _forget(self, replica: _Replica) -> None:
         replica.stop.set()
@@ -467,5 +513,7 @@ class Agent:
             )
         except ApiException as exc:
             logger.warning("reporting status of VolumeNode %s failed: %s", self.node, exc.reason)
+            if exc.status == 404:  # deleted while the watch was down: it missed the deletion
+                self._restore_volumenode()
         except UNREACHABLE as exc:  # the API server restarts: report again at the next heartbeat
             logger.warning("reporting status of VolumeNode %s failed: %s", self.node, type(exc).__name__)

@@ -8,6 +8,8 @@ import logging
 import kopf
 
 from kvc.api import names
+from kvc.policy import AdminPolicy
+from kvc.sources.base import DEFAULT_NODE_CAPACITY
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ def run(  # noqa: PLR0917 - the command line's options, in its order
     agent_grace_seconds: float = 45.0,
     allowed_data_roots: tuple[str, ...] = (),
     credentials_namespace: str = names.DEFAULT_CREDENTIALS_NAMESPACE,
+    policy: AdminPolicy | None = None,
+    default_capacity: str = DEFAULT_NODE_CAPACITY,
 ) -> None:
     """Run the controller until interrupted (``kvc run controller``)."""
     from kvc.controller import handlers  # noqa: F401, PLC0415 - registers the handlers with kopf
@@ -49,5 +53,7 @@ def run(  # noqa: PLR0917 - the command line's options, in its order
             agent_grace_seconds=agent_grace_seconds,
             allowed_data_roots=allowed_data_roots,
             credentials_namespace=credentials_namespace,
+            policy=policy or AdminPolicy(),
+            default_capacity=default_capacity,
         ),
     )

@@ -66,7 +66,11 @@ def start(
             kube.VOLUMENODES,
             volumenodes,
             kube.without_managed_fields,
-            indexers={"replica": ClusterView.replica_keys, "owner": ClusterView.owner_uids},
+            indexers={
+                "replica": ClusterView.replica_keys,
+                "owner": ClusterView.owner_uids,
+                "namespace": ClusterView.owner_namespaces,
+            },
             on_change=volumenode_changed,
         ),
         kube.Informer(

@@ -19,7 +19,8 @@ from kvc.agent.agent import DEFAULT_NODE_DATA_ROOT
 from kvc.api import names
 from kvc.api.models import State
 from kvc.controller import caches, gates, passes, reconcile, status
-from kvc.sources.base import SourceContext
+from kvc.policy import AdminPolicy
+from kvc.sources.base import DEFAULT_NODE_CAPACITY, SourceContext
 from kvc.sources.registry import load_registry
 from kvc.throttle import Throttle
 
@@ -84,6 +85,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # within that.
     PASSES.settled_seconds = min(passes.SETTLED_SECONDS, memo.agent_grace_seconds / 4)
     memo.setdefault("allowed_data_roots", ())
+    memo.setdefault("policy", AdminPolicy())
+    memo.setdefault("default_capacity", DEFAULT_NODE_CAPACITY)
     logger.info("source types: %s", ", ".join(sorted(memo.registry.sources)))
 
 
@@ -140,6 +143,8 @@ def _context(body: kopf.Body, memo: kopf.Memo, known_status: Mapping[str, Any] |
         node_data_root=memo.node_data_root,
         agent_grace_seconds=memo.agent_grace_seconds,
         allowed_data_roots=memo.allowed_data_roots,
+        policy=memo.policy,
+        default_capacity=memo.default_capacity,
         credentials_namespace=memo.credentials_namespace,
         previous_phases={str(v.get("id")): str(v.get("phase")) for v in known.get("volumes") or []},
     )

@@ -23,6 +23,7 @@ from kubernetes.client.rest import ApiException
 from kvc import kube
 from kvc.api import names
 from kvc.api.models import VolumeConfig
+from kvc.sources import _readers
 from kvc.sources.base import SourceContext, VolumeManagerRef
 
 logger = logging.getLogger(__name__)
@@ -405,7 +406,12 @@ def remove_stale_claims(
     claims = claims_of(ctx, cached=not force)
     stale = stale_claims(claims, source_type, current, source_hash)
     kept = []
-    users = pods_using_claims(ctx.core.list_namespaced_pod(owner.namespace).items) if stale and not force else {}
+    users: dict[str, list[str]] = {}
+    if stale and not force:
+        # Training jobs too: their next pods will mount the claims their templates name.
+        users = pods_using_claims(ctx.core.list_namespaced_pod(owner.namespace).items)
+        for claim_name, jobs in _readers.job_readers(ctx).claims.items():
+            users.setdefault(claim_name, []).extend(jobs)
     for claim in stale:
         if users.get(claim.name):
             pods = ", ".join(sorted(users[claim.name])[:5])

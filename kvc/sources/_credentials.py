@@ -13,6 +13,8 @@ in that VolumeManager's namespace: a tenant cannot have another namespace's copi
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
-from kvc import kube
+from kvc import kube, logs
 from kvc.api import names
 from kvc.api.models import VolumeConfig
 from kvc.sources.base import SourceContext, VolumeManagerRef
@@ -133,6 +135,10 @@ def refresh(ctx: SourceContext, config: VolumeConfig, secret: str) -> None:
         if exc.status != 404:
             raise
         return
+    for value in (source.get("data") or {}).values():
+        logs.register_secret(value)  # as stored (base64); its decoded form below
+        with contextlib.suppress(ValueError):
+            logs.register_secret(base64.b64decode(value))
     copy = build_copy(owner, config, ctx.credentials_namespace, source)
     name = copy["metadata"]["name"]
     known = _known(ctx, name)

@@ -28,7 +28,8 @@ from kvc.api import names
 from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
 from kvc.api.units import parse_duration, parse_quantity
 from kvc.placement import NodeInfo, Placement, VolumeRequest, place
-from kvc.sources import _claims, _credentials
+from kvc.policy import NODE_CAP_FLAG, copied_options_problem, stored_bytes
+from kvc.sources import _claims, _credentials, _readers
 from kvc.sources.base import Source, SourceContext, VolumeManagerRef, object_name_problem
 from kvc.throttle import Throttle
 
@@ -128,6 +129,8 @@ class ClusterView:
     # the informer's indexes; a listed view scans its VolumeNodes instead.
     by_replica: Mapping[str, frozenset[str]] | None = field(default=None, repr=False)
     by_owner: Mapping[str, frozenset[str]] | None = field(default=None, repr=False)
+    # Namespace -> nodes holding replicas of its VolumeManagers (the informer's index too).
+    by_namespace: Mapping[str, frozenset[str]] | None = field(default=None, repr=False)
     # node_infos(), once computed: a view serves several passes.
     _node_infos: list[NodeInfo] | None = field(default=None, repr=False)
     # Work done once per view, not once per pass: with thousands of nodes and VolumeManagers,
@@ -152,6 +155,12 @@ class ClusterView:
     def owner_uids(vnode: Mapping[str, Any]) -> set[str]:
         """Index of a VolumeNode by the VolumeManagers whose replicas it holds."""
         return {str((r.get("volumeManager") or {}).get("uid")) for r in (vnode.get("spec") or {}).get("replicas") or []}
+
+    @staticmethod
+    def owner_namespaces(vnode: Mapping[str, Any]) -> set[str]:
+        """Index of a VolumeNode by the namespaces whose replicas it holds."""
+        replicas = (vnode.get("spec") or {}).get("replicas") or []
+        return {str((r.get("volumeManager") or {}).get("namespace")) for r in replicas}
 
     @staticmethod
     def changed_owners(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> set[str]:
@@ -195,6 +204,7 @@ class ClusterView:
             ctx.agent_grace_seconds,
             by_replica=vnode_items.indexes.get("replica"),
             by_owner=vnode_items.indexes.get("owner"),
+            by_namespace=vnode_items.indexes.get("namespace"),
         )
         cls._last = ((node_items.revision, vnode_items.revision, ctx.agent_grace_seconds), clock, view)
         return view
@@ -284,6 +294,18 @@ class ClusterView:
             infos.append(info)
         ClusterView._infos = fresh
         return infos
+
+    def namespace_replicas(self, namespace: str, except_key: str = "") -> int:
+        """How many replicas of the namespace's VolumeManagers are assigned to nodes, but
+        those of the replica ``except_key``."""
+        index = self.by_namespace
+        holders = index.get(namespace, ()) if index is not None else self.volumenodes
+        return sum(
+            1
+            for name in holders
+            for entry in ((self.volumenodes.get(name) or {}).get("spec") or {}).get("replicas") or []
+            if (entry.get("volumeManager") or {}).get("namespace") == namespace and entry.get("name") != except_key
+        )
 
     def entries_of(self, owner: VolumeManagerRef) -> list[tuple[str, dict[str, Any]]]:
         """(node, replica entry) for every replica of this VolumeManager on any node."""
@@ -430,8 +452,20 @@ def _update_replicas(
 
 
 def assign(ctx: SourceContext, node: str, entry: dict[str, Any]) -> None:
+    """Write ``entry`` into the node's VolumeNode; a new one only below the admin's cap.
+
+    Placement skips full nodes, but passes running at once may choose the same node: a node
+    found full here is left alone, and the next pass places the replica elsewhere.
+    """
+    cap = ctx.policy.max_replicas_per_node
+
     def add(replicas: list[dict[str, Any]]) -> list[dict[str, Any]]:
         others = [r for r in replicas if r.get("name") != entry["name"]]
+        if len(others) == len(replicas) and len(others) >= cap:
+            logger.info(
+                "not assigning %s to node %s: it holds %d replicas (%s)", entry["name"], node, cap, NODE_CAP_FLAG
+            )
+            return replicas
         return [*others, entry]
 
     _update_replicas(ctx, node, add)
@@ -597,9 +631,19 @@ def slots_to_fill(slots: Sequence[Mapping[str, str]], held: Sequence[Mapping[str
     return remaining
 
 
-def place_replica(view: ClusterView, config: VolumeConfig, key: str) -> tuple[list[str], Placement]:
+def namespace_cap_problem(ctx: SourceContext, view: ClusterView, key: str, wanted: int) -> str | None:
+    """Why the replica ``key`` may not be on ``wanted`` nodes: the namespace's other replicas
+    on nodes and these would pass the admin's cap. Passes running at once may each see the
+    others' writes late and pass it by a few; the cap per node is the hard bound."""
+    namespace = ctx.owner.namespace
+    return ctx.policy.namespace_cap_problem(namespace, view.namespace_replicas(namespace, except_key=key), wanted)
+
+
+def place_replica(
+    view: ClusterView, config: VolumeConfig, key: str, max_node_replicas: int = 0
+) -> tuple[list[str], Placement]:
     """The nodes assigned the replica ``key`` now, and where it goes: the assigned nodes that
-    still count (Ready replicas first), then new ones."""
+    still count (Ready replicas first), then new ones (none holding ``max_node_replicas``)."""
     assigned = view.assigned(key)
     ready_first = sorted(assigned, key=lambda n: (view.report(n, key).get("phase") != "Ready", n))
     healthy = [n for n in ready_first if keeps_replica(view, n)]
@@ -608,6 +652,7 @@ def place_replica(view: ClusterView, config: VolumeConfig, key: str) -> tuple[li
         capacity_bytes=parse_quantity(config.capacity) if config.capacity else 0,
         node_affinity=config.node_affinity,
         tolerations=config.tolerations,
+        max_node_replicas=max_node_replicas,
     )
     return assigned, place(request, view.node_infos(), current=healthy)
 
@@ -619,7 +664,10 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
     path = node_path(replica.root or ctx.node_data_root, owner, config.id, replica.digest)
     label = data_label(owner, config.id, replica.digest)
     claim = claim_name(owner, config.id, replica.digest)
-    assigned, placement = place_replica(view, config, key)
+    assigned, placement = place_replica(view, config, key, ctx.policy.max_replicas_per_node)
+    if placement.added and (over := namespace_cap_problem(ctx, view, key, len(placement.nodes))):
+        # New replicas only: those already placed stay, until the spec or the cap changes.
+        return VolumeStatus(id=config.id, sourceType=config.source_type, phase=VolumePhase.FAILED, message=over)
     entry: dict[str, Any] = {
         "name": key,
         "volumeManager": {"namespace": owner.namespace, "name": owner.name, "uid": owner.uid},
@@ -628,6 +676,8 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
         "sourceHash": replica.digest,
         "path": path,
         "options": dict(replica.options),
+        # The bytes the agent lets the replica take: the volume's capacity, else the admin's default.
+        "capacity": config.capacity or ctx.default_capacity,
     }
     kept = [n for n in placement.nodes if n not in placement.added]
     if replica.credentials_secret:
@@ -639,11 +689,13 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
     for node in kept:
         # Assigned by an earlier version (the tenant's Secret), or the volume's Secret was
         # named or dropped since: the agent is told where its credentials are now.
+        # So is the capacity, raised by the user since (e.g. to heal a replica that outgrew it).
         held = view.entry(node, key)
-        if held.get("credentialsSecret") != entry.get("credentialsSecret"):
+        if held.get("credentialsSecret") != entry.get("credentialsSecret") or held.get("capacity") != entry["capacity"]:
             held.pop("credentialsSecret", None)
             if "credentialsSecret" in entry:
                 held["credentialsSecret"] = entry["credentialsSecret"]
+            held["capacity"] = entry["capacity"]
             assign(ctx, node, held)
     free_slots = slots_to_fill(replica.slots, [view.entry(n, key).get("options") or {} for n in kept])
     for index, node in enumerate(placement.added):
@@ -800,6 +852,7 @@ def cleanup(
     collect_garbage(ctx, view)
     kept = []
     stale: dict[str, list[str]] = {}
+    waiting: _readers.Readers | None = None
     for node, entry in view.entries_of(ctx.owner):
         if entry.get("sourceType") != source_type:
             continue
@@ -807,12 +860,21 @@ def cleanup(
         if not deleting and volume_id in current and current[volume_id] in (None, entry.get("sourceHash")):
             continue
         label = data_label(ctx.owner, volume_id, str(entry.get("sourceHash")))
+        claim = claim_name(ctx.owner, volume_id, str(entry.get("sourceHash")))
+        if not deleting:
+            # Earlier data that a training job's templates or a waiting pod still mount stays
+            # wherever it is, labelled where Ready: their pods are scheduled onto it.
+            waiting = waiting if waiting is not None else _readers.waiting_readers(ctx)
+            if readers := waiting.of(claim, str(entry.get("path"))):
+                ready = view.report(node, str(entry["name"])).get("phase") == "Ready"
+                set_label(ctx, view, node, label, present=ready)
+                kept.append(f"earlier data of {volume_id} on {node} is kept for {', '.join(readers[:5])}")
+                continue
         unlabelled_now = set_label(ctx, view, node, label, present=False)
         # Data stays under running pods, also on a cordoned or silent node. Only a deletion
         # does not wait for a lost node (deleted, NotReady past the grace, agent gone):
         # uninstalling never hangs on it, and its agent deletes the data when it comes back.
         waits = node in view.nodes and not (deleting and node_lost(view, node))
-        claim = claim_name(ctx.owner, volume_id, str(entry.get("sourceHash")))
         users = pods_using_path(ctx, node, str(entry.get("path")), claim) if waits else []
         if users:
             kept.append(f"old data of {volume_id} on {node} is kept until pod(s) {', '.join(sorted(users)[:5])} stop")
@@ -874,7 +936,20 @@ class NodeLocalSource(Source):
     def claim_name(self, owner: VolumeManagerRef, config: VolumeConfig) -> str | None:
         return claim_name(owner, config.id, self.digest(config))
 
+    def validate(self, config: VolumeConfig) -> list[str]:
+        """Also: what goes into every VolumeNode holding the data is small (kvc.policy)."""
+        problems = super().validate(config)
+        if not problems:
+            replica = self.replica(config)
+            slot = max(replica.slots, key=stored_bytes, default={})
+            problem = copied_options_problem(replica.options, (replica.root or "", slot))
+            problems += [problem] if problem else []
+        return problems
+
     def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
+        problem = ctx.policy.toleration_problem(config.tolerations)
+        if problem:
+            return VolumeStatus(id=config.id, sourceType=config.source_type, phase=VolumePhase.FAILED, message=problem)
         return provision(ctx, config, self.replica(config))
 
     def cleanup(

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
-from kvc.agent.files import Manifest, ReplicaDir
+from kvc.agent.files import Limits, Manifest, ReplicaDir
 from kvc.api import names
 from kvc.api.models import VolumeConfig, VolumeStatus
+from kvc.policy import AdminPolicy
+from kvc.sources._egress import EgressPolicy
 from kvc.sources.transfer import Progress
 
 
@@ -61,6 +63,10 @@ class VolumeManagerRef:
         return ",".join(f"{key}={value}" for key, value in selected.items())
 
 
+# What a replica of a volume without a capacity may hold, unless the admin says otherwise.
+DEFAULT_NODE_CAPACITY = "100Gi"
+
+
 @dataclass(frozen=True)
 class SourceContext:
     """Cluster access for a source type, scoped to one VolumeManager."""
@@ -74,11 +80,17 @@ class SourceContext:
     agent_grace_seconds: float = 45.0
     # Node paths under which users may place data with options.dataPath (admin setting).
     allowed_data_roots: tuple[str, ...] = ()
+    # What else the admin lets tenants' volumes reach (tolerations, NFS exports) and the caps
+    # on replicas per node and per namespace.
+    policy: AdminPolicy = field(default_factory=AdminPolicy)
     # KVC's own namespace for the copies of the Secrets that replicas need: the only place
     # agents may read Secrets (kvc.sources._credentials).
     credentials_namespace: str = names.DEFAULT_CREDENTIALS_NAMESPACE
     # Each volume's phase in the status before this pass (id -> phase).
     previous_phases: Mapping[str, str] = field(default_factory=dict)
+    # The bytes a node-local replica may take when its volume gives no capacity
+    # (the controller's --default-capacity).
+    default_capacity: str = DEFAULT_NODE_CAPACITY
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,10 @@ class FetchRequest:
     replica: ReplicaDir
     progress: Progress
     stop: threading.Event
+    # Its volume's capacity, the agent's free-disk floor and most objects (agent flags).
+    limits: Limits = field(default_factory=Limits)
+    # The networks no connection of the fetch may reach (the agent's --blocked-network).
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
 
 
 class Source(abc.ABC):

@@ -3,7 +3,9 @@
 Options: ``url`` (one or more, separated by commas or spaces), ``sha256`` (one digest per
 URL, in the same order), ``unpack`` (tar, tar.gz, zip), ``headersSecretName`` (a Secret
 whose keys are HTTP header names, e.g. Authorization; values are never logged).
-Downloads resume with Range requests when the server supports them.
+Downloads resume with Range requests when the server supports them. Redirects are followed
+only to URLs the same rules accept, and without the Secret's headers once the origin
+changes; no connection reaches the agent's blocked networks (kvc.sources._egress).
 """
 
 from __future__ import annotations
@@ -17,14 +19,23 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
-from kvc.agent.files import Manifest, ManifestFile, ReplicaDir, UnsafePathError, remove_unexpected, safe_relative
+from kvc.agent.files import (
+    DOWNLOADS,
+    Budget,
+    Manifest,
+    ManifestFile,
+    ReplicaDir,
+    TreePath,
+    UnsafePathError,
+    remove_unexpected,
+    safe_relative,
+)
 from kvc.api import names
 from kvc.api.models import VolumeConfig
 from kvc.api.units import parse_duration
-from kvc.sources import _nodelocal
+from kvc.sources import _egress, _nodelocal
 from kvc.sources.base import FetchRequest, required_options, url_problem
 from kvc.sources.transfer import CHUNK, RETRIES, FetchError, Progress, finish_unpack, retry_delay, run_parallel
 
@@ -52,25 +63,27 @@ def source_digest(config: VolumeConfig) -> str:
 
 def _download(
     url: str,
-    target: Path,
+    target: TreePath,
     *,
     headers: Mapping[str, str],
     progress: Progress,
     deadline: float,
     should_stop: Callable[[], bool],
+    opener: urllib.request.OpenerDirector,
 ) -> None:
     attempt = 0
     while True:
-        have = target.stat().st_size if target.exists() else 0
+        have = target.size() or 0
         request = urllib.request.Request(url, headers=dict(headers))  # noqa: S310 - scheme checked by validate
         if have:
             request.add_header("Range", f"bytes={have}-")
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            with opener.open(request, timeout=30) as response:
                 if have and response.status != 206:  # the server ignored the range: start over
                     progress.add(-have)
                     have = 0
-                with target.open("ab" if have else "wb") as out:
+                with target.open(append=bool(have)) as out:
+                    _check_length(url, response.headers.get("Content-Length"), target.tree.budget)
                     while chunk := response.read(CHUNK):
                         out.write(chunk)
                         progress.add(len(chunk))
@@ -95,17 +108,37 @@ def _download(
         time.sleep(delay)
 
 
-def _redact(url: str) -> str:
-    """The URL without user:password or query string, which may carry credentials."""
-    parsed = urlparse(url)
-    host = parsed.hostname or ""
-    port = f":{parsed.port}" if parsed.port else ""
-    return f"{parsed.scheme}://{host}{port}{parsed.path}"
+_redact = _egress.redact
 
 
-def _sha256_of(path: Path) -> str:
+def _url_refusal(url: str, pinned: bool) -> str | None:
+    """Why the agent does not fetch ``url``, first or redirected to: the rules options.url is validated by.
+
+    ``pinned``: the file has a SHA-256 in options.sha256 and no header Secret is sent.
+    """
+    problem = url_problem("url", url)
+    if problem is None:
+        return None
+    if "plaintext" not in problem:
+        return "only https:// URLs are fetched (and http:// to this machine's loopback)"
+    if pinned:
+        return None
+    return "plaintext http is refused for a file without options.sha256 or with headers from headersSecretName"
+
+
+def _check_length(url: str, announced: str | None, budget: Budget) -> None:
+    """Fail before a byte is written when the answer says it is longer than the capacity leaves room for.
+
+    An answer without a length is stopped as it is written (``Budget.charge``).
+    """
+    remaining = budget.remaining
+    if remaining is not None and announced and announced.isdigit() and int(announced) > remaining:
+        raise budget.over_capacity(f"{_redact(url)}: its {announced} bytes")
+
+
+def _sha256_of(target: TreePath) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with target.read() as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -155,36 +188,50 @@ class HTTPSource(_nodelocal.NodeLocalSource):
         timeout = options.get("timeoutForDataDownload")
         deadline = time.monotonic() + parse_duration(timeout) if timeout else float("inf")
         replica: ReplicaDir = request.replica
-        replica.prepare()
-        root = replica.downloads if unpack else replica.staging
-        root.mkdir(exist_ok=True)
-        planned = [(url, root / file_name(url), digest) for url, digest in zip(urls, digests, strict=True)]
-        remove_unexpected(root, [PurePosixPath(target.name) for _, target, _ in planned])
+        # Paths in the staging directory; archives go to DOWNLOADS, to be extracted from there.
+        prefix = f"{DOWNLOADS}/" if unpack else ""
+        planned = [(url, prefix + file_name(url), digest) for url, digest in zip(urls, digests, strict=True)]
         abort = threading.Event()
 
         def should_stop() -> bool:
             return abort.is_set() or request.stop.is_set()
 
-        def job(url: str, target: Path, digest: str) -> None:
-            _download(
-                url,
-                target,
-                headers=request.credentials,
-                progress=request.progress,
-                deadline=deadline,
-                should_stop=should_stop,
-            )
+        def job(url: str, target: TreePath, digest: str) -> None:
+            refusal = functools.partial(_url_refusal, pinned=bool(digest) and not request.credentials)
+            if why := refusal(url):
+                raise FetchError(f"{_redact(url)}: {why}")
+            try:
+                _download(
+                    url,
+                    target,
+                    headers=request.credentials,
+                    progress=request.progress,
+                    deadline=deadline,
+                    should_stop=should_stop,
+                    opener=_egress.opener(request.egress, refusal),
+                )
+            except _egress.EgressError as exc:  # the URL's host (or a proxy's) is in a blocked network
+                raise FetchError(f"{_redact(url)}: {exc}") from None
             if digest and _sha256_of(target) != digest:
                 target.unlink()
                 raise FetchError(f"{_redact(url)} failed verification: its SHA-256 differs from options.sha256")
 
-        run_parallel(
-            [functools.partial(job, url, target, digest) for url, target, digest in planned], 4, abort, "http-fetch"
-        )
-        manifest = Manifest(source=", ".join(_redact(u) for u in urls))
-        if unpack:
-            finish_unpack(replica, unpack, manifest)
-        else:
-            manifest.files = [ManifestFile(target.name, target.stat().st_size) for _, target, _ in planned]
+        budget = request.limits.budget(replica.staging)
+        with replica.tree(budget) as tree:
+            # Whatever else is staged goes: files no longer listed, what an earlier attempt extracted.
+            on_disk = remove_unexpected(replica.staging, [relative for _, relative, _ in planned])
+            budget.used = sum(on_disk.values())
+            if unpack:
+                tree.directory(DOWNLOADS)
+            targets = [(url, tree.file(relative), digest) for url, relative, digest in planned]
+            run_parallel(
+                [functools.partial(job, url, target, digest) for url, target, digest in targets], 4, abort, "http-fetch"
+            )
+            manifest = Manifest(source=", ".join(_redact(u) for u in urls))
+            if unpack:
+                archives = [relative.removeprefix(prefix) for _, relative, _ in planned]
+                finish_unpack(tree, unpack, manifest, archives, request.limits.max_objects)
+            else:
+                manifest.files = [ManifestFile(target.relative, target.size() or 0) for _, target, _ in targets]
         replica.publish(manifest)
         return manifest

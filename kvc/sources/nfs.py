@@ -7,6 +7,7 @@ from typing import Any
 
 from kvc.api import names
 from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
+from kvc.policy import nfs_path_problem
 from kvc.sources import _claims
 from kvc.sources.base import Source, SourceContext, VolumeManagerRef, required_options
 
@@ -109,6 +110,8 @@ class NFSSource(Source):
         path = config.options.get("path", "").strip()
         if path and not path.startswith("/"):
             problems.append(f"options.path must be an absolute export path such as /exports/data, not {path!r}")
+        elif path and (problem := nfs_path_problem(path)):
+            problems.append(problem)
         server = config.options.get("server", "").strip()
         if server and any(c.isspace() or c in "/:" for c in server) and not server.startswith("["):
             problems.append(f"options.server must be a host name or IP address without scheme or path, not {server!r}")
@@ -118,6 +121,11 @@ class NFSSource(Source):
         return object_names(owner, config)[1]
 
     def provision(self, ctx: SourceContext, config: VolumeConfig) -> VolumeStatus:
+        server, path = config.options["server"].strip(), config.options["path"].strip()
+        problem = ctx.policy.nfs_problem(server, path)
+        if problem:
+            # Before any PV exists: the kubelet would mount it with the node's identity.
+            return VolumeStatus(id=config.id, sourceType=config.source_type, phase=VolumePhase.FAILED, message=problem)
         volume_name, _ = object_names(ctx.owner, config)
         known = _claims.ensure_pair(
             ctx,

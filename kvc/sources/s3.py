@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from urllib.parse import urlsplit
 
 from kvc.agent.files import Manifest
 from kvc.api import names
 from kvc.api.models import VolumeConfig, VolumePhase, VolumeStatus
 from kvc.api.units import parse_duration
-from kvc.sources import _nodelocal, _s3url
+from kvc.sources import _egress, _nodelocal, _s3url
 from kvc.sources.base import FetchRequest, SourceContext, required_options, url_problem
 from kvc.sources.transfer import FetchError
 
@@ -123,6 +124,15 @@ class S3Source(_nodelocal.NodeLocalSource):
         client = s3_fetch.make_client(
             options.get("endpointURL"), options.get("region"), access_key, secret_key, workers
         )
+        # The host boto3 will reach for this bucket (virtual-host or path style), before it does.
+        bucket = _s3url.parse_url(options["sourceURL"].strip()).bucket
+        endpoint = urlsplit(client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "k"}))
+        try:
+            request.egress.check_url(f"{endpoint.scheme}://{endpoint.netloc}")
+        except _egress.EgressError as exc:
+            raise FetchError(f"the S3 endpoint {endpoint.scheme}://{endpoint.netloc}: {exc}") from None
+        except OSError as exc:
+            raise FetchError(f"cannot resolve the S3 endpoint {endpoint.netloc}: {exc}") from None
         timeout = options.get("timeoutForDataDownload")
         return s3_fetch.fetch(
             client,
@@ -132,6 +142,8 @@ class S3Source(_nodelocal.NodeLocalSource):
             workers=workers,
             timeout=parse_duration(timeout) if timeout else None,
             stop=request.stop,
+            egress=request.egress,
+            limits=request.limits,
             unpack=options.get("unpack") or None,
             include=options.get("include") or None,
         )

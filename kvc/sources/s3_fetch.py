@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 import boto3
@@ -29,24 +28,32 @@ from botocore.exceptions import BotoCoreError, ClientError
 from isal import isal_zlib
 
 from kvc.agent.files import (
+    DOWNLOADS,
+    MAX_OBJECTS,
+    Limits,
     Manifest,
     ManifestFile,
     ReplicaDir,
-    SafeJoin,
+    TreePath,
     UnsafePathError,
     md5_etag,
     md5_of,
+    quantity,
     remove_unexpected,
+    safe_relative,
 )
-from kvc.sources._s3http import ObjectGetter
+from kvc.sources._egress import EgressPolicy
+from kvc.sources._s3http import LengthMismatchError, ListingLimitError, ObjectGetter
 from kvc.sources._s3url import S3Location, parse_url
-from kvc.sources.transfer import CHUNK, RETRIES, FetchError, Progress, finish_unpack, retry_delay
+from kvc.sources.transfer import CHUNK, RETRIES, USER_ERRORS, FetchError, Progress, finish_unpack, retry_delay
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class S3Object:
+    """One listed object: kept for every object of a fetch, so kept small (slots, no dict)."""
+
     key: str
     size: int
     etag: str | None
@@ -95,43 +102,55 @@ def _describe(exc: Exception, location: S3Location) -> str:
     return f"cannot reach S3 for {location}: {type(exc).__name__}"
 
 
-def list_objects(client: Any, location: S3Location, getter: ObjectGetter | None = None) -> list[S3Object]:
-    """The objects at ``location``; a prefix is listed through ``getter`` when given (see ObjectGetter.list)."""
+def list_objects(
+    client: Any, location: S3Location, getter: ObjectGetter | None = None, max_objects: int = MAX_OBJECTS
+) -> list[S3Object]:
+    """The objects at ``location``; a prefix is listed through ``getter`` when given (see ObjectGetter.list).
+
+    A listing of more than ``max_objects`` keys fails, having kept no more than that many.
+    """
     try:
         if not location.is_prefix:
             head = client.head_object(Bucket=location.bucket, Key=location.key)
             return [S3Object(location.key, int(head["ContentLength"]), head.get("ETag"))]
         if getter is not None:
-            listed = _listed_with_retries(getter, location.key)
+            listed = _listed_with_retries(getter, location.key, max_objects)
         else:
-            listed = [
-                (item["Key"], int(item["Size"]), item.get("ETag"))
-                for page in client.get_paginator("list_objects_v2").paginate(
-                    Bucket=location.bucket, Prefix=location.key
-                )
-                for item in page.get("Contents", [])
-            ]
+            listed = []
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    if not item["Key"].endswith("/"):
+                        listed.append(S3Object(item["Key"], int(item["Size"]), item.get("ETag")))
+                if len(listed) > max_objects:
+                    raise ListingLimitError(f"more than {max_objects} keys")
+    except ListingLimitError as exc:
+        raise FetchError(
+            f"the listing of {location} was stopped: {exc}; a volume holds at most {max_objects} objects "
+            "(the agent's --max-objects): narrow sourceURL, or split the data into several volumes"
+        ) from None
     except (ClientError, BotoCoreError, OSError) as exc:
         raise FetchError(_describe(exc, location)) from exc
-    # "Folder" markers hold no data.
-    objects = [S3Object(key, size, etag) for key, size, etag in listed if not key.endswith("/")]
-    if not objects:
+    if not listed:
         raise FetchError(f"no objects under {location}")
-    return objects
+    return listed
 
 
 # As many as botocore's standard retry mode makes for a listing.
 _LIST_ATTEMPTS = 3
 
 
-def _listed_with_retries(getter: ObjectGetter, prefix: str) -> list[tuple[str, int, str | None]]:
+def _listed_with_retries(getter: ObjectGetter, prefix: str, max_objects: int) -> list[S3Object]:
+    def keep(key: str, size: int, etag: str | None) -> S3Object | None:
+        return None if key.endswith("/") else S3Object(key, size, etag)  # "folder" markers hold no data
+
     for attempt in range(1, _LIST_ATTEMPTS):
         try:
-            return getter.list(prefix)
+            return getter.list(prefix, keep, max_objects)
         except OSError as exc:
             logger.warning("listing %r failed (%s): trying again", prefix, exc)
             time.sleep(retry_delay(attempt))
-    return getter.list(prefix)  # the last attempt's failure is the fetch's
+    return getter.list(prefix, keep, max_objects)  # the last attempt's failure is the fetch's
 
 
 def _relative_name(location: S3Location, key: str) -> str:
@@ -147,12 +166,20 @@ class _BotoBodies:
         self._client, self._bucket = client, bucket
 
     async def get(
-        self, key: str, start: int = 0, chunk: int = CHUNK, checksums: dict[str, str] | None = None
+        self,
+        key: str,
+        start: int = 0,
+        chunk: int = CHUNK,
+        checksums: dict[str, str] | None = None,
+        length: int | None = None,
     ) -> AsyncGenerator[bytes, None]:
         extra: dict[str, str] = {"Range": f"bytes={start}-"} if start else {}
         if checksums is not None:
             extra["ChecksumMode"] = "ENABLED"
         response = await asyncio.to_thread(self._client.get_object, Bucket=self._bucket, Key=key, **extra)
+        if length is not None and int(response.get("ContentLength", -1)) != length:
+            response["Body"].close()
+            raise LengthMismatchError(key, response.get("ContentLength"), length)
         if checksums is not None:
             for name in ("CRC32", "SHA256", "SHA1"):
                 if value := response.get(f"Checksum{name}"):
@@ -228,7 +255,7 @@ def _write(handle: Any, digest: _Digest | None, chunk: bytes | memoryview) -> No
 def _copy_large(
     bodies: ObjectGetter,
     obj: S3Object,
-    target: Path,
+    target: TreePath,
     *,
     start: int,
     progress: Progress,
@@ -246,8 +273,8 @@ def _copy_large(
         if should_stop():
             raise FetchError("stopped")
 
-    with target.open("ab") as handle:
-        bodies.copy_into(obj.key, start, sink, checksums if start == 0 else None)
+    with target.open(append=True) as handle:
+        bodies.copy_into(obj.key, start, sink, checksums if start == 0 else None, length=obj.size - start)
     return digest[0] if digest else None
 
 
@@ -261,22 +288,26 @@ class _Writer:
     """
 
     def __init__(self, threads: int) -> None:
-        self._queue: queue.SimpleQueue[tuple[Path, bytes] | None] = queue.SimpleQueue()
-        self._errors: list[str] = []
+        self._queue: queue.SimpleQueue[tuple[TreePath, bytes] | None] = queue.SimpleQueue()
+        self._errors: list[Exception] = []
         self._threads = [threading.Thread(target=self._run, name="s3-write", daemon=True) for _ in range(threads)]
         for thread in self._threads:
             thread.start()
 
-    def put(self, target: Path, body: bytes) -> None:
+    def put(self, target: TreePath, body: bytes) -> None:
+        """Hand over a file absent from disk; a failure of an earlier one is raised here, to stop the fetch."""
+        self.raise_failure()
         self._queue.put((target, body))
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             target, body = item
             try:
-                target.write_bytes(body)
+                target.write_bytes(body, exclusive=True)
+            except USER_ERRORS as exc:  # a symlink met, the capacity or the disk floor reached
+                self._errors.append(exc)
             except OSError as exc:
-                self._errors.append(f"cannot write {target.name}: {exc.strerror or exc}")
+                self._errors.append(FetchError(f"cannot write {target.name}: {exc.strerror or exc}"))
 
     def close(self) -> None:
         """Wait for every file handed over."""
@@ -287,13 +318,16 @@ class _Writer:
 
     def raise_failure(self) -> None:
         if self._errors:
-            raise FetchError(self._errors[0])
+            raise self._errors[0]
 
 
-async def _handed_over(bodies: _Bodies, obj: S3Object, target: Path, writer: _Writer, progress: Progress) -> bool:
-    """Receive a small object whole, check it in memory and hand it to ``writer``; False if it failed its check."""
+async def _handed_over(bodies: _Bodies, obj: S3Object, target: TreePath, writer: _Writer, progress: Progress) -> bool:
+    """Receive a small object whole, check it in memory and hand it to ``writer``; False if it failed its check.
+
+    Never more than its listed size is received (``length``): a longer body fails unread.
+    """
     checksums: dict[str, str] = {}
-    async with contextlib.aclosing(bodies.get(obj.key, 0, CHUNK, checksums)) as chunks:
+    async with contextlib.aclosing(bodies.get(obj.key, 0, CHUNK, checksums, obj.size)) as chunks:
         body = b"".join([chunk async for chunk in chunks])
     digest = _digest_for(obj, checksums)
     if digest is not None:
@@ -309,7 +343,7 @@ async def _handed_over(bodies: _Bodies, obj: S3Object, target: Path, writer: _Wr
 async def _append(
     bodies: _Bodies,
     obj: S3Object,
-    target: Path,
+    target: TreePath,
     *,
     start: int,
     progress: Progress,
@@ -317,14 +351,14 @@ async def _append(
 ) -> _Digest | None:
     """Append the object's bytes from ``start``; a download from 0 returns the check computed on the way."""
     checksums: dict[str, str] = {}
-    chunks = bodies.get(obj.key, start, CHUNK, checksums if start == 0 else None)
+    chunks = bodies.get(obj.key, start, CHUNK, checksums if start == 0 else None, obj.size - start)
     if isinstance(bodies, ObjectGetter) and obj.size - start >= _LARGE:
         await chunks.aclose()  # never started: no request was made
         return await asyncio.to_thread(
             _copy_large, bodies, obj, target, start=start, progress=progress, should_stop=should_stop
         )
     digest = None
-    handle = target.open("ab")
+    handle = target.open(append=True)
     try:
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
@@ -342,32 +376,29 @@ async def _append(
     return digest
 
 
-async def _matches(obj: S3Object, target: Path, streamed: _Digest | None) -> bool:
+async def _matches(obj: S3Object, target: TreePath, streamed: _Digest | None) -> bool:
     """Whether a file of the object's size is the object: the check made while writing, else its MD5."""
     if streamed is not None:
         return streamed.matches()
     if obj.md5 is None:
         return True
-    return bool(await asyncio.to_thread(md5_of, target) == obj.md5)
+    return bool(await asyncio.to_thread(lambda: md5_of(target.read())) == obj.md5)
 
 
-def _usable_size(target: Path, size: int) -> int:
+def _usable_size(target: TreePath, size: int) -> int:
     """How much of the object is on disk; a file longer than the object is removed."""
-    try:
-        have = target.stat().st_size
-    except FileNotFoundError:
-        return 0
-    if have > size:
+    have = target.size()
+    if have is not None and have > size:
         target.unlink()
         return 0
-    return have
+    return have or 0
 
 
 async def _download(
     bodies: _Bodies,
     bucket: str,
     obj: S3Object,
-    target: Path,
+    target: TreePath,
     *,
     progress: Progress,
     deadline: float,
@@ -438,7 +469,7 @@ async def _download(
 async def _download_all(
     bodies: _Bodies,
     bucket: str,
-    planned: list[tuple[S3Object, Path, bool]],
+    planned: list[tuple[S3Object, TreePath, bool]],
     *,
     workers: int,
     progress: Progress,
@@ -469,7 +500,7 @@ async def _download_all(
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         error = next((task.exception() for task in done if task.exception() is not None), None)
-        if isinstance(error, FetchError):
+        if isinstance(error, USER_ERRORS):
             raise error
         if error is not None:
             raise FetchError(f"download failed: {type(error).__name__}: {error}") from error
@@ -483,6 +514,9 @@ async def _download_all(
         writer.close()
 
 
+_NO_LIMITS = Limits()
+
+
 def fetch(
     client: Any,
     url: str,
@@ -494,59 +528,72 @@ def fetch(
     stop: threading.Event | None = None,
     unpack: str | None = None,
     include: str | None = None,
+    egress: EgressPolicy | None = None,
+    limits: Limits = _NO_LIMITS,
 ) -> Manifest:
-    """Copy ``url`` into ``replica`` (extracting archives when ``unpack`` names their kind) and publish it."""
+    """Copy ``url`` into ``replica`` (extracting archives when ``unpack`` names their kind) and publish it.
+
+    Within ``limits``: a listing of more objects, or of more bytes than the capacity, fails
+    before anything is written; every byte written is counted against the capacity.
+    """
     location = parse_url(url)
     deadline = time.monotonic() + timeout if timeout else float("inf")
     bodies: _Bodies = (
-        ObjectGetter(client, location.bucket, connections=workers)
+        ObjectGetter(client, location.bucket, connections=workers, egress=egress)
         if ObjectGetter.usable(client)
         else _BotoBodies(client, location.bucket)
     )
-    objects = list_objects(client, location, bodies if isinstance(bodies, ObjectGetter) else None)
+    getter = bodies if isinstance(bodies, ObjectGetter) else None
+    objects = list_objects(client, location, getter, limits.max_objects)
     if include:
         # This node holds only its part of the data set (distributionStrategy).
         objects = [o for o in objects if fnmatch.fnmatchcase(_relative_name(location, o.key), include)]
         if not objects:
             raise FetchError(f"no objects under {location} match {include!r} from distributionStrategy")
-    staging = replica.prepare()
-    root = replica.downloads if unpack else staging
-    root.mkdir(exist_ok=True)
     manifest = Manifest(source=url)
-    planned: list[tuple[S3Object, Path, PurePosixPath]] = []
-    join = SafeJoin(root)
+    # Paths in the staging directory; archives go to DOWNLOADS, to be extracted from there.
+    prefix = f"{DOWNLOADS}/" if unpack else ""
+    planned: list[tuple[S3Object, str]] = []
     for obj in objects:
-        name = _relative_name(location, obj.key)
         try:
-            target = join(name)
+            planned.append((obj, prefix + str(safe_relative(_relative_name(location, obj.key)))))
         except UnsafePathError as exc:
             logger.warning("skipping unsafe key %r: %s", obj.key, exc)
             manifest.skipped.append(obj.key)
-            continue
-        planned.append((obj, target, PurePosixPath(target.relative_to(root))))
+    del objects
     if not planned:
         raise FetchError(f"no safe objects under {location}: every key would escape the volume's directory")
-    on_disk = remove_unexpected(root, [relative for _, _, relative in planned])
-    # Directories once per fetch, not once per file (thousands of mkdir calls otherwise).
-    for directory in sorted({target.parent for _, target, _ in planned}):
-        directory.mkdir(parents=True, exist_ok=True)
-    progress.total_bytes = sum(obj.size for obj, _, _ in planned)
-    progress.bytes = sum(min(on_disk.get(t, 0), o.size) for o, t, _ in planned)
-
-    asyncio.run(
-        _download_all(
-            bodies,
-            location.bucket,
-            [(obj, target, target in on_disk) for obj, target, _ in planned],
-            workers=workers,
-            progress=progress,
-            deadline=deadline,
-            should_stop=lambda: stop is not None and stop.is_set(),
+    total = sum(obj.size for obj, _ in planned)
+    if limits.capacity is not None and total > limits.capacity:
+        raise FetchError(
+            f"the objects under {location} hold {total} bytes, more than the volume's capacity "
+            f"({quantity(limits.capacity)}): raise capacity in the volumeConfig"
         )
-    )
-    if unpack:
-        finish_unpack(replica, unpack, manifest)
-    else:
-        manifest.files = [ManifestFile(str(relative), obj.size, obj.etag) for obj, _, relative in planned]
+    budget = limits.budget(replica.staging)
+    with replica.tree(budget) as tree:
+        # Whatever else is staged goes: files no longer listed, what an earlier attempt extracted.
+        on_disk = remove_unexpected(replica.staging, [relative for _, relative in planned])
+        budget.used = sum(on_disk.values())
+        # Directories once per fetch, not once per file (thousands of mkdir calls otherwise).
+        for directory in sorted({relative.rpartition("/")[0] for _, relative in planned}):
+            tree.directory(directory)
+        progress.total_bytes = total
+        progress.bytes = sum(min(on_disk.get(relative, 0), obj.size) for obj, relative in planned)
+        asyncio.run(
+            _download_all(
+                bodies,
+                location.bucket,
+                [(obj, tree.file(relative), relative in on_disk) for obj, relative in planned],
+                workers=workers,
+                progress=progress,
+                deadline=deadline,
+                should_stop=lambda: stop is not None and stop.is_set(),
+            )
+        )
+        if unpack:
+            archives = [relative.removeprefix(prefix) for _, relative in planned]
+            finish_unpack(tree, unpack, manifest, archives, limits.max_objects)
+        else:
+            manifest.files = [ManifestFile(relative, obj.size, obj.etag) for obj, relative in planned]
     replica.publish(manifest)
     return manifest

@@ -6,9 +6,10 @@ import shutil
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import PurePosixPath
 
 from kvc.agent import unpack as unpack_archive
-from kvc.agent.files import Manifest, ReplicaDir, files_under
+from kvc.agent.files import DOWNLOADS, DiskLimitError, Manifest, Tree, UnsafePathError, files_under
 
 CHUNK = 1 << 20
 # Attempts per file before a transient error (a dropped connection, a 5xx) fails the replica.
@@ -22,6 +23,10 @@ def retry_delay(attempt: int) -> float:
 
 class FetchError(RuntimeError):
     """A failure the user can act on; the message is shown in the volume's status."""
+
+
+# Failures whose message is for the user as it is: a symlink met, a capacity or disk floor reached.
+USER_ERRORS = (FetchError, UnsafePathError, DiskLimitError)
 
 
 class Progress:
@@ -56,17 +61,20 @@ def run_parallel(jobs: Sequence[Callable[[], None]], workers: int, abort: thread
             abort.set()
             wait(futures)
             error = failed[0].exception()
-            if isinstance(error, FetchError):
+            if isinstance(error, USER_ERRORS):
                 raise error
             raise FetchError(f"download failed: {type(error).__name__}: {error}") from error
 
 
-def finish_unpack(replica: ReplicaDir, kind: str, manifest: Manifest) -> None:
-    """Extract every downloaded archive into the staging directory, then drop the archives."""
-    for archive in sorted(p for p in replica.downloads.rglob("*") if p.is_file()):
-        skipped = unpack_archive.extract(archive, replica.staging, kind)
-        manifest.skipped += [f"{archive.name}:{member}" for member in skipped]
-    shutil.rmtree(replica.downloads)
-    manifest.files = files_under(replica.staging)
+def finish_unpack(tree: Tree, kind: str, manifest: Manifest, archives: Sequence[str], max_members: int) -> None:
+    """Extract every downloaded archive (paths under DOWNLOADS) into the tree, the staging directory,
+    then drop the archives. What was extracted by an earlier attempt was removed when it started."""
+    for relative in sorted(archives):
+        name = PurePosixPath(relative).name
+        with tree.read(f"{DOWNLOADS}/{relative}") as archive:
+            skipped = unpack_archive.extract(archive, name, tree, kind, max_members=max_members)
+        manifest.skipped += [f"{name}:{member}" for member in skipped]
+    shutil.rmtree(tree.root / DOWNLOADS)
+    manifest.files = files_under(tree.root)
     if not manifest.files:
         raise FetchError("the archives held no files that could be extracted safely")

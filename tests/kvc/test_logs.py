@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import sys
@@ -45,10 +46,81 @@ def test_configure_installs_one_handler_at_the_asked_level(json_lines: bool) -> 
     root = logging.getLogger()
     assert len(root.handlers) == 1
     assert root.level == logging.DEBUG
-    assert isinstance(root.handlers[0].formatter, logs.JSONFormatter) is json_lines
+    formatter = root.handlers[0].formatter
+    assert isinstance(formatter, logs.Redacting)
+    assert isinstance(formatter.inner, logs.JSONFormatter) is json_lines
 
 
 def test_kopfs_configuration_is_left_out_of_every_line() -> None:
     entry = json.loads(logs.JSONFormatter().format(record("handler succeeded", settings=object(), k8s_skip=False)))
     assert "settings" not in entry
     assert entry["k8s_skip"] is False
+
+
+# --------------------------------------------------------------------------- no credential in a log
+
+CA_KEY = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBs3cr3tK3yM4ter1al\n-----END EC PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "secret"),
+    [
+        ("request headers {'Authorization': 'Bearer hf_s3cr3t', 'Range': 'bytes=0-'}", "hf_s3cr3t"),
+        ('{"headers": {\\"Authorization\\": \\"Bearer hf_s3cr3t\\"}}', "hf_s3cr3t"),
+        ("Cookie: session=hf_s3cr3t", "hf_s3cr3t"),
+        (
+            "authorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261203/us-east-1/s3/aws4_request, "
+            "SignedHeaders=host;x-amz-date, Signature=5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7",
+            "5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7",
+        ),
+        ("GET https://bucket.s3/model.bin?X-Amz-Signature=0badc0ffee&X-Amz-Date=20261203", "0badc0ffee"),
+        ("GET https://hub/model.bin?token=hf_s3cr3t", "hf_s3cr3t"),
+        (f"created CA {CA_KEY} done", "MHcCAQEEIBs3cr3tK3yM4ter1al"),
+        (f"response body: {{'tls.key': '{base64.b64encode(CA_KEY.encode()).decode()}'}}", "LS0tLS1CRUdJTi"),
+    ],
+)
+def test_credentials_that_look_like_credentials_are_redacted(line: str, secret: str) -> None:
+    redacted = logs.redact(line)
+    assert secret not in redacted
+    assert "[redacted]" in redacted
+
+
+def test_registered_secret_values_are_redacted_in_plain_and_base64_forms() -> None:
+    logs.register_secret("wJalrXUtnFEMI-registered")
+    encoded = base64.b64encode(b"wJalrXUtnFEMI-registered").decode()
+    line = logs.redact(f"read {{'aws_secret': 'wJalrXUtnFEMI-registered', 'data': '{encoded}'}}")
+    assert "wJalrXUtnFEMI" not in line
+    assert encoded not in line
+    # Short values would blank ordinary words: they are left alone.
+    logs.register_secret("abc")
+    assert logs.redact("abc def") == "abc def"
+
+
+def test_what_is_not_a_credential_is_left_alone() -> None:
+    line = "replica ns.vm.cifar-0a1b failed: s3://bucket/key answered 403 (attempt 2; retrying in 10s)"
+    assert logs.redact(line) == line
+
+
+@pytest.mark.parametrize("json_lines", [True, False])
+def test_debug_logging_never_prints_a_secret_read_through_the_kubernetes_client(
+    json_lines: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kubernetes.client.rest logs every response body at DEBUG: with -v it would print Secrets."""
+    logs.configure(verbose=True, json_lines=json_lines)
+    try:
+        encoded = base64.b64encode(b"plain-secret-value").decode()
+        logging.getLogger("kubernetes.client.rest").debug("response body: {'data': {'k': '%s'}}", encoded)
+        logging.getLogger("botocore.endpoint").debug("Sending http request: <AWSPreparedRequest headers=%s>", "x")
+        logging.getLogger("kvc.test").debug(
+            "sending %s",
+            {"Authorization": "Bearer plain-secret-value"},
+            extra={"headers": {"Authorization": "Bearer plain-secret-value"}},
+        )
+        logging.getLogger("kvc.test").debug("a debug line of KVC's own")
+    finally:
+        logs.configure()
+    output = capsys.readouterr().err
+    assert "a debug line of KVC's own" in output  # -v still shows KVC's own debug lines
+    assert encoded not in output
+    assert "plain-secret-value" not in output
+    assert "AWSPreparedRequest" not in output

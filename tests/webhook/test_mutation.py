@@ -350,3 +350,27 @@ def test_an_ephemeral_container_may_write_what_the_pod_was_wired_to_write() -> N
         {"name": "debugger", "image": "busybox", "volumeMounts": [{"name": "own", "mountPath": "/o"}]}
     ]
     assert mutation.guard_ephemeral_containers(own) == own
+
+
+def test_a_pod_made_from_a_template_wired_to_an_earlier_source_keeps_that_data() -> None:
+    """A TFJob's worker created after the volume's source changed: same data as its job's other
+    workers (the template's claim and affinity), neither refused nor pointed at the new data."""
+    old_label = "data.kvc.kubeflow.org/team-a-datasets-cifar-old0000000"
+    earlier = dataclasses.replace(
+        claim_volume(),
+        volume_source={"persistentVolumeClaim": {"claimName": "datasets-cifar-old0000000"}},
+        node_affinity={
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": old_label, "operator": "Exists"}]}]
+            }
+        },
+    )
+    template = wire_pod(pod(), request({"kvc/volume": "cifar"}), [earlier])
+    from_template = wire_pod(template, request({"kvc/volume": "cifar"}), [claim_volume()])
+    assert from_template == template
+
+
+def test_a_volume_of_the_same_name_that_kvc_did_not_add_is_still_refused() -> None:
+    foreign = pod(volumes=[{"name": "kvc-datasets-cifar", "persistentVolumeClaim": {"claimName": "mine"}}])
+    with pytest.raises(MutationError, match="already has a volume named kvc-datasets-cifar with another source"):
+        wire_pod(foreign, request({"kvc/volume": "cifar"}), [claim_volume()])

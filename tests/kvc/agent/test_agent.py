@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from concurrent.futures import wait
@@ -36,9 +37,9 @@ class Copies(Source):
         raise NotImplementedError
 
     def fetch(self, request: FetchRequest) -> Manifest:
-        staging = request.replica.prepare()
         content = request.options.get("content", "").encode()
-        (staging / "data.txt").write_bytes(content)
+        with request.replica.tree(request.limits.budget(request.replica.staging)) as tree:
+            tree.file("data.txt").write_bytes(content)
         request.progress.add(len(content))
         manifest = Manifest(source="fake", files=[ManifestFile("data.txt", len(content))])
         request.replica.publish(manifest)
@@ -53,13 +54,14 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return fake
 
 
-def make_agent(tmp_path: Path) -> Agent:
+def make_agent(tmp_path: Path, min_free_disk: int = 0) -> Agent:
     agent = Agent(
         "node-1",
         tmp_path / "root",
         None,
         extra_roots={"/data/kvc": tmp_path / "extra"},
         registry=SourceRegistry({"Fake": Copies()}),
+        min_free_disk=min_free_disk,
     )
     agent.data_root.mkdir(parents=True)
     return agent
@@ -198,3 +200,21 @@ def test_a_half_fetched_replica_unassigned_while_the_agent_was_down_is_deleted(t
     settle(restarted, {"ns.vm.other-abc": other})
     assert not staging.exists()
     assert (tmp_path / "root" / "ns" / "vm" / "other-abc" / "data.txt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("capacity", "min_free_disk", "message"),
+    [
+        ("3", 0, r"writing data\.txt would take the volume's data past its capacity \(3 bytes\)"),
+        ("1Ki", 1 << 60, r"the node's free disk is down to .* \(--min-free-disk\): stopped writing"),
+    ],
+    ids=["capacity", "free-disk-floor"],
+)
+def test_the_capacity_and_the_free_disk_floor_bound_a_fetch_and_its_status_says_so(
+    tmp_path: Path, capacity: str, min_free_disk: int, message: str
+) -> None:
+    agent = make_agent(tmp_path, min_free_disk=min_free_disk)
+    settle(agent, {"ns.vm.d-abc": {**spec("/var/lib/kvc/ns/vm/d-abc", "more than three"), "capacity": capacity}})
+    (report,) = [r.report() for r in agent._replicas.values()]
+    assert report["phase"] == "Failed"
+    assert re.search(message, report["message"]), report["message"]

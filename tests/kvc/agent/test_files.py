@@ -5,67 +5,163 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 
 from kvc.agent.files import (
     MANIFEST,
+    Budget,
+    CapacityError,
+    DiskLimitError,
     Manifest,
     ReplicaDir,
-    SafeJoin,
+    Tree,
     UnsafePathError,
     files_under,
     remove_unexpected,
+    safe_relative,
+    seal,
 )
 
 
-def test_names_are_joined_under_the_root(tmp_path: Path) -> None:
-    join = SafeJoin(tmp_path)
-    assert join("a/b/c.bin") == tmp_path / "a" / "b" / "c.bin"
-    assert join("./a//d.bin") == tmp_path / "a" / "d.bin"
+def test_names_are_made_relative_and_plain() -> None:
+    assert str(safe_relative("a/b/c.bin")) == "a/b/c.bin"
+    assert str(safe_relative("./a//d.bin")) == "a/d.bin"
 
 
-@pytest.mark.parametrize("name", ["../x", "a/../../x", "", "/", "a/.."])
-def test_names_that_would_leave_the_root_are_refused(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("name", ["../x", "a/../../x", "", "/", "a/..", "/etc/passwd"])
+def test_names_that_would_leave_the_root_are_refused(name: str) -> None:
     with pytest.raises(UnsafePathError):
-        SafeJoin(tmp_path)(name)
+        safe_relative(name)
 
 
-def test_a_symlinked_directory_is_refused_at_any_depth(tmp_path: Path) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory outside the replica holding a file the agent must never change."""
+    directory = tmp_path / "outside"
+    directory.mkdir()
+    (directory / "victim").write_bytes(b"precious")
+    return directory
+
+
+def test_a_symlinked_directory_is_never_written_through_at_any_depth(tmp_path: Path, outside: Path) -> None:
     root = tmp_path / "root"
     (root / "a").mkdir(parents=True)
     (root / "a" / "link").symlink_to(outside)
-    with pytest.raises(UnsafePathError, match="a/link is a symlink"):
-        SafeJoin(root)("a/link/file.bin")
+    with Tree(root) as tree, pytest.raises(UnsafePathError, match="a/link is a symlink"):
+        tree.file("a/link/victim").write_bytes(b"evil")
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"]
+    assert (outside / "victim").read_bytes() == b"precious"
 
 
-def test_a_symlinked_file_is_refused_even_in_a_directory_already_checked(tmp_path: Path) -> None:
-    (tmp_path / "d").mkdir()
-    join = SafeJoin(tmp_path)
-    assert join("d/one.bin") == tmp_path / "d" / "one.bin"
-    (tmp_path / "d" / "two.bin").symlink_to("/etc/passwd")
-    with pytest.raises(UnsafePathError, match=r"d/two\.bin is a symlink"):
-        join("d/two.bin")
+def test_a_symlink_at_a_files_own_name_is_neither_written_nor_truncated(tmp_path: Path, outside: Path) -> None:
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    with Tree(root) as tree:
+        tree.file("d/one.bin").write_bytes(b"1")  # the directory is open and kept from here on
+        (root / "d" / "two.bin").symlink_to(outside / "victim")
+        for append in (False, True):
+            with pytest.raises(UnsafePathError, match=r"d/two\.bin is a symlink"):
+                tree.file("d/two.bin").open(append=append)
+        with pytest.raises(UnsafePathError):
+            tree.file("d/two.bin").write_bytes(b"evil", exclusive=True)
+        with pytest.raises(UnsafePathError):
+            tree.file("d/two.bin").read()
+    assert (outside / "victim").read_bytes() == b"precious"
 
 
-def test_a_root_reached_through_a_symlink_is_fine(tmp_path: Path) -> None:
-    real = tmp_path / "real"
-    real.mkdir()
-    (tmp_path / "via").symlink_to(real)
-    assert SafeJoin(tmp_path / "via")("f.bin") == tmp_path / "via" / "f.bin"
+def test_a_directory_swapped_for_a_symlink_after_it_was_opened_is_not_followed(tmp_path: Path, outside: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    with Tree(root) as tree:
+        tree.directory("d")
+        (root / "d").rename(root / "moved")
+        (root / "d").symlink_to(outside)
+        tree.file("d/victim").write_bytes(b"written where the directory went")
+        with Tree(root) as fresh, pytest.raises(UnsafePathError):  # and a new walk refuses the link
+            fresh.file("d/victim").write_bytes(b"evil")
+    assert (outside / "victim").read_bytes() == b"precious"
+    assert (root / "moved" / "victim").read_bytes() == b"written where the directory went"
 
 
-def test_unexpected_files_are_removed_and_the_sizes_of_those_kept_returned(tmp_path: Path) -> None:
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "keep.bin").write_bytes(b"12345")
-    (tmp_path / "d" / "gone.bin").write_bytes(b"x")
-    (tmp_path / "empty").mkdir()
-    kept = remove_unexpected(tmp_path, [PurePosixPath("d/keep.bin"), PurePosixPath("d/new.bin")])
-    assert kept == {tmp_path / "d" / "keep.bin": 5}  # new.bin is not there: not in it
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["d", "d/keep.bin"]
+def test_hard_links_and_fifos_are_refused_without_blocking(tmp_path: Path, outside: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    os.link(outside / "victim", root / "hard")
+    os.mkfifo(root / "fifo")
+    with Tree(root) as tree:
+        for name in ("hard", "fifo"):
+            with pytest.raises(UnsafePathError):
+                tree.file(name).write_bytes(b"evil")
+    assert (outside / "victim").read_bytes() == b"precious"
+
+
+def test_a_root_reached_through_a_symlinked_parent_is_fine(tmp_path: Path) -> None:
+    (tmp_path / "real" / "replica").mkdir(parents=True)
+    (tmp_path / "via").symlink_to(tmp_path / "real")
+    with Tree(tmp_path / "via" / "replica") as tree:
+        tree.file("a/f.bin").write_bytes(b"x")
+    assert (tmp_path / "real" / "replica" / "a" / "f.bin").read_bytes() == b"x"
+
+
+def test_bytes_past_the_capacity_are_never_written(tmp_path: Path) -> None:
+    with Tree(tmp_path, Budget(capacity=10)) as tree:
+        tree.file("a").write_bytes(b"12345")
+        with tree.file("b").open() as handle:
+            handle.write(b"1234")
+            with pytest.raises(CapacityError, match=r"writing b would take the volume's data past its capacity"):
+                handle.write(b"56")
+        tree.file("a").write_bytes(b"123456")  # rewriting a file frees what it held
+        tree.file("a").unlink()
+        assert tree.budget.used == 4
+    assert (tmp_path / "b").read_bytes() == b"1234"
+
+
+def test_under_the_free_disk_floor_nothing_more_is_written(tmp_path: Path) -> None:
+    budget = Budget(min_free_disk=1 << 60, disk=tmp_path)  # an exabyte: more than any disk has free
+    with pytest.raises(DiskLimitError, match=r"under the 1024Pi|--min-free-disk"):
+        budget.check_disk()
+    budget.min_free_disk = 0  # the fetch starts, then the disk fills
+    with Tree(tmp_path, budget) as tree, tree.file("big").open() as handle:
+        handle.write(bytes(1 << 20))
+        budget.min_free_disk = 1 << 60
+        with pytest.raises(DiskLimitError):
+            handle.write(bytes(64 << 20))  # more than DISK_CHECK_BYTES: the disk is looked at first
+    assert (tmp_path / "big").stat().st_size == 1 << 20
+
+
+def test_unexpected_files_and_any_symlink_are_removed_and_the_sizes_of_those_kept_returned(
+    tmp_path: Path, outside: Path
+) -> None:
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "keep.bin").write_bytes(b"12345")
+    (root / "d" / "gone.bin").write_bytes(b"x")
+    (root / "d" / "listed-link").symlink_to(outside / "victim")
+    (root / "dirlink").symlink_to(outside)
+    (root / "empty").mkdir()
+    kept = remove_unexpected(root, ["d/keep.bin", "d/new.bin", "d/listed-link", "dirlink/victim"])
+    assert kept == {"d/keep.bin": 5}  # new.bin is not there: not in it
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["d", "d/keep.bin"]
+    assert (outside / "victim").read_bytes() == b"precious"
+
+
+def test_sealing_never_changes_what_a_planted_symlink_points_to(tmp_path: Path, outside: Path) -> None:
+    (outside / "victim").chmod(0o600)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "link").symlink_to(outside / "victim")
+    with pytest.raises(UnsafePathError, match="link is a symlink"):
+        seal(staging)
+    assert stat.S_IMODE((outside / "victim").stat().st_mode) == 0o600
+
+
+def test_a_symlink_in_published_data_fails_its_verification(tmp_path: Path, outside: Path) -> None:
+    replica = _published(tmp_path)
+    (replica.final / "b.bin").unlink()
+    (replica.final / "b.bin").symlink_to(outside / "victim")
+    assert replica.verify(deep=True) == ["b.bin is not a regular file"]
 
 
 def _published(tmp_path: Path) -> ReplicaDir:

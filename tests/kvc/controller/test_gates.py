@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kvc.api import names
 from kvc.controller.gates import released
+from webhook.mutation import INJECTED
 from webhook.resolve import CatalogEntry
 
 LABEL = "data.kvc.kubeflow.org/x"
@@ -46,3 +48,36 @@ def test_usable_data_adds_affinity_and_removes_only_our_gate() -> None:
     alone = released(gated_pod(), [entry("Degraded")])
     assert alone is not None
     assert "schedulingGates" not in alone["spec"]
+
+
+def test_a_pod_gated_before_its_volumes_source_changed_waits_for_the_data_its_claim_holds() -> None:
+    """Its volumes cannot change: it is released onto the earlier data, once Ready, not the new one."""
+    current = CatalogEntry(
+        "datasets",
+        "cifar",
+        "Ready",
+        "msg",
+        {"persistentVolumeClaim": {"claimName": "new-claim"}},
+        AFFINITY,
+        "ReadOnlyMany",
+    )
+    pod = gated_pod()
+    pod["metadata"]["annotations"][INJECTED] = json.dumps(["kvc-datasets-cifar"])
+    pod["spec"]["volumes"] = [
+        {"name": "kvc-datasets-cifar", "persistentVolumeClaim": {"claimName": "old-claim", "readOnly": True}}
+    ]
+    asked: list[str] = []
+
+    def not_yet(claim: str) -> str | None:
+        asked.append(claim)
+        return None
+
+    assert released(pod, [current], not_yet) is None
+    assert asked == ["old-claim"]
+    ungated = released(pod, [current], lambda claim: "data.kvc.kubeflow.org/old" if claim == "old-claim" else None)
+    assert ungated is not None
+    terms = ungated["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms["nodeSelectorTerms"] == [
+        {"matchExpressions": [{"key": "data.kvc.kubeflow.org/old", "operator": "Exists"}]}
+    ]
+    assert "schedulingGates" not in ungated["spec"]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,6 +12,7 @@ from kubernetes.client.rest import ApiException
 
 from kvc.api import names
 from kvc.api.models import VolumeConfig, VolumePhase
+from kvc.policy import MAX_COPIED_OPTIONS_BYTES, MAX_ENTRY_BYTES, AdminPolicy, TolerationRule, stored_bytes
 from kvc.sources import _claims, _credentials, _nodelocal
 from kvc.sources._nodelocal import (
     ClusterView,
@@ -308,6 +310,9 @@ class FakeCluster:
         return SimpleNamespace(items=[p for p in self.pods if not node or p.spec.node_name == node])
 
     # CustomObjectsApi
+    def list_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str) -> Any:
+        raise ApiException(status=404)  # no training job CRDs here
+
     def list_cluster_custom_object(self, group: str, version: str, plural: str) -> dict[str, Any]:
         if plural == "volumemanagers":
             return {"items": [{"metadata": {"uid": uid}} for uid in self.volumemanagers]}
@@ -705,3 +710,132 @@ def test_copy_names_are_valid_and_distinct() -> None:
     assert len(_credentials.copy_name(long, "i" * 63)) <= 63
     alike = [VolumeManagerRef("a-b", "c", "u1"), VolumeManagerRef("a", "b-c", "u1"), VolumeManagerRef("a", "b-c", "u2")]
     assert len({_credentials.copy_name(owner, "d") for owner in alike}) == 3
+
+
+# --------------------------------------------------------------------------- the admin's policy
+
+
+def other_entry(name: str, namespace: str = "ns") -> dict[str, Any]:
+    return {
+        "name": name,
+        "volumeManager": {"namespace": namespace, "name": "other", "uid": f"uid-{name}"},
+        "volumeId": "x",
+        "sourceType": "S3",
+        "sourceHash": "h",
+        "path": f"/var/lib/kvc/{namespace}/other/x-h",
+    }
+
+
+def with_policy(cluster: FakeCluster, **limits: Any) -> SourceContext:
+    return SourceContext(
+        owner=OWNER, core=cluster, custom=cluster, agent_grace_seconds=GRACE, policy=AdminPolicy(**limits)
+    )
+
+
+def test_a_full_node_takes_no_new_replica_and_the_volume_says_which_cap(bare: FakeCluster) -> None:
+    bare.vnodes["a"]["spec"]["replicas"] = [other_entry("one", "elsewhere"), other_entry("two", "elsewhere")]
+    status = provision(with_policy(bare, max_replicas_per_node=2), CONFIG, REPLICA)
+    assert status.phase == VolumePhase.PENDING
+    assert "other nodes are 1 full (--max-replicas-per-node=2)" in status.message
+    assert bare.holders(KEY) == []
+    # Below the cap it goes there.
+    assert provision(with_policy(bare, max_replicas_per_node=3), CONFIG, REPLICA).phase == VolumePhase.PROVISIONING
+    assert bare.holders(KEY) == ["a"]
+
+
+def test_assigning_never_passes_the_node_cap_whatever_a_pass_saw(bare: FakeCluster) -> None:
+    """Two passes at once may both choose the last free slot of a node: the write checks again."""
+    bare.vnodes["a"]["spec"]["replicas"] = [other_entry("one")]
+    ctx = with_policy(bare, max_replicas_per_node=1)
+    _nodelocal.assign(ctx, "a", {**other_entry("two")})
+    assert [r["name"] for r in bare.vnodes["a"]["spec"]["replicas"]] == ["one"]
+    # An entry already there is still updated (e.g. where its credentials are now).
+    _nodelocal.assign(ctx, "a", {**other_entry("one"), "sourceHash": "new"})
+    assert bare.vnodes["a"]["spec"]["replicas"][0]["sourceHash"] == "new"
+
+
+def test_a_volume_over_the_namespace_cap_is_failed_and_assigned_nowhere(bare: FakeCluster) -> None:
+    bare.nodes["b"] = make_node("b")
+    bare.vnodes["b"] = make_vnode("b", replicas=[other_entry("mine-1"), other_entry("theirs", "other-team")])
+    bare.vnodes["a"]["spec"]["replicas"] = [other_entry("mine-2")]
+    two = CONFIG.model_copy(update={"replicas": 2})
+    status = provision(with_policy(bare, max_replicas_per_namespace=3), two, REPLICA)
+    assert status.phase == VolumePhase.FAILED
+    assert status.message == (
+        "namespace ns has 2 replicas of other volumes on nodes: 2 more would exceed the cluster admin's cap of 3 "
+        "(controller flag --max-replicas-per-namespace); lower replicas or delete volumes no longer needed"
+    )
+    assert bare.holders(KEY) == []
+    assert bare.claims == {}
+    # Other namespaces' replicas do not count; within the cap it is placed.
+    assert provision(with_policy(bare, max_replicas_per_namespace=4), two, REPLICA).phase != VolumePhase.FAILED
+    assert bare.holders(KEY) == ["a", "b"]
+    # Once placed, its own replicas are not counted against it.
+    assert provision(with_policy(bare, max_replicas_per_namespace=4), two, REPLICA).phase != VolumePhase.FAILED
+
+
+def test_a_toleration_the_admin_did_not_allow_fails_the_volume_before_placement(bare: FakeCluster) -> None:
+    everything = CONFIG.model_copy(update={"tolerations": [{"operator": "Exists"}]})
+    status = S3Source().provision(with_policy(bare), everything)
+    assert status.phase == VolumePhase.FAILED
+    assert "--allowed-toleration" in status.message
+    assert bare.vnodes["a"]["spec"]["replicas"] == []
+    allowed = with_policy(bare, tolerations=(TolerationRule.parse("*"),))
+    assert S3Source().provision(allowed, everything).phase == VolumePhase.PROVISIONING
+
+
+LONGEST_SECRET = ".".join(["s" * 63] * 3 + ["s" * 61])  # 253 characters
+
+
+def worst_case(padding: int) -> VolumeConfig:
+    """An S3 volume with every setting that goes into a VolumeNode as long as the API allows,
+    in the characters that take the most bytes as stored, ``padding`` of them in sourceURL."""
+    return VolumeConfig.model_validate(
+        {
+            "id": "i" * 63,
+            "sourceType": "S3",
+            "replicas": 1,
+            "capacity": "0." + "0" * 58 + "1Gi",
+            "options": {
+                "sourceURL": "s3://bucket/" + "<" * padding,
+                "awsCredentialsSecretName": LONGEST_SECRET,
+                "endpointURL": "https://s3.example.com/" + "&" * 100,
+                "region": ">" * 64,
+                "timeoutForDataDownload": "1h",
+                "unpack": "tar.gz",
+                "distributionStrategy": json.dumps({"<" * 100: 1}),
+                "dataPath": "/data/" + "<" * 100,
+            },
+        }
+    )
+
+
+def test_the_worst_case_assignment_stays_within_max_entry_bytes(bare: FakeCluster) -> None:
+    source = S3Source()
+    low, high = 0, MAX_COPIED_OPTIONS_BYTES
+    while low < high:  # the longest sourceURL the limit on copied settings accepts
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if not source.validate(worst_case(middle)) else (low, middle - 1)
+    config = worst_case(low)
+    assert "at most 8192 are allowed" in "; ".join(source.validate(worst_case(low + 1)))
+    owner = VolumeManagerRef(namespace="n" * 63, name="v" * 253, uid="0" * 36)
+    bare.volumemanagers = [owner.uid]
+    ctx = SourceContext(owner=owner, core=bare, custom=bare, agent_grace_seconds=GRACE, allowed_data_roots=("/data",))
+    assert source.provision(ctx, config).phase == VolumePhase.PROVISIONING
+    [entry] = bare.vnodes["a"]["spec"]["replicas"]
+    assert entry["credentialsSecret"]["source"]["name"] == LONGEST_SECRET
+    # The budget goes to the options but for the node path dataPath chose.
+    assert stored_bytes(entry["options"]) > MAX_COPIED_OPTIONS_BYTES - 1024
+    assert stored_bytes(entry) <= MAX_ENTRY_BYTES
+
+
+def test_each_replica_carries_its_capacity_to_the_agent_and_a_raised_one_reaches_nodes_already_assigned(
+    bare: FakeCluster,
+) -> None:
+    provision(context(bare), CONFIG, REPLICA)
+    (entry,) = bare.vnodes["a"]["spec"]["replicas"]
+    assert entry["capacity"] == "100Gi"  # none given: the controller's --default-capacity
+    raised = CONFIG.model_copy(update={"capacity": "200Gi"})
+    provision(context(bare), raised, REPLICA)
+    (entry,) = bare.vnodes["a"]["spec"]["replicas"]
+    assert entry["capacity"] == "200Gi"

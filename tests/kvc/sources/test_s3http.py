@@ -21,6 +21,7 @@ from botocore.exceptions import ClientError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvc.agent.files import Tree, UnsafePathError
 from kvc.sources import s3_fetch
 from kvc.sources._s3http import Credentials, ObjectGetter, canonical_query, parse_listing, signed_headers
 from kvc.sources.s3_fetch import S3Object, _digest_for
@@ -279,7 +280,12 @@ class CorruptingBodies:
         self.bad, self.requests = bad, 0
 
     async def get(
-        self, key: str, start: int = 0, chunk: int = 1 << 20, checksums: dict[str, str] | None = None
+        self,
+        key: str,
+        start: int = 0,
+        chunk: int = 1 << 20,
+        checksums: dict[str, str] | None = None,
+        length: int | None = None,
     ) -> AsyncGenerator[bytes, None]:
         self.requests += 1
         if checksums is not None:
@@ -293,13 +299,14 @@ class CorruptingBodies:
 def download(bodies: Any, target: Path, small_in_memory: bool) -> None:
     """Streamed to disk and checked there, or (small objects) checked in memory and handed to the writer."""
     writer = s3_fetch._Writer(threads=1) if small_in_memory else None
+    tree = Tree(target.parent)
     try:
         asyncio.run(
             s3_fetch._download(
                 bodies,
                 "bucket",
                 S3Object("k", len(DATA), '"9b2cf535f27731c974343645a3985328-2"'),
-                target,
+                tree.file(target.name),
                 progress=Progress(),
                 deadline=float("inf"),
                 should_stop=lambda: False,
@@ -309,6 +316,7 @@ def download(bodies: Any, target: Path, small_in_memory: bool) -> None:
     finally:
         if writer is not None:
             writer.close()
+        tree.close()
 
 
 @pytest.mark.parametrize("small_in_memory", [False, True], ids=["streamed", "in-memory"])
@@ -333,10 +341,12 @@ def test_bytes_that_never_match_their_checksum_fail_and_nothing_is_kept(
 
 
 def test_a_file_the_writer_cannot_create_fails_the_fetch_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "d" / "k").mkdir(parents=True)  # where the file goes
     writer = s3_fetch._Writer(threads=1)
-    writer.put(tmp_path / "no-such-directory" / "k", b"data")
-    writer.close()
-    with pytest.raises(FetchError, match=r"cannot write k: No such file or directory"):
+    with Tree(tmp_path) as tree:
+        writer.put(tree.file("d/k"), b"data")
+        writer.close()
+    with pytest.raises(UnsafePathError, match=r"d/k is a symlink or not what the volume's data needs there"):
         writer.raise_failure()
 
 
@@ -395,7 +405,7 @@ def test_a_failed_listing_raises_what_the_fetcher_reports_or_retries(
     server = _ListingServer(reply)
     try:
         with pytest.raises(error, match=message):
-            server.getter().list("p/")
+            server.getter().list("p/", lambda *listed: listed, 1000)
         # Path-style, signed, the prefix and the URL encoding asked for.
         assert server.requests[0].startswith(b"GET /bucket?encoding-type=url&list-type=2&prefix=p%2F HTTP/1.1")
         assert b"authorization: aws4-hmac-sha256 credential=a/" in server.requests[0].lower()
