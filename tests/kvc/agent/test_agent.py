@@ -218,3 +218,13 @@ def test_the_capacity_and_the_free_disk_floor_bound_a_fetch_and_its_status_says_
     (report,) = [r.report() for r in agent._replicas.values()]
     assert report["phase"] == "Failed"
     assert re.search(message, report["message"]), report["message"]
+
+
+def test_a_failure_message_reported_in_the_volumenode_is_bounded(tmp_path: Path) -> None:
+    """A source's error text (a server's answer, a key) cannot grow the node's status object."""
+    agent = make_agent(tmp_path)
+    settle(agent, {"ns.vm.d-abc": spec("/mnt/" + "x" * 100_000)})
+    (report,) = [r.report() for r in agent._replicas.values()]
+    assert report["phase"] == "Failed"
+    assert len(report["message"]) == agent_module.MAX_MESSAGE_CHARS
+    assert report["message"].startswith("replica path /mnt/xxx") and report["message"].endswith("…")
