@@ -24,6 +24,21 @@ from e2e.kvc import KvcAgent, KvcController, KvcWebhook
 from e2e.s3server import S3Server, credentials_secret
 
 
+def s3_set(s3: S3Server, bucket: str) -> dict[str, Any]:
+    """A volume of the objects under ``set/`` in ``bucket``, on two nodes, read with the Secret aws-creds."""
+    return {
+        "id": "set",
+        "sourceType": "S3",
+        "replicas": 2,
+        "accessMode": "ReadOnlyMany",
+        "options": {
+            "sourceURL": f"s3://{bucket}/set/",
+            "endpointURL": s3.endpoint_url,
+            "awsCredentialsSecretName": "aws-creds",
+        },
+    }
+
+
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
         text = response.read().decode()
@@ -50,19 +65,7 @@ def test_metrics_count_fetches_bytes_and_reconciles_and_the_controller_logs_json
     vms = VolumeManagers(api, namespace)
     vms.create(
         "observed",
-        [
-            {
-                "id": "set",
-                "sourceType": "S3",
-                "replicas": 2,
-                "accessMode": "ReadOnlyMany",
-                "options": {
-                    "sourceURL": f"s3://{bucket}/set/",
-                    "endpointURL": s3.endpoint_url,
-                    "awsCredentialsSecretName": "aws-creds",
-                },
-            }
-        ],
+        [s3_set(s3, bucket)],
     )
     volume = vms.wait_state("observed", "Running", timeout=120)["status"]["volumes"][0]
     ok = ("kvc_agent_fetches_total", (("result", "ok"), ("source_type", "S3")))
@@ -154,17 +157,7 @@ def test_no_secret_reaches_any_log_at_debug_level_in_either_format(
         vms.create(
             "secretive",
             [
-                {
-                    "id": "set",
-                    "sourceType": "S3",
-                    "replicas": 2,
-                    "accessMode": "ReadOnlyMany",
-                    "options": {
-                        "sourceURL": f"s3://{bucket}/set/",
-                        "endpointURL": s3.endpoint_url,
-                        "awsCredentialsSecretName": "aws-creds",
-                    },
-                },
+                s3_set(s3, bucket),
                 {
                     "id": "model",
                     "sourceType": "HTTP",

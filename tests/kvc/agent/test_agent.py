@@ -227,4 +227,5 @@ def test_a_failure_message_reported_in_the_volumenode_is_bounded(tmp_path: Path)
     (report,) = [r.report() for r in agent._replicas.values()]
     assert report["phase"] == "Failed"
     assert len(report["message"]) == agent_module.MAX_MESSAGE_CHARS
-    assert report["message"].startswith("replica path /mnt/xxx") and report["message"].endswith("…")
+    assert report["message"].startswith("replica path /mnt/xxx")
+    assert report["message"].endswith("…")

@@ -36,15 +36,6 @@ def test_names_that_would_leave_the_root_are_refused(name: str) -> None:
         safe_relative(name)
 
 
-@pytest.fixture
-def outside(tmp_path: Path) -> Path:
-    """A directory outside the replica holding a file the agent must never change."""
-    directory = tmp_path / "outside"
-    directory.mkdir()
-    (directory / "victim").write_bytes(b"precious")
-    return directory
-
-
 def test_a_symlinked_directory_is_never_written_through_at_any_depth(tmp_path: Path, outside: Path) -> None:
     root = tmp_path / "root"
     (root / "a").mkdir(parents=True)

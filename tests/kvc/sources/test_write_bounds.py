@@ -30,15 +30,6 @@ def s3() -> Iterator[LoopbackS3]:
         yield server
 
 
-@pytest.fixture
-def outside(tmp_path: Path) -> Path:
-    """A directory outside the replica holding a file the agent (root) must never change."""
-    directory = tmp_path / "outside"
-    directory.mkdir()
-    (directory / "victim").write_bytes(b"precious")
-    return directory
-
-
 def untouched(outside: Path) -> bool:
     return sorted(p.name for p in outside.iterdir()) == ["victim"] and (outside / "victim").read_bytes() == b"precious"
 
