@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ from kubernetes.client.rest import ApiException
 
 from certs import pki
 from certs.rotation import Step, TLSState
+
+logger = logging.getLogger(__name__)
 
 ROLLED_AT = "kvc.kubeflow.org/ca-rolled-at"
 LABELS = {
@@ -136,6 +139,8 @@ def _write_secret(api: Any, location: Location, name: str, body: dict[str, Any],
         if exc.status == 404:
             raise StoreError(f"namespace {location.namespace} not found: create it (deploy/default does)") from exc
         raise StoreError(f"cannot write Secret {location.namespace}/{name}: {exc.reason}") from exc
+    # Which keys, never their values (a CA's private key among them).
+    logger.debug("wrote Secret %s/%s (keys %s)", location.namespace, name, ", ".join(sorted(body.get("data") or {})))
     return str(created.metadata.resource_version)
 
 

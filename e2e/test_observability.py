@@ -176,7 +176,9 @@ def test_no_secret_reaches_any_log_at_debug_level_in_either_format(
         logs = {p.name: p.component.log_path.read_text(errors="replace") for p in processes if p.component}
 
     ca = core.read_namespaced_secret("kvc-webhook-ca", namespace).data
-    ca_key = base64.b64decode(ca["tls.key"]).decode()
+    ca_key = base64.b64decode(ca["ca.key"]).decode()
+    serving = core.read_namespaced_secret("kvc-webhook-tls", namespace).data
+    serving_key = base64.b64decode(serving["tls.key"]).decode()
     forbidden = {
         "the S3 secret key": secret_key,
         "the S3 secret key in base64": base64.b64encode(secret_key.encode()).decode(),
@@ -184,7 +186,9 @@ def test_no_secret_reaches_any_log_at_debug_level_in_either_format(
         "the bearer token in base64": base64.b64encode(token.encode()).decode(),
         "a SigV4 Authorization header": "AWS4-HMAC-SHA256 Credential=",
         "the CA key": ca_key.splitlines()[1],
-        "the CA key in base64": ca["tls.key"][:40],
+        "the CA key in base64": ca["ca.key"][:40],
+        "the serving key": serving_key.splitlines()[1],
+        "the serving key in base64": serving["tls.key"][:40],
         "a PEM private key": "PRIVATE KEY-----\n",
     }
     logs["kvc certs"] = certs_output

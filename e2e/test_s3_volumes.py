@@ -52,13 +52,15 @@ def credentials(api: Any, namespace: str) -> str:
     return "aws-creds"
 
 
-def s3_volume(s3: S3Server, bucket: str, volume_id: str = "cifar", replicas: int = 2, **options: str) -> dict[str, Any]:
+def s3_volume(
+    s3: S3Server, bucket: str, volume_id: str = "cifar", replicas: int = 2, capacity: str = "100Mi", **options: str
+) -> dict[str, Any]:
     return {
         "id": volume_id,
         "sourceType": "S3",
         "replicas": replicas,
         "accessMode": "ReadOnlyMany",
-        "capacity": "100Mi",
+        "capacity": capacity,
         "labels": {"kind": "dataset"},
         "options": {
             "sourceURL": f"s3://{bucket}/cifar/",
@@ -437,7 +439,7 @@ def test_agent_killed_mid_transfer_resumes_and_is_never_ready_early(
     s3_client.create_bucket(Bucket=bucket)
     body = os.urandom(200 * 1024 * 1024)
     s3_client.put_object(Bucket=bucket, Key="cifar/weights.bin", Body=body)
-    vms.create("resumed", [s3_volume(s3, bucket, replicas=1)])
+    vms.create("resumed", [s3_volume(s3, bucket, replicas=1, capacity="1Gi")])
     node, staging = wait_for(
         lambda: _partial_download(agents, vms.namespace), timeout=60, interval=0.01, what="a partial download"
     )
@@ -485,7 +487,7 @@ def test_s3_server_restart_mid_transfer_is_retried_and_completes(
     objects = {f"cifar/part-{i:02d}.bin": os.urandom(8 * 1024 * 1024) for i in range(24)}
     for key, body in objects.items():
         s3_client.put_object(Bucket=bucket, Key=key, Body=body)
-    vms.create("flaky", [s3_volume(s3, bucket, replicas=1)])
+    vms.create("flaky", [s3_volume(s3, bucket, replicas=1, capacity="1Gi")])
     wait_for(lambda: _partial_download(agents, vms.namespace), timeout=60, interval=0.01, what="a transfer in progress")
     s3.stop()
     s3.start()  # moto keeps objects in memory: the restarted server is empty until re-seeded

@@ -58,37 +58,65 @@ _PATTERNS = (
 )
 # Registered values shorter than this are not redacted: they would blank common words.
 _MIN_SECRET_LENGTH = 6
-# The most recent values kept: a controller reads every tenant's Secrets, memory stays bounded.
-_MAX_SECRETS = 4096
+# Forms kept (about 100 bytes each): a controller reads every tenant's Secrets. Past this, the
+# oldest are forgotten first; the patterns above still catch what looks like a credential.
+_MAX_SECRETS = 65536
 
 
 class _SecretValues:
-    """The values of Secrets this process has read, and their base64 forms, as one pattern."""
+    """The values of Secrets this process has read, and their base64 forms.
+
+    Found in one pass over a line whatever their number: each value is indexed by its first
+    ``_MIN_SECRET_LENGTH`` characters, and only lines holding such a prefix are looked at
+    further (a regular expression of thousands of alternatives costs milliseconds per line).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._pattern: re.Pattern[str] | None = None
+        self._order: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # prefix -> values with that prefix, longest first; replaced, never changed in place.
+        self._by_prefix: dict[str, tuple[str, ...]] = {}
 
     def add(self, value: str | bytes) -> None:
         raw = value if isinstance(value, bytes) else value.encode()
         forms = {raw.decode(errors="replace"), base64.b64encode(raw).decode()}
         with self._lock:
+            table = dict(self._by_prefix)
             for form in forms:
-                if len(form) >= _MIN_SECRET_LENGTH and form not in self._values:
-                    self._values[form] = None
-                    self._pattern = None
-                    while len(self._values) > _MAX_SECRETS:
-                        self._values.popitem(last=False)
+                if len(form) < _MIN_SECRET_LENGTH or form in self._order:
+                    continue
+                self._order[form] = None
+                self._index(table, form, add=True)
+                while len(self._order) > _MAX_SECRETS:
+                    forgotten, _ = self._order.popitem(last=False)
+                    self._index(table, forgotten, add=False)
+            self._by_prefix = table
+
+    @staticmethod
+    def _index(table: dict[str, tuple[str, ...]], form: str, *, add: bool) -> None:
+        prefix = form[:_MIN_SECRET_LENGTH]
+        values = {*table.get(prefix, ()), form} if add else set(table.get(prefix, ())) - {form}
+        if values:
+            table[prefix] = tuple(sorted(values, key=len, reverse=True))
+        else:
+            table.pop(prefix, None)
 
     def scrub(self, text: str) -> str:
-        with self._lock:
-            if self._pattern is None and self._values:
-                # Longest first: a value that contains another is replaced whole.
-                alternatives = sorted(self._values, key=len, reverse=True)
-                self._pattern = re.compile("|".join(re.escape(v) for v in alternatives))
-            pattern = self._pattern
-        return pattern.sub(_REDACTED, text) if pattern is not None else text
+        table = self._by_prefix
+        if not table or len(text) < _MIN_SECRET_LENGTH:
+            return text
+        width = _MIN_SECRET_LENGTH
+        parts: list[str] = []
+        done = 0
+        for start in range(len(text) - width + 1):
+            if start < done or text[start : start + width] not in table:
+                continue
+            # Longest first: a value that contains another is replaced whole.
+            found = next((v for v in table[text[start : start + width]] if text.startswith(v, start)), None)
+            if found is not None:
+                parts += [text[done:start], _REDACTED]
+                done = start + len(found)
+        return "".join([*parts, text[done:]]) if parts else text
 
 
 _SECRETS = _SecretValues()
@@ -108,14 +136,26 @@ def redact(text: str) -> str:
 
 
 class Redacting(logging.Formatter):
-    """Another formatter's lines, ``redact``-ed: messages, arguments, extra fields and tracebacks alike."""
+    """Another formatter's lines, ``redact``-ed: messages, arguments, extra fields and tracebacks alike.
+
+    Each part is scrubbed before the other formatter encodes it (JSON escapes quotes and
+    backslashes, which would hide a value containing them), and the line once more after.
+    """
 
     def __init__(self, inner: logging.Formatter) -> None:
         super().__init__()
         self.inner = inner
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(self.inner.format(record))
+        scrubbed = logging.makeLogRecord(vars(record))
+        scrubbed.msg, scrubbed.args = redact(record.getMessage()), None
+        if record.exc_info:
+            scrubbed.exc_text = redact(self.inner.formatException(record.exc_info))
+        for key, value in vars(record).items():
+            if key in _STANDARD or key in _OMITTED or isinstance(value, int | float | bool | None):
+                continue
+            setattr(scrubbed, key, redact(value if isinstance(value, str) else repr(value)))
+        return redact(self.inner.format(scrubbed))
 
 
 class JSONFormatter(logging.Formatter):
@@ -128,7 +168,9 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.exc_info:
+        if record.exc_text:  # formatted already (and scrubbed: Redacting)
+            entry["exception"] = record.exc_text
+        elif record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         for key, value in vars(record).items():
             if key not in _STANDARD and key not in _OMITTED and key not in entry:

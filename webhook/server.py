@@ -134,6 +134,16 @@ async def mutate(request: web.Request) -> web.Response:
         _DENIED.inc()
         DENIALS.labels(_denial_reason(response["status"]["message"])).inc()
     LATENCY.observe(time.perf_counter() - started)
+    if logger.isEnabledFor(logging.DEBUG):  # -v: what was decided, never the object itself
+        review_request = review.get("request") or {}
+        logger.debug(
+            "%s %s %s/%s: %s",
+            review_request.get("operation"),
+            (review_request.get("kind") or {}).get("kind"),
+            review_request.get("namespace"),
+            review_request.get("name") or (review_request.get("object") or {}).get("metadata", {}).get("generateName"),
+            "patched" if "patch" in response else "allowed" if response["allowed"] else response["status"]["message"],
+        )
     return web.Response(body=orjson.dumps(decision), content_type="application/json")
 
 

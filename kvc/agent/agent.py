@@ -258,7 +258,10 @@ class Agent:
                 self._advance(replica)
         for name in [n for n in self._replicas if n not in desired]:
             self._forget(self._replicas.pop(name))
-        self._remove_unknown(set(desired))
+        try:
+            self._remove_unknown(set(desired))
+        except Exception:  # as _remove: logged, tried again next sync, never the end of the agent
+            logger.exception("deleting replicas unassigned while the agent was down failed; trying again later")
 
     def _apply_spec(self, replica: _Replica) -> None:
         """Take the replica's new settings, if any, then map its node path onto this machine.
@@ -439,11 +442,16 @@ class Agent:
         self._remove(replica, "no longer assigned")
 
     def _remove(self, replica: _Replica, why: str) -> None:
-        if replica.local != Path():
-            logger.info("deleting replica %s at %s (%s)", replica.name, replica.local, why)
-            ReplicaDir(replica.local).remove()
-            self._prune_empty_parents(replica.local)
-        self._save_state()
+        """Delete the replica's data; a failure is logged, never raised (the agent's loop goes on for
+        every other replica), and what is left stays in the state file to be deleted again next sync."""
+        try:
+            if replica.local != Path():
+                logger.info("deleting replica %s at %s (%s)", replica.name, replica.local, why)
+                ReplicaDir(replica.local).remove()
+                self._prune_empty_parents(replica.local)
+            self._save_state()
+        except Exception:
+            logger.exception("deleting replica %s at %s failed; trying again later", replica.name, replica.local)
 
     def _root_of(self, path: Path) -> Path | None:
         return next((root for root in self.roots.values() if root in path.parents), None)
@@ -499,7 +507,7 @@ class Agent:
         replicas = [r.report() for r in sorted(self._replicas.values(), key=lambda r: r.name)]
         for phase in metrics.REPLICA_PHASES:
             metrics.REPLICAS.labels(phase).set(sum(1 for r in replicas if r["phase"] == phase))
-        status = {
+        status: dict[str, Any] = {
             "heartbeatTime": _now(),
             "agentVersion": __version__,
             "dataRoot": str(self.node_data_root),
@@ -510,6 +518,13 @@ class Agent:
         try:
             self.custom.patch_cluster_custom_object_status(
                 names.GROUP, names.VERSION, names.VOLUMENODE_PLURAL, self.node, {"status": status}
+            )
+            logger.debug(
+                "reported VolumeNode %s: %d replicas, %d ready, %s bytes free",
+                self.node,
+                status["summary"]["replicas"],
+                status["summary"]["ready"],
+                status["disk"]["free"],
             )
         except ApiException as exc:
             logger.warning("reporting status of VolumeNode %s failed: %s", self.node, exc.reason)

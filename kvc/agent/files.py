@@ -15,14 +15,16 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
-import shutil
 import stat
 import threading
 from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = ".kvc-manifest.json"
 STAGING_SUFFIX = ".partial"
@@ -32,6 +34,16 @@ DOWNLOADS = ".kvc-download"
 # What published data may be: readable by all, writable by its owner (the agent) alone.
 DIRECTORY_MODE = 0o755
 FILE_MODE = 0o644
+# The deepest and longest source-provided path a replica may hold. Directories are opened one
+# below the other (PATH_MAX no longer bounds a depth), so a depth is bounded here: every
+# directory made costs an inode and a block, and a walk of the tree holds a descriptor per level.
+MAX_PATH_DEPTH = 128
+MAX_PATH_LENGTH = 4096
+# What a directory made is charged to a replica's budget: its block (and inode), which an
+# archive of empty directories would otherwise take for free.
+DIRECTORY_BYTES = 4096
+# The largest manifest read back (a FIFO, or anything unbounded, at its name is not read).
+MAX_MANIFEST_BYTES = 256 << 20
 
 
 def md5_etag(etag: str | None) -> str | None:
@@ -64,9 +76,12 @@ class CapacityError(DiskLimitError):
 def safe_relative(name: str) -> PurePosixPath:
     """Validate a source-provided relative path (an object key, an archive member).
 
-    Rejects absolute paths, ``..`` components, NUL bytes and empty names; ``.`` and empty
-    components (``a//b``) are dropped.
+    Rejects absolute paths, ``..`` components, NUL bytes, empty names and paths deeper than
+    MAX_PATH_DEPTH components or longer than MAX_PATH_LENGTH; ``.`` and empty components
+    (``a//b``) are dropped.
     """
+    if len(name) > MAX_PATH_LENGTH:
+        raise UnsafePathError(f"{name[:60]!r}...: a path longer than {MAX_PATH_LENGTH} characters")
     if "\x00" in name:
         raise UnsafePathError(f"{name!r}: NUL byte in path")
     if name.startswith("/"):
@@ -76,6 +91,8 @@ def safe_relative(name: str) -> PurePosixPath:
         raise UnsafePathError(f"{name!r}: empty path")
     if ".." in parts:
         raise UnsafePathError(f"{name!r}: '..' would leave the volume's directory")
+    if len(parts) > MAX_PATH_DEPTH:
+        raise UnsafePathError(f"{name[:60]!r}...: a path deeper than {MAX_PATH_DEPTH} directories")
     if parts[-1] == MANIFEST or parts[0] == DOWNLOADS:
         raise UnsafePathError(f"{name!r}: reserved name")
     return PurePosixPath(*parts)
@@ -279,8 +296,14 @@ class Tree:
             except FileNotFoundError:
                 if not self._create:
                     raise
-                with contextlib.suppress(FileExistsError):
+                self.budget.charge(DIRECTORY_BYTES, f"the directory {shown}")
+                try:
                     os.mkdir(name, DIRECTORY_MODE, dir_fd=parent)
+                except FileExistsError:  # made meanwhile by another thread, which charged it
+                    self.budget.release(DIRECTORY_BYTES)
+                except BaseException:
+                    self.budget.release(DIRECTORY_BYTES)
+                    raise
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
@@ -428,11 +451,22 @@ class ReplicaDir:
 
     @property
     def complete(self) -> bool:
-        return (self.final / MANIFEST).is_file()
+        """Whether the published data has its manifest: a regular file, not reached through a symlink."""
+        try:
+            with Tree(self.final, create=False) as tree:
+                return tree.size(MANIFEST) is not None
+        except (OSError, UnsafePathError):
+            return False
 
     def manifest(self) -> Manifest | None:
+        """The published data's manifest; None when missing, unreadable or not a regular file of its own
+        (a symlink or a FIFO at its name is never followed or waited on), or longer than MAX_MANIFEST_BYTES."""
         try:
-            return Manifest.load((self.final / MANIFEST).read_text())
+            with Tree(self.final, create=False) as tree, tree.read(MANIFEST) as handle:
+                text = handle.read(MAX_MANIFEST_BYTES + 1)
+            if len(text) > MAX_MANIFEST_BYTES:
+                return None
+            return Manifest.load(text.decode())
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -463,7 +497,7 @@ class ReplicaDir:
             os.fsync(handle.fileno())
         seal(self.staging)
         if self.final.exists():  # an earlier, now invalid copy (e.g. failed verification)
-            shutil.rmtree(self.final)
+            remove_tree(self.final)
         os.rename(self.staging, self.final)
 
     def verify(self, deep: bool = False) -> list[str]:
@@ -503,33 +537,100 @@ class ReplicaDir:
         (self.staging / MANIFEST).unlink(missing_ok=True)
 
     def remove(self) -> None:
+        """Delete the replica, published and staged, whatever its depth; never raises (see ``remove_tree``)."""
         for directory in (self.final, self.staging):
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_tree(directory)
 
 
-def _entries(fd: int, prefix: str = "") -> Iterator[tuple[int, str, os.DirEntry[str], int | None]]:
-    """Everything under the directory open as ``fd``, children before their directory, never through a symlink:
-    (its directory's descriptor, its relative path, the entry, a directory's own descriptor or None)."""
+def _listed(fd: int) -> Iterator[os.DirEntry[str]]:
     with os.scandir(fd) as scan:
-        entries = list(scan)
-    for entry in entries:
-        relative = prefix + entry.name
-        if not entry.is_dir(follow_symlinks=False):
-            yield fd, relative, entry, None
-            continue
+        return iter(list(scan))
+
+
+@dataclass
+class _Level:
+    """A directory being walked: its descriptor, its path's prefix, its entries still to go, and how
+    its parent's walk yields it once they are done (None for the top)."""
+
+    fd: int
+    prefix: str
+    pending: Iterator[os.DirEntry[str]]
+    itself: tuple[int, str, os.DirEntry[str]] | None
+
+
+def _entries(top: int) -> Iterator[tuple[int, str, os.DirEntry[str], int | None]]:
+    """Everything under the directory open as ``top``, children before their directory, never through a symlink:
+    (its directory's descriptor, its relative path, the entry, a directory's own descriptor or None).
+
+    A loop, not a recursion: a tree of any depth is walked (one descriptor open per level).
+    """
+    stack = [_Level(top, "", _listed(top), None)]
+    try:
+        while stack:
+            level = stack[-1]
+            for entry in level.pending:
+                relative = level.prefix + entry.name
+                if not entry.is_dir(follow_symlinks=False):
+                    yield level.fd, relative, entry, None
+                    continue
+                try:
+                    own = os.open(entry.name, _DIRECTORY_FLAGS, dir_fd=level.fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    raise _not_followed(relative, exc) from None
+                try:
+                    pending = _listed(own)
+                except BaseException:
+                    os.close(own)
+                    raise
+                stack.append(_Level(own, relative + "/", pending, (level.fd, relative, entry)))
+                break
+            else:
+                stack.pop()
+                if level.itself is not None:
+                    parent, relative, entry = level.itself
+                    try:
+                        yield parent, relative, entry, level.fd
+                    finally:
+                        os.close(level.fd)
+    finally:
+        for level in stack[1:]:
+            os.close(level.fd)
+
+
+def remove_tree(root: Path) -> None:
+    """Delete ``root`` and everything under it, never through a symlink (one at ``root`` is itself
+    deleted), whatever its depth; best effort: what cannot be deleted stays, and is logged."""
+    for _ in range(3):  # a walk stopped by an entry changing under it is made again
         try:
-            own = os.open(entry.name, _DIRECTORY_FLAGS, dir_fd=fd)
+            try:
+                top = os.open(root, _DIRECTORY_FLAGS)
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                os.unlink(root)  # a symlink or a file where the directory was
+                return
+            try:
+                for parent, _, entry, own in _entries(top):
+                    with contextlib.suppress(FileNotFoundError):
+                        if own is not None:
+                            os.rmdir(entry.name, dir_fd=parent)
+                        else:
+                            os.unlink(entry.name, dir_fd=parent)
+            finally:
+                os.close(top)
+            os.rmdir(root)
+            return
         except FileNotFoundError:
-            continue
-        except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
-            raise _not_followed(relative, exc) from None
-        try:
-            yield from _entries(own, relative + "/")
-            yield fd, relative, entry, own
-        finally:
-            os.close(own)
+            return
+        except Exception as exc:  # deleting must never stop the agent: logged below
+            error = exc
+    logger.warning("could not delete all of %s: %s: %s", root, type(error).__name__, error)
 
 
 @contextlib.contextmanager

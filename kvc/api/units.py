@@ -12,6 +12,9 @@ _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+_MAX_DIGITS = 30
+
+
 def parse_quantity(text: str) -> int:
     """Bytes in a quantity such as 500Mi, 5Gi, 1.5G or 1e9 (rounded up)."""
     match = _QUANTITY.match(text.strip())
@@ -22,6 +25,10 @@ def parse_quantity(text: str) -> int:
         value = Decimal(number)
     except InvalidOperation:
         raise ValueError(f"{text!r} is not a quantity such as 500Mi or 5Gi") from None
+    # Kubernetes itself caps quantities near 2**63; an exponent such as 9e999999 would take
+    # tens of seconds of CPU to turn into an integer.
+    if value.adjusted() > _MAX_DIGITS:
+        raise ValueError(f"{text!r} is too large a quantity")
     scaled = value / 1000 if suffix == "m" else value * (_BINARY.get(suffix or "") or _DECIMAL[suffix or ""])
     return int(scaled.to_integral_value(rounding=ROUND_CEILING))
 

@@ -24,28 +24,24 @@ from webhook.resolve import CatalogEntry, catalog_entries, resolve
 logger = logging.getLogger(__name__)
 
 
-def _no_earlier_data(claim: str) -> str | None:
+Expressions = list[dict[str, Any]]
+
+
+def _no_earlier_data(pod_volume: Mapping[str, Any]) -> Expressions | None:
     return None
-
-
-def _claims_of(spec: Mapping[str, Any], volume_names: set[str]) -> list[str]:
-    return [
-        str(v["persistentVolumeClaim"].get("claimName"))
-        for v in spec.get("volumes") or []
-        if v.get("name") in volume_names and isinstance(v.get("persistentVolumeClaim"), dict)
-    ]
 
 
 def released(
     pod: Mapping[str, Any],
     entries: Iterable[CatalogEntry],
-    earlier_ready: Callable[[str], str | None] = _no_earlier_data,
+    earlier_ready: Callable[[Mapping[str, Any]], Expressions | None] = _no_earlier_data,
 ) -> dict[str, Any] | None:
     """The pod ready to schedule, or None while some of its data is not usable yet (pure).
 
-    A pod gated while a volume had an earlier source still mounts that source's claim (its
-    volumes cannot change): it waits for that data, whose node label ``earlier_ready`` gives
-    for the claim once the data is Ready somewhere (None until then).
+    A pod gated while a volume had an earlier source still mounts that source's claim or node
+    path (its volumes cannot change): it waits for that data. ``earlier_ready`` gives, for such a
+    pod volume, the node-selector expressions under which the earlier data can be used ([] for
+    shared storage), or None while it is Ready nowhere.
     """
     metadata = pod.get("metadata") or {}
     try:
@@ -58,11 +54,14 @@ def released(
     if not all(volume.ready for volume in current):
         return None
     expressions = data_expressions(current)
-    for claim in _claims_of(pod.get("spec") or {}, {v.volume_name for v in earlier}):
-        label = earlier_ready(claim)
-        if label is None:
+    earlier_names = {v.volume_name for v in earlier}
+    for pod_volume in (pod.get("spec") or {}).get("volumes") or []:
+        if pod_volume.get("name") not in earlier_names:
+            continue
+        usable_where = earlier_ready(pod_volume)
+        if usable_where is None:
             return None
-        expressions.append({"key": label, "operator": "Exists"})
+        expressions += usable_where
     ungated = copy.deepcopy(dict(pod))
     spec = ungated.setdefault("spec", {})
     add_node_affinity(spec, expressions)
@@ -83,7 +82,7 @@ def release_gated_pods(core: Any, custom: Any, namespace: str) -> int:
     count = 0
     for pod in pods:
         current = core.api_client.sanitize_for_serialization(pod)
-        target = released(current, entries, lambda claim: _data_label_if_ready(core, namespace, claim))
+        target = released(current, entries, lambda volume: _where_usable(core, namespace, volume))
         if target is None:
             continue
         patch = jsonpatch.make_patch(current, target).patch
@@ -99,18 +98,37 @@ def release_gated_pods(core: Any, custom: Any, namespace: str) -> int:
     return count
 
 
-def _data_label_if_ready(core: Any, namespace: str, claim: str) -> str | None:
-    """The node label that the PV of a node-local ``claim`` requires, if some node has it (its
-    data is Ready there); None otherwise, or for a claim of another kind."""
+def _where_usable(core: Any, namespace: str, pod_volume: Mapping[str, Any]) -> Expressions | None:
+    """Where the earlier data a pod volume mounts (a claim, or with the hostPath opt-in a node
+    path) can be used: the expressions its PV's node affinity requires, once some node carries
+    each of them (the data is Ready there); [] for shared storage (an NFS export); None while the
+    data is Ready nowhere, or when its PV is gone."""
+    volume = _persistent_volume_of(core, namespace, pod_volume)
+    if volume is None:
+        return None
+    required = volume.spec.node_affinity.required if volume.spec.node_affinity else None
+    terms = required.node_selector_terms if required else []
+    keys = [e.key for term in terms for e in term.match_expressions or []]
+    if not all(core.list_node(label_selector=key, limit=1).items for key in keys):
+        return None
+    return [{"key": key, "operator": "Exists"} for key in keys]
+
+
+def _persistent_volume_of(core: Any, namespace: str, pod_volume: Mapping[str, Any]) -> Any:
+    claim = (pod_volume.get("persistentVolumeClaim") or {}).get("claimName")
+    path = (pod_volume.get("hostPath") or {}).get("path")
     try:
-        bound = core.read_namespaced_persistent_volume_claim(claim, namespace).spec.volume_name
-        volume = core.read_persistent_volume(bound) if bound else None
+        if claim:
+            bound = core.read_namespaced_persistent_volume_claim(claim, namespace).spec.volume_name
+            return core.read_persistent_volume(bound) if bound else None
     except ApiException as exc:
         if exc.status != 404:
             raise
         return None
-    required = volume.spec.node_affinity.required if volume and volume.spec.node_affinity else None
-    keys = [e.key for term in (required.node_selector_terms if required else []) for e in term.match_expressions or []]
-    if len(keys) != 1:
-        return None
-    return str(keys[0]) if core.list_node(label_selector=keys[0], limit=1).items else None
+    if path:
+        # The node path of earlier node-local data: the `local` PV KVC made for it.
+        selector = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY},{names.LABEL_VOLUMEMANAGER_NAMESPACE}={namespace}"
+        for volume in core.list_persistent_volume(label_selector=selector).items:
+            if volume.spec.local is not None and volume.spec.local.path == path:
+                return volume
+    return None

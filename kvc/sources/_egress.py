@@ -9,6 +9,8 @@ the name: a name that resolves elsewhere between check and connect (DNS rebindin
 gains nothing. ``opener`` makes the urllib opener of the HTTP source: its connections
 are checked, and it follows a redirect only after the checks of the first URL, never
 from https to http, and without the request's credentials once the origin changes.
+Through a proxy, the agent connects to the proxy (checked as any address); the URL's
+host is checked beforehand where this machine can resolve it, the proxy resolves it.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import socket
+import string
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from kvc.sources.transfer import FetchError
 
@@ -114,10 +117,20 @@ class EgressPolicy:
                 )
         return infos
 
-    def check_url(self, url: str) -> None:
-        """Raise EgressError if the host of ``url`` resolves into a blocked network (see resolve)."""
+    def check_url(self, url: str, *, proxied: bool | None = None) -> None:
+        """Raise EgressError if the host of ``url`` resolves into a blocked network (see resolve).
+
+        When the request goes through a proxy (``proxied``; None: as the environment's
+        proxy settings say, see through_proxy), a name this machine cannot resolve passes:
+        the proxy resolves it, and the connection made is to the proxy, whose address is
+        checked then. A literal address, or a name that does resolve here, is still checked.
+        """
         parts = urlsplit(url)
-        self.resolve(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        try:
+            self.resolve(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        except socket.gaierror:
+            if not (through_proxy(url) if proxied is None else proxied):
+                raise
 
     def connect(
         self, host: str, port: int, timeout: object = None, source_address: tuple[str, int] | None = None
@@ -142,6 +155,14 @@ class EgressPolicy:
                 continue
             return sock
         raise error or OSError(f"{host} has no address")
+
+
+def through_proxy(url: str) -> bool:
+    """Whether urllib (and botocore, which reads the same settings) sends a request for ``url``
+    through a proxy of the environment (``http_proxy``, ``https_proxy``, ``no_proxy``...)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]  # as urllib.request.Request.host, without credentials
+    return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
 
 
 def _same_address(host: str, address: str) -> bool:
@@ -201,14 +222,15 @@ class _Request(urllib.request.Request):
 
 
 class _TargetChecked:
-    """Through a proxy, the connection's address is the proxy's: the URL's host is checked before."""
+    """Through a proxy, the connection's address is the proxy's: the URL's host is checked before
+    (a name only the proxy can resolve passes; see EgressPolicy.check_url)."""
 
     policy: EgressPolicy
 
     def check_target(self, req: urllib.request.Request) -> None:
         target = urlsplit(req.full_url)
         if target.netloc != req.host:  # the proxy resolves the name itself: this check is the best there is
-            self.policy.check_url(req.full_url)
+            self.policy.check_url(req.full_url, proxied=True)
 
 
 class _HTTPHandler(_TargetChecked, urllib.request.HTTPHandler):
@@ -232,9 +254,6 @@ class _HTTPSHandler(_TargetChecked, urllib.request.HTTPSHandler):
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    # Ours refuse first, with a message: more hops than MAX_REDIRECTS.
-    max_repeats = max_redirections = MAX_REDIRECTS + 1
-
     def __init__(self, policy: EgressPolicy, refusal: Callable[[str], str | None]) -> None:
         self._policy, self._refusal = policy, refusal
 
@@ -245,11 +264,23 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     def http_error_302(
         self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: http.client.HTTPMessage
     ) -> Any:
-        # urllib refuses schemes other than http, https and ftp with an HTTPError naming the whole URL.
+        # urllib's own reads the redirect's whole body before following it, however long (or
+        # endless) the server makes it: this one closes it unread. Its loop detection is
+        # redirect_request's count of hops.
+        if "location" not in headers and "uri" not in headers:
+            return None  # not a redirect after all: the answer stands (an HTTPError)
         location = headers.get("location") or headers.get("uri") or ""
+        # urllib refuses schemes other than http, https and ftp with an HTTPError naming the whole URL.
         if urlsplit(location).scheme not in ("http", "https", ""):
             raise self._refuse(req, fp, location, "only http and https URLs are followed")
-        return super().http_error_302(req, fp, code, msg, headers)
+        parts = urlsplit(location)
+        if not parts.path and parts.netloc:
+            parts = parts._replace(path="/")
+        # As urllib: header bytes came decoded as ISO-8859-1; non-ASCII and spaces are percent-encoded.
+        newurl = urljoin(req.full_url, quote(urlunsplit(parts), encoding="iso-8859-1", safe=string.punctuation))
+        new = self.redirect_request(req, fp, code, msg, headers, newurl)
+        fp.close()
+        return self.parent.open(new, timeout=req.timeout)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
@@ -261,7 +292,7 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         msg: str,
         headers: http.client.HTTPMessage,
         newurl: str,
-    ) -> urllib.request.Request | None:
+    ) -> urllib.request.Request:
         hops = (req.hops if isinstance(req, _Request) else 0) + 1
         if hops > MAX_REDIRECTS:
             raise self._refuse(req, fp, newurl, f"more than {MAX_REDIRECTS} redirects in a row are refused")

@@ -125,6 +125,11 @@ class S3Source(_nodelocal.NodeLocalSource):
             options.get("endpointURL"), options.get("region"), access_key, secret_key, workers
         )
         # The host boto3 will reach for this bucket (virtual-host or path style), before it does.
+        # Without a proxy this is an early, clear failure: every connection of the fetch is
+        # made by ObjectGetter to an address checked then. Through a proxy (the environment's,
+        # which boto3 honours too) boto3 does the fetch and this check is all there is: the
+        # proxy resolves the name (one this machine cannot resolve passes) and the agent
+        # connects only to the proxy.
         bucket = _s3url.parse_url(options["sourceURL"].strip()).bucket
         endpoint = urlsplit(client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "k"}))
         try:

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 import botocore.session
@@ -103,27 +103,31 @@ def _describe(exc: Exception, location: S3Location) -> str:
 
 
 def list_objects(
-    client: Any, location: S3Location, getter: ObjectGetter | None = None, max_objects: int = MAX_OBJECTS
+    client: Any,
+    location: S3Location,
+    getter: ObjectGetter | None = None,
+    max_objects: int = MAX_OBJECTS,
+    check: Callable[[], None] | None = None,
 ) -> list[S3Object]:
     """The objects at ``location``; a prefix is listed through ``getter`` when given (see ObjectGetter.list).
 
-    A listing of more than ``max_objects`` keys fails, having kept no more than that many.
+    A listing of more than ``max_objects`` keys fails, having kept no more than that many;
+    so does one that never ends, through either path (see ObjectGetter.list for the bounds).
+    ``check`` is called before each page is asked for, and raises to stop the listing.
     """
     try:
+        if not location.is_prefix and getter is not None:  # over a connection to a checked address
+            size, etag = _with_retries(f"HEAD {location.key!r}", lambda: getter.head(location.key))
+            return [S3Object(location.key, size, etag)]
         if not location.is_prefix:
+            # Through a proxy (no getter), boto3 connects by name: the endpoint check before
+            # the fetch (S3Source.fetch) and the proxy stand between it and blocked networks.
             head = client.head_object(Bucket=location.bucket, Key=location.key)
             return [S3Object(location.key, int(head["ContentLength"]), head.get("ETag"))]
         if getter is not None:
-            listed = _listed_with_retries(getter, location.key, max_objects)
+            listed = _listed_with_retries(getter, location.key, max_objects, check)
         else:
-            listed = []
-            pages = client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key)
-            for page in pages:
-                for item in page.get("Contents", []):
-                    if not item["Key"].endswith("/"):
-                        listed.append(S3Object(item["Key"], int(item["Size"]), item.get("ETag")))
-                if len(listed) > max_objects:
-                    raise ListingLimitError(f"more than {max_objects} keys")
+            listed = _listed_with_boto(client, location, max_objects, check)
     except ListingLimitError as exc:
         raise FetchError(
             f"the listing of {location} was stopped: {exc}; a volume holds at most {max_objects} objects "
@@ -136,21 +140,77 @@ def list_objects(
     return listed
 
 
+def _listing_check(location: S3Location, stop: threading.Event | None, deadline: float) -> Callable[[], None]:
+    """What a listing calls between pages: a fetch stopped, or out of time, stops its listing too."""
+
+    def check() -> None:
+        if stop is not None and stop.is_set():
+            raise FetchError("stopped")
+        if time.monotonic() > deadline:
+            raise FetchError(f"timed out listing {location}")
+
+    return check
+
+
 # As many as botocore's standard retry mode makes for a listing.
 _LIST_ATTEMPTS = 3
+_T = TypeVar("_T")
 
 
-def _listed_with_retries(getter: ObjectGetter, prefix: str, max_objects: int) -> list[S3Object]:
+def _listed_with_retries(
+    getter: ObjectGetter, prefix: str, max_objects: int, check: Callable[[], None] | None = None
+) -> list[S3Object]:
     def keep(key: str, size: int, etag: str | None) -> S3Object | None:
         return None if key.endswith("/") else S3Object(key, size, etag)  # "folder" markers hold no data
 
+    return _with_retries(f"listing {prefix!r}", lambda: getter.list(prefix, keep, max_objects, check))
+
+
+# Pages in a row without a key that the boto3 path lists (as ObjectGetter.list does).
+_MAX_EMPTY_PAGES = 100
+
+
+def _listed_with_boto(
+    client: Any, location: S3Location, max_objects: int, check: Callable[[], None] | None
+) -> list[S3Object]:
+    """The listing through botocore's paginator (behind a proxy), bounded as ObjectGetter.list's is:
+    more than ``max_objects`` objects, more than twice that many keys (folder markers included),
+    _MAX_EMPTY_PAGES pages in a row without a key, or a token given before, raise ListingLimitError."""
+    listed: list[S3Object] = []
+    keys = empty = 0
+    seen: set[bytes] = set()
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key)
+    for page in pages:
+        contents = page.get("Contents", [])
+        listed += [S3Object(i["Key"], int(i["Size"]), i.get("ETag")) for i in contents if not i["Key"].endswith("/")]
+        if len(listed) > max_objects:
+            raise ListingLimitError(f"more than {max_objects} keys")
+        keys += len(contents)
+        if keys > 2 * max_objects:
+            raise ListingLimitError(f"more than {2 * max_objects} keys listed, {len(listed)} of them objects")
+        empty = 0 if contents else empty + 1
+        if empty >= _MAX_EMPTY_PAGES:
+            raise ListingLimitError(f"{empty} answers in a row said more keys follow, and gave none")
+        token = page.get("NextContinuationToken")
+        if token is not None:
+            digest = hashlib.sha256(str(token).encode()).digest()
+            if digest in seen:
+                raise ListingLimitError("the endpoint gave the same continuation token twice")
+            seen.add(digest)
+            if check is not None:
+                check()  # before the next page is asked for
+    return listed
+
+
+def _with_retries(what: str, call: Callable[[], _T]) -> _T:
+    """``call()``, tried again after a broken connection (OSError) as botocore would."""
     for attempt in range(1, _LIST_ATTEMPTS):
         try:
-            return getter.list(prefix, keep, max_objects)
+            return call()
         except OSError as exc:
-            logger.warning("listing %r failed (%s): trying again", prefix, exc)
+            logger.warning("%s failed (%s): trying again", what, exc)
             time.sleep(retry_delay(attempt))
-    return getter.list(prefix, keep, max_objects)  # the last attempt's failure is the fetch's
+    return call()  # the last attempt's failure is the fetch's
 
 
 def _relative_name(location: S3Location, key: str) -> str:
@@ -544,7 +604,7 @@ def fetch(
         else _BotoBodies(client, location.bucket)
     )
     getter = bodies if isinstance(bodies, ObjectGetter) else None
-    objects = list_objects(client, location, getter, limits.max_objects)
+    objects = list_objects(client, location, getter, limits.max_objects, check=_listing_check(location, stop, deadline))
     if include:
         # This node holds only its part of the data set (distributionStrategy).
         objects = [o for o in objects if fnmatch.fnmatchcase(_relative_name(location, o.key), include)]

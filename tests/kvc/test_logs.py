@@ -124,3 +124,36 @@ def test_debug_logging_never_prints_a_secret_read_through_the_kubernetes_client(
     assert encoded not in output
     assert "plain-secret-value" not in output
     assert "AWSPreparedRequest" not in output
+
+
+@pytest.mark.parametrize("json_lines", [True, False])
+def test_a_secret_with_quotes_backslashes_or_newlines_is_redacted_before_it_is_escaped(
+    json_lines: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """JSON escapes `"` and `\\`: a value scrubbed only after encoding would go through."""
+    secret = 'p4ss"w\\rd!\nx'
+    logs.register_secret(secret)
+    logs.configure(json_lines=json_lines)
+    try:
+        logging.getLogger("kvc.test").warning("read %s", secret, extra={"value": secret, "attempt": 2})
+        try:
+            raise ValueError(f"bad {secret}")
+        except ValueError:
+            logging.getLogger("kvc.test").exception("failed")
+    finally:
+        logs.configure()
+    output = capsys.readouterr().err
+    for form in (secret, json.dumps(secret)[1:-1], repr(secret)[1:-1], 'p4ss\\"w'):
+        assert form not in output
+    assert "[redacted]" in output
+    if json_lines:
+        first = json.loads(output.splitlines()[0])
+        assert first["attempt"] == 2  # numbers stay numbers
+
+
+def test_thousands_of_registered_secrets_are_all_redacted() -> None:
+    values = [f"tenant-{i:05d}-s3cr3t" for i in range(5000)]
+    for value in values:
+        logs.register_secret(value)
+    line = " ".join(values[::499])
+    assert logs.redact(line) == " ".join(["[redacted]"] * len(values[::499]))

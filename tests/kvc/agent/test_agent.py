@@ -15,7 +15,7 @@ import urllib3
 
 from kvc.agent import agent as agent_module
 from kvc.agent.agent import RETRY_BASE_SECONDS, Agent
-from kvc.agent.files import Manifest, ManifestFile
+from kvc.agent.files import Manifest, ManifestFile, ReplicaDir
 from kvc.api.models import VolumeConfig, VolumeStatus
 from kvc.sources.base import FetchRequest, Source, SourceContext
 from kvc.sources.registry import SourceRegistry
@@ -229,3 +229,25 @@ def test_a_failure_message_reported_in_the_volumenode_is_bounded(tmp_path: Path)
     assert len(report["message"]) == agent_module.MAX_MESSAGE_CHARS
     assert report["message"].startswith("replica path /mnt/xxx")
     assert report["message"].endswith("…")
+
+
+def test_a_replica_that_cannot_be_deleted_never_stops_the_agent_and_is_deleted_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = make_agent(tmp_path)
+    other = {**spec("/var/lib/kvc/ns/vm/other-abc"), "name": "ns.vm.other-abc"}
+    settle(agent, {"ns.vm.d-abc": spec("/var/lib/kvc/ns/vm/d-abc"), "ns.vm.other-abc": other})
+    settle(agent, agent._desired or {})
+    final = tmp_path / "root" / "ns" / "vm" / "d-abc"
+    assert (final / "data.txt").is_file()
+
+    def too_deep(self: ReplicaDir) -> None:  # as shutil.rmtree did on a tree deeper than the recursion limit
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(ReplicaDir, "remove", too_deep)
+    settle(agent, {"ns.vm.other-abc": other})  # unassigned: its deletion fails, the loop goes on
+    assert final.exists()
+    assert agent._replicas["ns.vm.other-abc"].phase == "Ready"
+    monkeypatch.undo()
+    agent._sync()  # deleted on a later pass
+    assert not final.exists()

@@ -3,14 +3,20 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from kvc.agent import files as files_module
 from kvc.agent.files import (
+    DIRECTORY_BYTES,
     MANIFEST,
+    MAX_PATH_DEPTH,
+    MAX_PATH_LENGTH,
     Budget,
     CapacityError,
     DiskLimitError,
@@ -228,3 +234,109 @@ def _check_only_reads(final: Path) -> None:
     assert outcome == {what: "allowed" if what == "read" else "PermissionError" for what in attempts}
     assert (final / "b.bin").read_bytes() == b"data"
     assert sorted(p.name for p in final.rglob("*")) == sorted([MANIFEST, "a.bin", "b.bin", "run.sh", "train"])
+
+
+# --------------------------------------------------------------------------- depth
+
+
+def test_names_deeper_or_longer_than_a_replica_may_hold_are_refused() -> None:
+    assert len(safe_relative("/".join(["d"] * MAX_PATH_DEPTH)).parts) == MAX_PATH_DEPTH
+    with pytest.raises(UnsafePathError, match=f"deeper than {MAX_PATH_DEPTH} directories"):
+        safe_relative("/".join(["d"] * (MAX_PATH_DEPTH + 1)))
+    with pytest.raises(UnsafePathError, match=f"longer than {MAX_PATH_LENGTH} characters"):
+        safe_relative("a/" + "x" * MAX_PATH_LENGTH)
+
+
+def _deep_tree(root: Path, depth: int) -> None:
+    """``root/d/d/.../d/f`` ``depth`` directories deep, made relative to each parent's descriptor
+    (no path that long could be given whole)."""
+    root.mkdir(parents=True, exist_ok=True)
+    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fds[-1])
+            fds.append(os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fds[-1]))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.fixture
+def shallow_recursion() -> Iterator[int]:
+    """A recursion limit a tree of that many levels is deeper than (as 1,500 levels are than Python's own)."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(200)
+    yield 300
+    sys.setrecursionlimit(before)
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_listed_sealed_cleaned_and_removed(
+    tmp_path: Path, shallow_recursion: int
+) -> None:
+    replica = ReplicaDir(tmp_path / "vm" / "deep")
+    _deep_tree(replica.staging, shallow_recursion)
+    _deep_tree(replica.final, shallow_recursion)
+    deepest = "/".join(["d"] * shallow_recursion) + "/f"
+    assert [f.path for f in files_under(replica.staging)] == [deepest]
+    seal(replica.staging)
+    assert remove_unexpected(replica.staging, [deepest]) == {deepest: 0}
+    assert remove_unexpected(replica.staging, []) == {}  # the file, then every directory left empty
+    assert os.listdir(replica.staging) == []
+    _deep_tree(replica.staging, shallow_recursion)
+    replica.remove()
+    assert not replica.exists
+
+
+def test_removing_a_replica_never_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    replica = ReplicaDir(tmp_path / "vm" / "r")
+    _deep_tree(replica.final, 3)
+
+    def broken(*_: object, **__: object) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(files_module, "_entries", broken)
+    replica.remove()  # logged; left for the next attempt
+    assert replica.final.exists()
+    monkeypatch.undo()
+    replica.remove()
+    assert not replica.exists
+
+
+def test_directories_made_are_charged_to_the_capacity(tmp_path: Path) -> None:
+    with Tree(tmp_path, Budget(capacity=10 * DIRECTORY_BYTES)) as tree:
+        for index in range(10):
+            tree.directory(f"d{index}")
+        tree.directory("d0")  # there already: no charge
+        assert tree.budget.used == 10 * DIRECTORY_BYTES
+        with pytest.raises(CapacityError, match=r"the directory d10 would take the volume's data past its capacity"):
+            tree.directory("d10/e")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"d{index}" for index in range(10)]
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink"])
+def test_a_fifo_or_a_symlink_at_the_manifests_name_is_no_manifest(tmp_path: Path, outside: Path, planted: str) -> None:
+    replica = _published(tmp_path)
+    manifest = replica.final / MANIFEST
+    (outside / "manifest.json").write_text(manifest.read_text())
+    manifest.chmod(0o644)
+    manifest.unlink()
+    if planted == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.symlink_to(outside / "manifest.json")
+    found: list[object] = []
+    reader = threading.Thread(target=lambda: found.extend([replica.complete, replica.manifest()]), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert found == [False, None]  # not blocked on the FIFO; not read through the symlink
+
+
+def test_a_manifest_larger_than_any_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    replica = _published(tmp_path)
+    assert replica.manifest() is not None
+    monkeypatch.setattr(files_module, "MAX_MANIFEST_BYTES", 10)
+    assert replica.manifest() is None

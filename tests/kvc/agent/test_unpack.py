@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import contextlib
+import gzip
 import io
 import re
 import stat
+import struct
 import tarfile
+import tracemalloc
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -143,3 +148,103 @@ def test_a_symlink_planted_in_the_replica_is_not_extracted_through(tmp_path: Pat
     assert sorted(unpack(archive, dest, "tar")) == ["data/file", "data/link/victim"]
     assert [p.name for p in outside.iterdir()] == ["victim"]
     assert (outside / "victim").read_bytes() == b"precious"
+
+
+# --------------------------------------------------------------------------- memory and depth
+
+
+def _peak_while(action: Callable[[], object]) -> int:
+    """The most bytes Python held at once while ``action`` ran (what it raised is the caller's)."""
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(UnpackError):
+            action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    ("header", "form"),
+    [("GNU long-name", tarfile.GNU_FORMAT), ("pax", tarfile.PAX_FORMAT)],
+    ids=["gnu-long-name", "pax"],
+)
+def test_a_tar_header_declaring_megabytes_fails_without_reading_them(tmp_path: Path, header: str, form: int) -> None:
+    archive = tmp_path / "bomb.tar.gz"
+    with gzip.open(archive, "wb") as packed, tarfile.open(fileobj=packed, mode="w", format=form) as tar:
+        info = tarfile.TarInfo("x" * (16 << 20))  # 16 MiB of name: a 16 KB archive
+        if form == tarfile.PAX_FORMAT:
+            info.name, info.pax_headers = "a", {"comment": "x" * (16 << 20)}
+        tar.addfile(info, io.BytesIO())
+    assert archive.stat().st_size < 100_000
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(
+        UnpackError, match=rf"bomb\.tar\.gz is not a readable tar\.gz archive: a {header} header of \d+ bytes"
+    ):
+        unpack(archive, dest, "tar.gz")
+    assert _peak_while(lambda: unpack(archive, dest, "tar.gz")) < 4 << 20
+    assert list(dest.iterdir()) == []
+
+
+def test_extended_tar_headers_in_a_row_are_bounded(tmp_path: Path) -> None:
+    long_name = tarfile.TarInfo("././@LongLink")
+    long_name.type, long_name.size = tarfile.GNUTYPE_LONGNAME, 100
+    block = long_name.tobuf(tarfile.USTAR_FORMAT) + b"n" * 100 + bytes(412)
+    archive = tmp_path / "chain.tar"
+    archive.write_bytes(block * 5000 + bytes(1024))  # each header read inside the last by tarfile
+    with pytest.raises(UnpackError, match=r"more than 8 extended headers in a row"):
+        unpack(archive, tmp_path, "tar")
+
+
+def _zip_of_entries(count: int, declared: int) -> bytes:
+    """A zip of one local file and ``count`` central directory entries naming it, saying ``declared``."""
+    local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0, 1, 0) + b"a"
+    entry = struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 3, 20, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0)
+    directory = (entry + b"a") * count
+    end = struct.pack(
+        "<4s4H2LH", b"PK\x05\x06", 0, 0, min(declared, 0xFFFF), min(declared, 0xFFFF), len(directory), len(local), 0
+    )
+    return local + directory + end
+
+
+@pytest.mark.parametrize("declared", [20_000, 1], ids=["said", "lied-about"])
+def test_a_zip_of_more_entries_than_a_volume_may_hold_fails_before_they_are_read(tmp_path: Path, declared: int) -> None:
+    archive = tmp_path / "many.zip"
+    archive.write_bytes(_zip_of_entries(20_000, declared))  # 940 KB: 20,000 ZipInfos
+    with pytest.raises(UnpackError, match=r"many\.zip (declares 20000|holds more than 1000) members"):
+        unpack(archive, tmp_path, "zip")
+    assert _peak_while(lambda: unpack(archive, tmp_path, "zip")) < 4 << 20
+
+
+def test_a_zip_central_directory_larger_than_its_members_could_need_is_not_read(tmp_path: Path) -> None:
+    archive = tmp_path / "big.zip"
+    archive.write_bytes(_zip_of_entries(40_000, 1))
+    with pytest.raises(UnpackError, match=r"big\.zip has a central directory of 1880000 bytes, more than the 1048576"):
+        unpack(archive, tmp_path, "zip", max_members=10)
+
+
+def test_a_path_deeper_than_a_replica_may_hold_is_skipped_and_nothing_deep_made(tmp_path: Path) -> None:
+    archive = tmp_path / "deep.tar.gz"
+    deep = "/".join(["d"] * 1500) + "/f"
+    with tarfile.open(archive, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, deep, b"x")
+        _add(tar, "/".join(["e"] * 1500) + "/", kind=tarfile.DIRTYPE)
+        _add(tar, "ok.txt", b"ok")
+    assert archive.stat().st_size < 1000
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    assert unpack(archive, dest, "tar.gz") == [deep, "/".join(["e"] * 1500)]
+    assert sorted(p.name for p in dest.iterdir()) == ["ok.txt"]
+
+
+def test_empty_directories_count_against_the_capacity(tmp_path: Path) -> None:
+    archive = tmp_path / "dirs.tar"
+    with tarfile.open(archive, "w") as tar:
+        for index in range(100):
+            _add(tar, f"d{index}/", kind=tarfile.DIRTYPE)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnpackError, match=r"dirs\.tar expands beyond the volume's capacity \(40Ki"):
+        unpack(archive, dest, "tar", Budget(capacity=40 << 10))
+    assert len(list(dest.iterdir())) == 10

@@ -27,6 +27,12 @@ def test_bad_quantities_say_what_is_expected(text: str) -> None:
         parse_quantity(text)
 
 
+@pytest.mark.parametrize("text", ["9e999999", "1e31Ei"])
+def test_absurd_quantities_are_refused_at_once(text: str) -> None:
+    with pytest.raises(ValueError, match="is too large a quantity"):
+        parse_quantity(text)
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("90s", 90), ("10m", 600), ("1h30m", 5400), ("500ms", 0.5), ("1.5h", 5400)]
 )

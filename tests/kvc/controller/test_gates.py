@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from kvc.api import names
@@ -68,16 +69,20 @@ def test_a_pod_gated_before_its_volumes_source_changed_waits_for_the_data_its_cl
     ]
     asked: list[str] = []
 
-    def not_yet(claim: str) -> str | None:
-        asked.append(claim)
+    def not_yet(volume: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+        asked.append(volume["persistentVolumeClaim"]["claimName"])
         return None
 
     assert released(pod, [current], not_yet) is None
     assert asked == ["old-claim"]
-    ungated = released(pod, [current], lambda claim: "data.kvc.kubeflow.org/old" if claim == "old-claim" else None)
+    old = [{"key": "data.kvc.kubeflow.org/old", "operator": "Exists"}]
+    ungated = released(pod, [current], lambda volume: old)
     assert ungated is not None
     terms = ungated["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-    assert terms["nodeSelectorTerms"] == [
-        {"matchExpressions": [{"key": "data.kvc.kubeflow.org/old", "operator": "Exists"}]}
-    ]
+    assert terms["nodeSelectorTerms"] == [{"matchExpressions": old}]
     assert "schedulingGates" not in ungated["spec"]
+    # Earlier data on shared storage (an NFS export) puts no constraint on the node.
+    shared = released(pod, [current], lambda volume: [])
+    assert shared is not None
+    assert "affinity" not in shared["spec"]
+    assert "schedulingGates" not in shared["spec"]

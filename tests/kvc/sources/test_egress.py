@@ -11,8 +11,10 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 import pytest
@@ -78,6 +80,85 @@ def target(www: Path) -> Iterator[FileServer]:
     """Where redirects lead: another origin (another port) serving the same file."""
     with FileServer(www).running() as running:
         yield running
+
+
+class EndlessRedirect:
+    """A loopback server that answers every request with a 302 to ``location`` and a chunked
+    body that goes on for ``limit`` bytes (for ever, as far as a client can tell), counting
+    the bytes it managed to send before the client hung up."""
+
+    def __init__(self, location: str, limit: int = 64 << 20) -> None:
+        self.location, self.limit, self.sent = location, limit, 0
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        block = 64 << 10
+        chunk = b"%x\r\n%s\r\n" % (block, b"x" * block)
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(1 << 16)  # the request
+                head = f"HTTP/1.1 302 Found\r\nLocation: {self.location}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                try:
+                    connection.sendall(head.encode())
+                    while self.sent < self.limit:
+                        connection.sendall(chunk)
+                        self.sent += block
+                    connection.sendall(b"0\r\n\r\n")
+                except OSError:  # the client closed the connection
+                    pass
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+class ProxyStandIn:
+    """A loopback HTTP proxy that answers every request itself (DATA, with S3's headers) and
+    records (method, URL) of each: it resolves nothing, as a proxy of a network without DNS
+    for its clients would."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:
+                proxy.requests.append((self.command, self.path))
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(DATA)))
+                self.send_header("ETag", f'"{hashlib.md5(DATA).hexdigest()}"')  # noqa: S324 - S3's ETag
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                self.do_HEAD()
+                self.wfile.write(DATA)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[ProxyStandIn]:
+    """The stand-in as the environment's proxy for http URLs (urllib's and boto3's)."""
+    running = ProxyStandIn()
+    for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", running.url)
+    yield running
+    running.close()
 
 
 def fetch(
@@ -264,6 +345,14 @@ def test_through_a_proxy_the_url_s_own_host_is_checked(
     assert listener.accepted == 0  # the proxy was never asked
 
 
+def test_through_a_proxy_a_name_only_the_proxy_resolves_is_fetched(proxy: ProxyStandIn, tmp_path: Path) -> None:
+    # Where only the proxy resolves names, the URL's host not resolving here is no reason to refuse.
+    options = {"url": "http://nonexistent.invalid/file.bin", "sha256": DATA_SHA, "timeoutForDataDownload": "1s"}
+    replica = fetch(options, tmp_path / "vol")
+    assert (replica.final / "file.bin").read_bytes() == DATA
+    assert proxy.requests == [("GET", "http://nonexistent.invalid/file.bin")]
+
+
 def test_a_name_resolving_into_a_blocked_network_is_refused(listener: Listener) -> None:
     with pytest.raises(EgressError, match=r"^localhost resolves to (127\.0\.0\.1|::1), which is in the blocked"):
         EgressPolicy.from_flags(["127.0.0.0/8", "::1"]).connect("localhost", listener.port, 1)
@@ -289,6 +378,18 @@ def test_at_most_five_redirects_are_followed(www: Path, target: FileServer, tmp_
     ):
         fetch({"url": f"{origin.url}/r0"}, tmp_path / "six")
     assert len(target.requests) == 1  # the five-hop fetch's
+
+
+def test_a_redirect_s_body_is_never_read(target: FileServer, tmp_path: Path) -> None:
+    # urllib reads a redirect's whole body before following it: an endless one until memory runs out.
+    origin = EndlessRedirect(f"{target.url}/file.bin")
+    try:
+        replica = fetch({"url": f"{origin.url}/x.bin"}, tmp_path / "vol")
+    finally:
+        origin.close()
+    assert (replica.final / "x.bin").read_bytes() == DATA
+    # What loopback's socket buffers took before the client hung up, not the 64 MiB on offer.
+    assert origin.sent < 16 << 20
 
 
 # ---------------------------------------------------------------------------- S3 endpoints
@@ -332,4 +433,53 @@ def test_the_direct_s3_path_connects_only_to_checked_addresses(listener: Listene
         getter.list("p/", lambda *item: item, 10)
     with pytest.raises(EgressError, match=r"127\.0\.0\.1 is in the blocked network"):
         getter.copy_into("k", 0, lambda _: None)
+    assert listener.accepted == 0
+
+
+def _s3_fetch(options: dict[str, str], dest: Path, egress: EgressPolicy | None = None) -> ReplicaDir:
+    replica = ReplicaDir(dest)
+    request = FetchRequest(
+        options=options,
+        credentials={"awsAccessKeyID": "a", "awsSecretAccessKey": "b"},
+        replica=replica,
+        progress=Progress(),
+        stop=threading.Event(),
+        egress=egress or EgressPolicy(),
+    )
+    S3Source().fetch(request)
+    return replica
+
+
+def test_through_a_proxy_an_s3_endpoint_only_the_proxy_resolves_is_fetched(proxy: ProxyStandIn, tmp_path: Path) -> None:
+    options = {"sourceURL": "s3://bucket/data/file.bin", "endpointURL": "http://s3.nonexistent.invalid"}
+    replica = _s3_fetch(options, tmp_path / "vol")
+    assert (replica.final / "file.bin").read_bytes() == DATA
+    assert [method for method, _ in proxy.requests] == ["HEAD", "GET"]
+    assert all((urlsplit(url).hostname or "").endswith("s3.nonexistent.invalid") for _, url in proxy.requests)
+    # A literal address is still checked, proxy or not.
+    with pytest.raises(FetchError, match=r"^the S3 endpoint http://169\.254\.169\.254: 169\.254\.169\.254 is in"):
+        _s3_fetch(options | {"endpointURL": "http://169.254.169.254"}, tmp_path / "metadata")
+    assert len(proxy.requests) == 2
+
+
+def test_the_head_of_one_s3_object_connects_only_to_a_checked_address(
+    listener: Listener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DNS rebinding: the endpoint's name resolves to an allowed address when S3Source checks
+    # it, and to the blocked 127.0.0.1 (where the listener is) ever after.
+    real = socket.getaddrinfo
+    answers = iter(["127.0.0.2"])
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith("rebind.kvc-test"):
+            address = next(answers, "127.0.0.1")
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port)))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    options = {"sourceURL": "s3://bucket/file.bin", "endpointURL": f"http://rebind.kvc-test:{listener.port}"}
+    with pytest.raises(EgressError, match=r"rebind\.kvc-test resolves to 127\.0\.0\.1, which is in the blocked"):
+        _s3_fetch(options, tmp_path / "vol", EgressPolicy.from_flags(["127.0.0.1/32"]))
     assert listener.accepted == 0

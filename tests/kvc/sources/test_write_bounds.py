@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import tarfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from kvc.agent.files import DOWNLOADS, DiskLimitError, Limits, Manifest, ReplicaDir, UnsafePathError
 from kvc.agent.unpack import UnpackError
 from kvc.sources import s3_fetch
+from kvc.sources._s3url import parse_url
 from kvc.sources.base import FetchRequest
 from kvc.sources.http import HTTPSource
 from kvc.sources.transfer import FetchError, Progress
@@ -224,3 +226,77 @@ def test_s3_a_body_longer_than_its_listed_size_fails_unread(s3: LoopbackS3, tmp_
     with pytest.raises(FetchError, match=rf"object p/x\.bin answered {1 << 40} bytes where its listing said {size}"):
         s3_fetch_into(s3, replica)
     assert (replica.staging / "x.bin").stat().st_size == 0 if size > MIB else not (replica.staging / "x.bin").exists()
+
+
+def test_s3_a_listing_of_folder_markers_forever_fails_after_a_bounded_number_of_requests(
+    s3: LoopbackS3, tmp_path: Path
+) -> None:
+    def markers(token: str | None) -> bytes:
+        page = int(token or 0)
+        # A thousand new "folder" markers (nothing kept) per answer; the 50th answer would end it.
+        return listing_page([(f"p/d{page}-{i}/", 0) for i in range(1000)], f"{page + 1}" if page < 50 else None)
+
+    s3.pages = markers
+    with pytest.raises(FetchError, match=r"more than 5000 keys listed, 0 of them objects"):
+        s3_fetch_into(s3, ReplicaDir(tmp_path / "vol"), Limits(max_objects=2500))
+    assert len(s3.requests) == 6
+
+
+def test_s3_a_continuation_token_given_again_later_fails(s3: LoopbackS3, tmp_path: Path) -> None:
+    # a, b, a, b...; the 20th answer would end it.
+    s3.pages = lambda token: listing_page(
+        [("p/d/", 0)], ("b" if token == "a" else "a") if len(s3.requests) < 20 else None
+    )
+    with pytest.raises(FetchError, match=r"the same continuation token twice"):
+        s3_fetch_into(s3, ReplicaDir(tmp_path / "vol"))
+    assert len(s3.requests) == 3
+
+
+@pytest.mark.parametrize("ends", ["stop", "timeout"])
+def test_s3_a_listing_in_progress_ends_when_its_fetch_is_stopped_or_out_of_time(
+    s3: LoopbackS3, tmp_path: Path, ends: str
+) -> None:
+    stop = threading.Event()
+
+    def slow_markers(token: str | None) -> bytes:
+        page = int(token or 0)
+        if page == 10 and ends == "stop":
+            stop.set()  # the volume is deleted
+        time.sleep(0.02)
+        # One marker per answer: no bound on keys or empty answers is near; the 200th would end it.
+        return listing_page([(f"p/d{page}/", 0)], f"{page + 1}" if page < 200 else None)
+
+    s3.pages = slow_markers
+    message = r"^stopped$" if ends == "stop" else r"timed out listing s3://bucket/p/"
+    timeout = 0.5 if ends == "timeout" else None
+    with pytest.raises(FetchError, match=message):
+        s3_fetch.fetch(
+            s3.client(),
+            "s3://bucket/p/",
+            ReplicaDir(tmp_path / "vol"),
+            Progress(),
+            workers=1,
+            stop=stop,
+            timeout=timeout,
+        )
+    assert len(s3.requests) <= (11 if ends == "stop" else 40)
+
+
+def test_s3_the_boto3_listing_behind_a_proxy_is_bounded_too(s3: LoopbackS3) -> None:
+    s3.pages = lambda token: listing_page(
+        [(f"p/d{token}-{i}/", 0) for i in range(1000)], f"{int(token or 0) + 1}" if int(token or 0) < 50 else None
+    )
+    with pytest.raises(FetchError, match=r"more than 5000 keys listed, 0 of them objects"):
+        s3_fetch.list_objects(s3.client(), parse_url("s3://bucket/p/"), None, 2500)
+    assert len(s3.requests) == 6
+
+
+def test_s3_a_key_deeper_than_a_volume_may_hold_is_skipped_and_nothing_deep_made(
+    s3: LoopbackS3, tmp_path: Path
+) -> None:
+    deep = "p/" + "/".join(["d"] * 1500) + "/f"
+    s3.objects = {deep: b"x", "p/ok.txt": b"ok"}
+    replica = ReplicaDir(tmp_path / "vol")
+    manifest = s3_fetch_into(s3, replica)
+    assert manifest.skipped == [deep]
+    assert sorted(p.name for p in replica.final.iterdir()) == [".kvc-manifest.json", "ok.txt"]
