@@ -28,6 +28,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from isal import isal_zlib
 
 from kvc.agent.files import (
+    DIRECTORY_BYTES,
     DOWNLOADS,
     MAX_OBJECTS,
     Limits,
@@ -624,10 +625,18 @@ def fetch(
     if not planned:
         raise FetchError(f"no safe objects under {location}: every key would escape the volume's directory")
     total = sum(obj.size for obj, _ in planned)
-    if limits.capacity is not None and total > limits.capacity:
+    # Every directory made is charged to the capacity too (DIRECTORY_BYTES each).
+    directories: set[str] = set()
+    for _, relative in planned:
+        parent = relative.rpartition("/")[0]
+        while parent and parent not in directories:
+            directories.add(parent)
+            parent = parent.rpartition("/")[0]
+    needed = total + len(directories) * DIRECTORY_BYTES
+    if limits.capacity is not None and needed > limits.capacity:
         raise FetchError(
-            f"the objects under {location} hold {total} bytes, more than the volume's capacity "
-            f"({quantity(limits.capacity)}): raise capacity in the volumeConfig"
+            f"the objects under {location} hold {total} bytes in {len(directories)} directories, more than the "
+            f"volume's capacity ({quantity(limits.capacity)}): raise capacity in the volumeConfig"
         )
     budget = limits.budget(replica.staging)
     with replica.tree(budget) as tree:

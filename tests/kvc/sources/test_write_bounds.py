@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvc.agent.files import DOWNLOADS, DiskLimitError, Limits, Manifest, ReplicaDir, UnsafePathError
+from kvc.agent.files import DIRECTORY_BYTES, DOWNLOADS, DiskLimitError, Limits, Manifest, ReplicaDir, UnsafePathError
 from kvc.agent.unpack import UnpackError
 from kvc.sources import s3_fetch
 from kvc.sources._s3url import parse_url
@@ -137,10 +137,22 @@ def test_http_the_downloads_directory_swapped_for_a_symlink_during_a_download_is
 def test_s3_a_listing_beyond_the_capacity_fails_before_a_byte_is_written(s3: LoopbackS3, tmp_path: Path) -> None:
     s3.objects = {f"p/{i}.bin": bytes(MIB) for i in range(3)}
     replica = ReplicaDir(tmp_path / "vol")
-    with pytest.raises(FetchError, match=r"hold 3145728 bytes, more than the volume's capacity \(2Mi\)"):
+    with pytest.raises(
+        FetchError, match=r"hold 3145728 bytes in 0 directories, more than the volume's capacity \(2Mi\)"
+    ):
         s3_fetch_into(s3, replica, Limits(capacity=2 * MIB))
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
     assert not any(path.startswith("/bucket/p/") for path in s3.requests)
+
+
+def test_s3_the_directories_a_listing_needs_count_before_a_byte_is_written(s3: LoopbackS3, tmp_path: Path) -> None:
+    """Files that fill the capacity exactly, in directories that would take it past: refused up front."""
+    s3.objects = {f"p/{d}/sub/{i}.bin": bytes(MIB // 2) for d in ("a", "b") for i in range(2)}
+    replica = ReplicaDir(tmp_path / "vol")
+    with pytest.raises(FetchError, match=r"hold 2097152 bytes in 4 directories, more than the volume's capacity"):
+        s3_fetch_into(s3, replica, Limits(capacity=2 * MIB))
+    assert not any(path.startswith("/bucket/p/") for path in s3.requests)
+    s3_fetch_into(s3, ReplicaDir(tmp_path / "roomier"), Limits(capacity=2 * MIB + 4 * DIRECTORY_BYTES))
 
 
 def test_http_a_body_beyond_the_capacity_fails_at_its_announced_length_or_once_it_has_filled_it(
