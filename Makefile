@@ -101,6 +101,7 @@ bench: $(VENV)/.installed $(BENCH_VENV)/bin/aws testenv ## Benchmarks, printed a
 	$(PY) -m e2e.bench_webhook
 	$(PY) -m e2e.bench_fetch --aws $(BENCH_VENV)/bin/aws
 	$(PY) -m e2e.bench_controller
+	$(PY) -m e2e.bench_listing_memory
 
 ##@ Cleanup
 
