@@ -17,6 +17,31 @@ from xml.sax.saxutils import escape
 import boto3
 
 
+class RawServer:
+    """A loopback TCP server that hands each connection, in turn, to ``answer`` (closed after)."""
+
+    def __init__(self) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def answer(self, connection: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return
+            with connection:
+                self.answer(connection)
+
+    def close(self) -> None:
+        self._socket.close()
+
+
 def listing_page(keys: list[tuple[str, int]], token: str | None) -> bytes:
     """A ListObjectsV2 answer (``encoding-type=url``) with these (key, size) and a next token, if any."""
     contents = "".join(

@@ -31,6 +31,7 @@ from kvc.sources.base import FetchRequest
 from kvc.sources.http import HTTPSource
 from kvc.sources.s3 import S3Source
 from kvc.sources.transfer import FetchError, Progress
+from tests.kvc.sources.loopback import RawServer
 
 DATA = b"model weights\n" * 100
 DATA_SHA = hashlib.sha256(DATA).hexdigest()
@@ -38,26 +39,15 @@ SECRET = {"Authorization": "Bearer s3cret", "X-Api-Key": "k3y"}
 LOOPBACK_BLOCKED = EgressPolicy.from_flags(["127.0.0.0/8"])
 
 
-class Listener:
+class Listener(RawServer):
     """A loopback TCP port that counts the connections made to it and closes them."""
 
     def __init__(self) -> None:
         self.accepted = 0
-        self._socket = socket.create_server(("127.0.0.1", 0))
-        self.port = self._socket.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self._socket.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            connection.close()
-
-    def close(self) -> None:
-        self._socket.close()
+    def answer(self, connection: socket.socket) -> None:
+        self.accepted += 1
 
 
 @pytest.fixture
@@ -82,39 +72,28 @@ def target(www: Path) -> Iterator[FileServer]:
         yield running
 
 
-class EndlessRedirect:
+class EndlessRedirect(RawServer):
     """A loopback server that answers every request with a 302 to ``location`` and a chunked
     body that goes on for ``limit`` bytes (for ever, as far as a client can tell), counting
     the bytes it managed to send before the client hung up."""
 
     def __init__(self, location: str, limit: int = 64 << 20) -> None:
         self.location, self.limit, self.sent = location, limit, 0
-        self._socket = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
+    def answer(self, connection: socket.socket) -> None:
         block = 64 << 10
         chunk = b"%x\r\n%s\r\n" % (block, b"x" * block)
-        while True:
-            try:
-                connection, _ = self._socket.accept()
-            except OSError:
-                return
-            with connection:
-                connection.recv(1 << 16)  # the request
-                head = f"HTTP/1.1 302 Found\r\nLocation: {self.location}\r\nTransfer-Encoding: chunked\r\n\r\n"
-                try:
-                    connection.sendall(head.encode())
-                    while self.sent < self.limit:
-                        connection.sendall(chunk)
-                        self.sent += block
-                    connection.sendall(b"0\r\n\r\n")
-                except OSError:  # the client closed the connection
-                    pass
-
-    def close(self) -> None:
-        self._socket.close()
+        connection.recv(1 << 16)  # the request
+        head = f"HTTP/1.1 302 Found\r\nLocation: {self.location}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        try:
+            connection.sendall(head.encode())
+            while self.sent < self.limit:
+                connection.sendall(chunk)
+                self.sent += block
+            connection.sendall(b"0\r\n\r\n")
+        except OSError:  # the client closed the connection
+            pass
 
 
 class ProxyStandIn:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import datetime as dt
 import hashlib
+import socket
 import zlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from kvc.sources import s3_fetch
 from kvc.sources._s3http import Credentials, ObjectGetter, canonical_query, parse_listing, signed_headers
 from kvc.sources.s3_fetch import S3Object, _digest_for
 from kvc.sources.transfer import FetchError, Progress
+from tests.kvc.sources.loopback import RawServer
 
 NOW = dt.datetime(2026, 11, 28, 21, 0, 5, tzinfo=dt.UTC)
 
@@ -350,38 +352,23 @@ def test_a_file_the_writer_cannot_create_fails_the_fetch_naming_it(tmp_path: Pat
         writer.raise_failure()
 
 
-class _ListingServer:
+class _ListingServer(RawServer):
     """A loopback HTTP server whose every answer is ``reply`` (raw bytes, or None: answer nothing)."""
 
     def __init__(self, reply: bytes | None) -> None:
-        import socket  # noqa: PLC0415
-        import threading  # noqa: PLC0415
-
         self.reply = reply
         self.requests: list[bytes] = []
-        self._socket = socket.create_server(("127.0.0.1", 0))
-        self.port = self._socket.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self._socket.accept()
-            except OSError:
-                return
-            with connection:
-                self.requests.append(connection.recv(65536))
-                if self.reply is None:
-                    connection.recv(1)  # until the client gives up
-                    continue
-                connection.sendall(self.reply)
+    def answer(self, connection: socket.socket) -> None:
+        self.requests.append(connection.recv(65536))
+        if self.reply is None:
+            connection.recv(1)  # until the client gives up
+            return
+        connection.sendall(self.reply)
 
     def getter(self) -> ObjectGetter:
         return loopback_getter(self.port)
-
-    def close(self) -> None:
-        self._socket.close()
 
 
 def _http(status: str, body: bytes) -> bytes:
