@@ -161,7 +161,7 @@ class HTTPSource(_nodelocal.NodeLocalSource):
         pinned = bool(digests) and len(digests) == len(urls) and not options.get("headersSecretName", "").strip()
         for url in urls:
             problem = url_problem("url", url)
-            if problem and not (pinned and urlparse(url).scheme == "http" and "plaintext" in problem):
+            if problem and _url_refusal(url, pinned):  # the agent's rule, in the words of validation
                 problems.append(problem)
                 continue
             try:
