@@ -161,3 +161,50 @@ def operator_pods(stored: Mapping[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     return pods
+
+
+TRAINING_CRDS = Path(__file__).parent / "manifests" / "kubeflow-training-crds.yaml"
+
+
+def apply_training_crds(plane: Any) -> None:
+    """Kubeflow's TFJob and PyTorchJob CRDs (pinned in e2e/manifests), applied and Established."""
+    plane.kubectl("apply", "--server-side", "-f", str(TRAINING_CRDS))
+    plane.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/tfjobs.kubeflow.org",
+        "crd/pytorchjobs.kubeflow.org",
+    )
+
+
+def job(
+    kind: str,
+    name: str,
+    replicas: dict[str, int],
+    annotations: dict[str, str],
+    template_annotations: dict[str, dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    field = {"TFJob": "tfReplicaSpecs", "PyTorchJob": "pytorchReplicaSpecs"}[kind]
+    main = restricted_container("tensorflow" if kind == "TFJob" else "pytorch")
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": kind,
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            field: {
+                role: {
+                    "replicas": count,
+                    "restartPolicy": "OnFailure",
+                    "template": {
+                        "metadata": {
+                            "annotations": (template_annotations or {}).get(role, {}),
+                            "labels": {"training.kubeflow.org/replica-type": role.lower()},
+                        },
+                        "spec": {"securityContext": RESTRICTED_POD_SECURITY, "containers": [main]},
+                    },
+                }
+                for role, count in replicas.items()
+            }
+        },
+    }

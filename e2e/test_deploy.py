@@ -23,7 +23,7 @@ from kubernetes.client.rest import ApiException
 
 from certs import pki
 from e2e.cluster import Component, ControlPlane, free_port
-from e2e.helpers import VolumeManagers, restricted_pod, wait_for
+from e2e.helpers import VolumeManagers, apply_training_crds, job, restricted_pod, wait_for
 from e2e.kvc import KvcAgent, KvcController
 from e2e.s3server import S3Server, credentials_secret
 from kvc.api import names
@@ -70,6 +70,8 @@ def test_failure_policy_refuses_only_kvc_workloads_and_the_ignore_component_admi
     default["metadata"]["name"] = f"kvc-outage-{namespace}"
     admission = client.AdmissionregistrationV1Api(api)
     core = client.CoreV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    apply_training_crds(control_plane)
     admission.create_mutating_webhook_configuration(default)
 
     def outcome(annotations: dict[str, str]) -> str:
@@ -79,6 +81,15 @@ def test_failure_policy_refuses_only_kvc_workloads_and_the_ignore_component_admi
             return str(json.loads(exc.body)["message"])
         return "admitted" + (" wired" if created.spec.volumes and len(created.spec.volumes) > 1 else "")
 
+    def job_outcome(kind: str, annotations: dict[str, str], template_annotations: dict[str, str]) -> str:
+        plural = {"TFJob": "tfjobs", "PyTorchJob": "pytorchjobs"}[kind]
+        body = job(kind, "train", {"Worker": 2}, annotations, {"Worker": template_annotations})
+        try:
+            custom.create_namespaced_custom_object("kubeflow.org", "v1", namespace, plural, body, dry_run="All")
+        except ApiException as exc:
+            return str(json.loads(exc.body)["message"])
+        return "admitted"
+
     try:
         refused = wait_for(
             lambda: (m := outcome({"kvc/volume": "cifar"})) != "admitted" and m, what="the outage to refuse KVC pods"
@@ -87,6 +98,13 @@ def test_failure_policy_refuses_only_kvc_workloads_and_the_ignore_component_admi
         assert outcome({}) == "admitted"  # not sent to KVC at all (matchConditions)
         assert outcome({"team": "vision"}) == "admitted"
         assert "failed calling webhook" in outcome({"kvc/mount-path": "/data"})  # a kvc/* typo is not skipped
+        # Training jobs likewise: only those asking for KVC data, on the job or on a replica's
+        # template, are sent to the webhook and refused while it is down.
+        for kind in ("TFJob", "PyTorchJob"):
+            assert job_outcome(kind, {}, {}) == "admitted"
+            assert job_outcome(kind, {"team": "vision"}, {"team": "vision"}) == "admitted"
+            assert 'failed calling webhook "jobs.kvc.kubeflow.org"' in job_outcome(kind, {"kvc/volume": "cifar"}, {})
+            assert 'failed calling webhook "jobs.kvc.kubeflow.org"' in job_outcome(kind, {}, {"kvc/volume": "cifar"})
 
         # Switch to what the component renders.
         admission.patch_mutating_webhook_configuration(

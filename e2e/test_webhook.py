@@ -21,8 +21,9 @@ from kubernetes.client.rest import ApiException
 from e2e import pod_strategies
 from e2e.cluster import ControlPlane, NodeSpec
 from e2e.helpers import (
-    RESTRICTED_POD_SECURITY,
     VolumeManagers,
+    apply_training_crds,
+    job,
     operator_pods,
     restricted_container,
     restricted_pod,
@@ -31,8 +32,6 @@ from e2e.helpers import (
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
 from e2e.s3server import S3Server, credentials_secret
 from webhook.mutation import GATE, INJECTED, MutationError, wire_pod
-
-TRAINING_CRDS = Path(__file__).parent / "manifests" / "kubeflow-training-crds.yaml"
 
 
 def annotated_pod(name: str, annotations: dict[str, str]) -> dict[str, Any]:
@@ -486,46 +485,7 @@ def test_a_volume_turning_ready_is_used_by_the_next_admission_within_a_second(
 
 @pytest.fixture(scope="module")
 def training_crds(control_plane: ControlPlane, kvc_crds: None) -> None:
-    control_plane.kubectl("apply", "--server-side", "-f", str(TRAINING_CRDS))
-    control_plane.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/tfjobs.kubeflow.org",
-        "crd/pytorchjobs.kubeflow.org",
-    )
-
-
-def job(
-    kind: str,
-    name: str,
-    replicas: dict[str, int],
-    annotations: dict[str, str],
-    template_annotations: dict[str, dict[str, str]] | None = None,
-) -> dict[str, Any]:
-    field = {"TFJob": "tfReplicaSpecs", "PyTorchJob": "pytorchReplicaSpecs"}[kind]
-    main = restricted_container("tensorflow" if kind == "TFJob" else "pytorch")
-    return {
-        "apiVersion": "kubeflow.org/v1",
-        "kind": kind,
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {
-            field: {
-                role: {
-                    "replicas": count,
-                    "restartPolicy": "OnFailure",
-                    "template": {
-                        "metadata": {
-                            "annotations": (template_annotations or {}).get(role, {}),
-                            "labels": {"training.kubeflow.org/replica-type": role.lower()},
-                        },
-                        "spec": {"securityContext": RESTRICTED_POD_SECURITY, "containers": [main]},
-                    },
-                }
-                for role, count in replicas.items()
-            }
-        },
-    }
+    apply_training_crds(control_plane)
 
 
 def test_training_jobs_are_wired_and_their_pods_land_on_the_data_nodes(
