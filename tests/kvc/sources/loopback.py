@@ -17,6 +17,17 @@ from xml.sax.saxutils import escape
 import boto3
 
 
+def loopback_client(endpoint_url: str) -> Any:
+    """A boto3 S3 client for a test server at ``endpoint_url``, with a throwaway key pair."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="a",
+        aws_secret_access_key="b",
+    )
+
+
 class RawServer:
     """A loopback TCP server that hands each connection, in turn, to ``answer`` (closed after)."""
 
@@ -135,13 +146,7 @@ class LoopbackS3:
         return self.halfway[key], self.paused[key]
 
     def client(self) -> Any:
-        return boto3.client(
-            "s3",
-            endpoint_url=self.url,
-            region_name="us-east-1",
-            aws_access_key_id="a",
-            aws_secret_access_key="b",
-        )
+        return loopback_client(self.url)
 
     @contextmanager
     def running(self) -> Iterator[LoopbackS3]:

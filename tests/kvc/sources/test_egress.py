@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import boto3
 import pytest
 from click.testing import CliRunner
 
@@ -31,7 +30,7 @@ from kvc.sources.base import FetchRequest
 from kvc.sources.http import HTTPSource
 from kvc.sources.s3 import S3Source
 from kvc.sources.transfer import FetchError, Progress
-from tests.kvc.sources.loopback import RawServer
+from tests.kvc.sources.loopback import RawServer, loopback_client
 
 DATA = b"model weights\n" * 100
 DATA_SHA = hashlib.sha256(DATA).hexdigest()
@@ -393,13 +392,7 @@ def test_an_s3_endpoint_in_a_blocked_network_fails_naming_the_flag(listener: Lis
 
 
 def test_the_direct_s3_path_connects_only_to_checked_addresses(listener: Listener) -> None:
-    client: Any = boto3.client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{listener.port}",
-        region_name="us-east-1",
-        aws_access_key_id="a",
-        aws_secret_access_key="b",
-    )
+    client = loopback_client(f"http://127.0.0.1:{listener.port}")
     getter = ObjectGetter(client, "bucket", egress=LOOPBACK_BLOCKED)
 
     async def get() -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import boto3
 import pytest
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -27,7 +26,7 @@ from kvc.sources import s3_fetch
 from kvc.sources._s3http import Credentials, ObjectGetter, canonical_query, parse_listing, signed_headers
 from kvc.sources.s3_fetch import S3Object, _digest_for
 from kvc.sources.transfer import FetchError, Progress
-from tests.kvc.sources.loopback import RawServer
+from tests.kvc.sources.loopback import RawServer, loopback_client
 
 NOW = dt.datetime(2026, 11, 28, 21, 0, 5, tzinfo=dt.UTC)
 
@@ -103,14 +102,7 @@ def test_a_listing_with_a_document_type_is_refused_unparsed() -> None:
 
 def loopback_getter(port: int) -> ObjectGetter:
     """The direct path to bucket ``bucket`` of a test server on ``port`` (1 s read timeout)."""
-    client = boto3.client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{port}",
-        region_name="us-east-1",
-        aws_access_key_id="a",
-        aws_secret_access_key="b",
-    )
-    return ObjectGetter(client, "bucket", read_timeout=1)
+    return ObjectGetter(loopback_client(f"http://127.0.0.1:{port}"), "bucket", read_timeout=1)
 
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -221,14 +213,7 @@ def test_a_connection_is_reused_for_the_next_object() -> None:
 
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        client: Any = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{port}",
-            region_name="us-east-1",
-            aws_access_key_id="a",
-            aws_secret_access_key="b",
-        )
-        getter = ObjectGetter(client, "bucket")
+        getter = ObjectGetter(loopback_client(f"http://127.0.0.1:{port}"), "bucket")
         bodies = [b"".join([c async for c in getter.get(f"k{i}")]) for i in range(3)]
         getter.close()
         server.close()
