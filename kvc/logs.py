@@ -139,7 +139,8 @@ class Redacting(logging.Formatter):
     """Another formatter's lines, ``redact``-ed: messages, arguments, extra fields and tracebacks alike.
 
     Each part is scrubbed before the other formatter encodes it (JSON escapes quotes and
-    backslashes, which would hide a value containing them), and the line once more after.
+    backslashes, which would hide a value containing them); what the formatter adds (time,
+    level, logger name) holds nothing to scrub, so the line is not scanned again.
     """
 
     def __init__(self, inner: logging.Formatter) -> None:
@@ -151,11 +152,13 @@ class Redacting(logging.Formatter):
         scrubbed.msg, scrubbed.args = redact(record.getMessage()), None
         if record.exc_info:
             scrubbed.exc_text = redact(self.inner.formatException(record.exc_info))
+        if record.stack_info:
+            scrubbed.stack_info = redact(record.stack_info)
         for key, value in vars(record).items():
             if key in _STANDARD or key in _OMITTED or isinstance(value, int | float | bool | None):
                 continue
             setattr(scrubbed, key, redact(value if isinstance(value, str) else repr(value)))
-        return redact(self.inner.format(scrubbed))
+        return self.inner.format(scrubbed)
 
 
 class JSONFormatter(logging.Formatter):
