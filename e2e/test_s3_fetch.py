@@ -249,6 +249,7 @@ def test_a_download_slower_than_its_timeout_fails_and_says_so(
 ) -> None:
     client, name = bucket
     seed(client, name, {f"t/part-{i}.bin": os.urandom(2 * 1024 * 1024) for i in range(8)})
-    with pytest.raises(FetchError, match=r"timed out downloading s3://"):
+    # The deadline covers the listing too: on a loaded machine 10 ms may end before the download starts.
+    with pytest.raises(FetchError, match=r"timed out (listing|downloading) s3://"):
         fetch(agent_client, f"s3://{name}/t/", ReplicaDir(tmp_path / "vol"), Progress(), workers=1, timeout=0.01)
     assert not ReplicaDir(tmp_path / "vol").complete
