@@ -427,13 +427,31 @@ def test_pod_security_admits_controller_and_webhook_as_restricted_and_the_agent_
 ) -> None:
     core = client.CoreV1Api(api)
 
-    def admit(level: str, workload: dict[str, Any]) -> str:
-        core.patch_namespace(namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": level}}})
+    def refusal(manifest: dict[str, Any]) -> str:
         try:
-            core.create_namespaced_pod(namespace, pod_from(workload, "probe"), dry_run="All")
+            core.create_namespaced_pod(namespace, manifest, dry_run="All")
         except ApiException as exc:
             return str(json.loads(exc.body)["message"])
         return "admitted"
+
+    # A hostPath breaks every level below privileged, so its refusal names the level in force.
+    canary = {
+        "metadata": {"name": "canary"},
+        "spec": {
+            "containers": [{"name": "c", "image": "busybox"}],
+            "volumes": [{"name": "host", "hostPath": {"path": "/"}}],
+        },
+    }
+
+    def admit(level: str, workload: dict[str, Any]) -> str:
+        core.patch_namespace(namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": level}}})
+        # Pod Security reads namespaces from the API server's cache: judge only once it has the new label.
+        wait_for(
+            lambda: f'violates PodSecurity "{level}:latest"' in refusal(canary),
+            timeout=30,
+            what=f"the namespace to enforce {level}",
+        )
+        return refusal(pod_from(workload, "probe"))
 
     found = workloads(default)
     assert admit("restricted", found["controller"]) == "admitted"
