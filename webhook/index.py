@@ -8,13 +8,15 @@ webhook is not ready.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kubernetes import client, watch
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from kvc.api import names
 from kvc.sources.registry import SourceRegistry
@@ -28,6 +30,11 @@ INDEXED = Gauge(
     "kvc_webhook_indexed_volumemanagers",
     "VolumeManagers held in the admission index",
     multiprocess_mode="livemin",
+)
+READ_THROUGHS = Counter(
+    "kvc_webhook_read_throughs_total",
+    "Namespaces listed from the API server for a volume the index did not hold, by what the list found",
+    ["result"],
 )
 
 
@@ -106,3 +113,88 @@ def follow(index: VolumeIndex, api_client: Any, stop: threading.Event) -> None:
         except Exception as exc:  # the watch breaks on API server restarts and expiries: list again
             logger.warning("VolumeManager watch ended (%s); listing again", type(exc).__name__)
             stop.wait(1.0)
+
+
+class ReadThrough:
+    """A namespace's VolumeManagers listed from the API server, for a ref the index lacks.
+
+    The index follows a watch, so a VolumeManager created a moment ago (one ``kubectl apply``
+    of a file holding it and its pods) may not be in it yet: refusing its pods as unknown
+    would lose them, since neither bare pods nor training operators retry a refusal. The list
+    answers from the API server's current state. Lists are never merged into the index (the
+    watch stays its only writer, so a deletion it has seen cannot be undone by an older list).
+
+    One list per namespace runs at a time. A request arriving while one is in flight shares
+    the next list, which starts once that one ends: it began after the request arrived, so it
+    sees whatever was created before the request; a flood of unknown refs in one namespace
+    costs at most one list in flight and one waiting.
+    """
+
+    def __init__(
+        self,
+        list_namespace: Callable[[str], Iterable[Mapping[str, Any]]],
+        *,
+        host_path: bool = False,
+        registry: SourceRegistry | None = None,
+    ) -> None:
+        self._list_namespace = list_namespace
+        self._host_path = host_path
+        self._registry = registry
+        self._in_flight: dict[str, asyncio.Task[Catalog]] = {}
+        self._next: dict[str, asyncio.Task[Catalog]] = {}
+
+    async def catalog(self, namespace: str) -> Catalog:
+        """The namespace's volumes as the API server has them now; raises when it cannot be read."""
+        task = self._next.get(namespace)
+        if task is None:
+            current = self._in_flight.get(namespace)
+            if current is None:
+                task = self._start(namespace)
+            else:
+                task = asyncio.ensure_future(self._after(namespace, current))
+                self._next[namespace] = task
+        # Shielded: a request that gives up (its client went away) never cancels a shared list.
+        return await asyncio.shield(task)
+
+    def _start(self, namespace: str) -> asyncio.Task[Catalog]:
+        task = asyncio.ensure_future(self._list(namespace))
+        self._in_flight[namespace] = task
+
+        def done(finished: asyncio.Task[Catalog]) -> None:
+            if self._in_flight.get(namespace) is finished:
+                del self._in_flight[namespace]
+            if not finished.cancelled() and finished.exception() is not None:
+                READ_THROUGHS.labels("failed").inc()
+
+        task.add_done_callback(done)
+        return task
+
+    async def _after(self, namespace: str, current: asyncio.Task[Catalog]) -> Catalog:
+        with contextlib.suppress(Exception):
+            await asyncio.wait([current])
+        del self._next[namespace]
+        return await self._start(namespace)
+
+    async def _list(self, namespace: str) -> Catalog:
+        listed = await asyncio.get_running_loop().run_in_executor(None, self._list_namespace, namespace)
+        return Catalog(
+            entry
+            for obj in listed
+            for entry in catalog_entries(obj, host_path=self._host_path, registry=self._registry)
+        )
+
+
+def namespace_lister(api_client: Any, timeout: float = 2.0) -> Callable[[str], list[Mapping[str, Any]]]:
+    """What ReadThrough lists with: the namespace's VolumeManagers, within ``timeout`` seconds
+    (a request may wait for one list before its own: both fit in the API server's 5 s wait
+    for the webhook)."""
+    custom = client.CustomObjectsApi(api_client)
+
+    def list_namespace(namespace: str) -> list[Mapping[str, Any]]:
+        listed = custom.list_namespaced_custom_object(
+            names.GROUP, names.VERSION, namespace, names.VOLUMEMANAGER_PLURAL, _request_timeout=timeout
+        )
+        items: list[Mapping[str, Any]] = listed.get("items") or []
+        return items
+
+    return list_namespace

@@ -36,7 +36,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from webhook.admission import BadReviewError, admit
-from webhook.index import VolumeIndex
+from webhook.index import READ_THROUGHS, ReadThrough, VolumeIndex, namespace_lister
+from webhook.resolve import Catalog
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ _ALLOWED, _PATCHED, _DENIED, _REJECTED = (ADMISSIONS.labels(r) for r in ("allowe
 _UNAUTHENTICATED = ADMISSIONS.labels("unauthenticated")
 _INDEX_KEY = web.AppKey("index", VolumeIndex)
 _READY_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
+_READ_THROUGH_KEY: web.AppKey[ReadThrough | None] = web.AppKey("read_through")
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,31 @@ def _denial_reason(message: str) -> str:
     return "invalid"
 
 
+async def _decide(review: Any, index: VolumeIndex, read_through: ReadThrough | None) -> dict[str, Any]:
+    """admit() against the index; a ref the index does not hold is looked for again in what
+    the API server has now (ReadThrough) before the request is refused as unknown."""
+    asked: list[str] = []
+
+    def from_index(namespace: str) -> Catalog:
+        asked.append(namespace)
+        return index.catalog(namespace)
+
+    decision = admit(review, from_index)
+    response = decision["response"]
+    if read_through is None or not asked or response["allowed"]:
+        return decision
+    if _denial_reason(response["status"]["message"]) != "unknown":
+        return decision
+    try:
+        fresh = await read_through.catalog(asked[0])
+    except Exception as exc:  # the API server is unreachable or slow: the index's answer stands
+        logger.warning("could not list VolumeManagers in %s to look for a volume: %s", asked[0], type(exc).__name__)
+        return decision
+    decision = admit(review, lambda namespace: fresh)
+    READ_THROUGHS.labels("found" if decision["response"]["allowed"] else "unknown").inc()
+    return decision
+
+
 async def mutate(request: web.Request) -> web.Response:
     started = time.perf_counter()
     transport = request.transport
@@ -119,7 +146,7 @@ async def mutate(request: web.Request) -> web.Response:
     try:
         body = await request.read()
         review: Any = orjson.loads(body)
-        decision = admit(review, request.app[_INDEX_KEY].catalog)
+        decision = await _decide(review, request.app[_INDEX_KEY], request.app[_READ_THROUGH_KEY])
     except web.HTTPRequestEntityTooLarge:
         _REJECTED.inc()
         return web.json_response({"error": f"body larger than {MAX_BODY} bytes"}, status=413)
@@ -173,12 +200,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def make_app(
-    index: VolumeIndex, ready: Callable[[], bool] | None = None, callers: Callers = Callers()
+    index: VolumeIndex,
+    ready: Callable[[], bool] | None = None,
+    callers: Callers = Callers(),
+    read_through: ReadThrough | None = None,
 ) -> web.Application:
     """The application; ``ready`` (default: ``index`` has synced) answers /readyz, ``callers``
-    says who /mutate answers."""
+    says who /mutate answers, ``read_through`` looks again for refs the index lacks."""
     app = web.Application(client_max_size=MAX_BODY)
     app[_INDEX_KEY] = index
+    app[_READ_THROUGH_KEY] = read_through
     app[_READY_KEY] = ready or index.synced.is_set
     app[_CALLERS_KEY] = callers
     app.router.add_post("/mutate", mutate)
@@ -308,7 +339,11 @@ def serve(
     from kvc.sources.registry import load_registry  # noqa: PLC0415 - the source types' plugins, per process
     from webhook.index import follow  # noqa: PLC0415 - the watch needs a cluster; tests use make_app
 
-    index = VolumeIndex(host_path=settings.inject_host_path, registry=load_registry())
+    registry = load_registry()
+    index = VolumeIndex(host_path=settings.inject_host_path, registry=registry)
+    read_through = ReadThrough(
+        namespace_lister(settings.api_client()), host_path=settings.inject_host_path, registry=registry
+    )
     stop = threading.Event()
     threading.Thread(target=follow, args=(index, settings.api_client(), stop), name="index", daemon=True).start()
     tls = ReloadingTLS(settings.cert_file, settings.key_file, settings.client_ca_file)
@@ -324,7 +359,9 @@ def serve(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
-        app = make_app(index, (lambda: index.synced.is_set() and ready()) if ready else None, settings.callers())
+        app = make_app(
+            index, (lambda: index.synced.is_set() and ready()) if ready else None, settings.callers(), read_through
+        )
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
         await runner.setup()
         if handoff is None:

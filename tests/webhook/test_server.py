@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 
 from certs import pki
-from webhook.index import VolumeIndex
+from webhook.index import ReadThrough, VolumeIndex
 from webhook.server import MAX_BODY, Callers, ReloadingTLS, make_app, new_event_loop
 
 SOURCE = {"hostPath": {"path": "/var/lib/kvc/team-a/datasets/cifar-1", "type": "Directory"}}
@@ -43,9 +43,13 @@ def run(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
-def with_client(index: VolumeIndex, body: Callable[[TestClient[Any, Any]], Awaitable[None]]) -> None:
+def with_client(
+    index: VolumeIndex,
+    body: Callable[[TestClient[Any, Any]], Awaitable[None]],
+    read_through: ReadThrough | None = None,
+) -> None:
     async def main() -> None:
-        async with TestClient(TestServer(make_app(index))) as client:
+        async with TestClient(TestServer(make_app(index, read_through=read_through))) as client:
             await body(client)
 
     run(main())
@@ -90,6 +94,67 @@ def test_admission_endpoint_answers_reviews_and_rejects_garbage() -> None:
         assert "kvc_webhook_admission_seconds_bucket" in text
 
     with_client(synced_index(), body)
+
+
+def test_a_ref_the_index_lacks_is_looked_for_on_the_api_server_before_it_is_refused() -> None:
+    created_a_moment_ago = synced_index().catalog("team-a")
+    listed: list[str] = []
+
+    def api_server(namespace: str) -> list[dict[str, Any]]:
+        listed.append(namespace)
+        if namespace == "team-b":
+            raise ConnectionError("API server unreachable")
+        return [
+            {
+                "metadata": {"name": "datasets", "namespace": namespace},
+                "spec": {"volumeConfigs": [{"id": e.volume_id, "sourceType": "S3"}]},
+                "status": {"volumes": [{"id": e.volume_id, "phase": "Ready", "volumeSource": SOURCE}]},
+            }
+            for e in created_a_moment_ago.entries
+        ]
+
+    behind = VolumeIndex()
+    behind.replace_all([])  # its watch has not delivered the new VolumeManager yet
+
+    async def body(client: TestClient[Any, Any]) -> None:
+        found = await (await client.post("/mutate", json=review({"kvc/volume": "cifar"}))).json()
+        assert found["response"]["allowed"] is True
+        assert found["response"]["patchType"] == "JSONPatch"
+        unknown = await (await client.post("/mutate", json=review({"kvc/volume": "nope"}))).json()
+        assert "volume nope not found in namespace team-a; volumes there: datasets/cifar" in (
+            unknown["response"]["status"]["message"]
+        )
+        # The API server cannot be asked: the index's answer stands, and says what it knows.
+        elsewhere = review({"kvc/volume": "cifar"})
+        elsewhere["request"]["namespace"] = "team-b"
+        refused = await (await client.post("/mutate", json=elsewhere)).json()
+        assert "volume cifar not found in namespace team-b; volumes there: none" in (
+            refused["response"]["status"]["message"]
+        )
+        # Known volumes, and objects that ask for none, never cost a list.
+        listed.clear()
+        behind.replace_all([api_server("team-a")[0]])
+        listed.clear()
+        assert (await (await client.post("/mutate", json=review({"kvc/volume": "cifar"}))).json())["response"][
+            "allowed"
+        ]
+        assert (await (await client.post("/mutate", json=review({"other": "x"}))).json())["response"]["allowed"]
+        assert listed == []
+        text = await (await client.get("/metrics")).text()
+        assert 'kvc_webhook_read_throughs_total{result="found"}' in text
+        assert 'kvc_webhook_read_throughs_total{result="unknown"}' in text
+        assert 'kvc_webhook_read_throughs_total{result="failed"}' in text
+
+    with_client(behind, body, read_through=ReadThrough(api_server))
+
+    without = VolumeIndex()
+    without.replace_all([])
+
+    async def refused_without(client: TestClient[Any, Any]) -> None:
+        lost = await (await client.post("/mutate", json=review({"kvc/volume": "cifar"}))).json()
+        assert lost["response"]["allowed"] is False
+
+    with_client(without, refused_without)
 
 
 def test_ready_only_once_the_index_has_synced() -> None:
