@@ -41,6 +41,10 @@ testenv-update: $(VENV)/.installed ## Regenerate e2e/testenv/gomod/* after chang
 demo: testenv ## All of KVC on one machine: 4 nodes, S3 and HTTP data, webhook, a Pod and a TFJob (`make demo-down` stops it).
 	$(PY) -m e2e.demo up
 
+.PHONY: demo-status
+demo-status: $(VENV)/.installed ## The demo's processes: status, restarts, last exit (KVC's are restarted with back-off).
+	$(PY) -m e2e.demo status
+
 .PHONY: demo-down
 demo-down: $(VENV)/.installed ## Stop every process of the demo and remove its files.
 	$(PY) -m e2e.demo down

@@ -1,13 +1,16 @@
-"""`make demo` / `make demo-down`: all of KVC, end to end, on one machine.
+"""`make demo` / `make demo-status` / `make demo-down`: all of KVC, end to end, on one machine.
 
 ``up`` starts a supervisor process in the background: it owns every long-running demo
 process (control plane, 4 simulated nodes with one KVC agent each, KVC's controller and
 webhook, a loopback S3 server seeded with a generated image data set, an HTTP server
 with a model tarball), they die with it, and it stops them all when ``down`` sends it
-SIGTERM, so nothing outlives the demo.  Once the supervisor reports ready, ``up`` itself
-plays the user's part: applies deploy/samples, shows ``kvc status`` until the data is
-Running, creates an annotated Pod and a TFJob and shows what the webhook injected and
-where their pods landed.  The cluster keeps running for exploring until ``down``.
+SIGTERM, so nothing outlives the demo.  As a kubelet restarts a crashed container, it
+starts a KVC component that exits again after a back-off (its log says so, ``status``
+shows each process's restarts and last exit); the control plane exiting ends the demo.
+Once the supervisor reports ready, ``up`` itself plays the user's part: applies
+deploy/samples, shows ``kvc status`` until the data is Running, creates an annotated Pod
+and a TFJob and shows what the webhook injected and where their pods landed.  The
+cluster keeps running for exploring until ``down``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -32,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import kubernetes
 import yaml
@@ -41,7 +45,7 @@ from kubernetes.client.rest import ApiException
 from e2e.cluster import ControlPlane, ControlPlaneError, NodeSpec, pid_alive, tail, terminate_group
 from e2e.helpers import RESTRICTED_POD_SECURITY, operator_pods, restricted_container
 from e2e.httpserver import FileServer
-from e2e.kvc import WEBHOOK_MANIFEST, KvcAgent, KvcController, KvcWebhook, apply_crds
+from e2e.kvc import WEBHOOK_MANIFEST, KvcAgent, KvcController, KvcProcess, KvcWebhook, apply_crds
 from e2e.s3server import S3Server, credentials_secret
 from e2e.testenv import build
 from kvc.api import names
@@ -88,6 +92,9 @@ ALL_VOLUMEMANAGERS = (DATASETS, MODELS, NFS_VOLUMEMANAGER, "scratch")
 POD_NAME = "trainer"
 TFJOB_NAME = "resnet"
 SERVICE_ACCOUNT_VOLUME_PREFIX = "kube-api-access-"  # added by the API server, not by KVC
+SUPERVISE_INTERVAL = 0.5  # seconds between two looks at the demo's processes
+
+logger = logging.getLogger("e2e.demo")  # not __name__: `python -m e2e.demo` runs as __main__
 
 
 def _say(message: str = "") -> None:
@@ -187,6 +194,151 @@ def _write_record(demo_dir: Path, record: Mapping[str, Any]) -> None:
     staged.replace(demo_dir / SUPERVISOR_FILE)  # readers never see half a record
 
 
+# The states `status` shows, as `kubectl get pods` would.
+RUNNING, STARTING, BACKOFF = "Running", "Starting", "BackOff"
+
+
+@dataclasses.dataclass(frozen=True)
+class BackOff:
+    """How long to wait before starting again a component that exited: the kubelet's
+    CrashLoopBackOff (10 s doubling to 5 min), scaled to a demo.
+
+    ``initial``: the first wait; each exit soon after a start doubles it, up to ``cap``; a
+    component that had run ``stable_after`` seconds when it exited starts over at ``initial``.
+    """
+
+    initial: float = 1.0
+    cap: float = 30.0
+    stable_after: float = 60.0
+
+    def delay(self, previous: float | None, ran_for: float) -> float:
+        """The wait before the next start of a component that exited after running ``ran_for``
+        seconds; ``previous``: the wait before its last start (None: it never exited before)."""
+        if previous is None or ran_for >= self.stable_after:
+            return self.initial
+        return min(previous * 2, self.cap)
+
+
+class Restartable(Protocol):
+    """What the supervisor needs of a component (a KvcProcess, or a test's stand-in)."""
+
+    name: str
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def exit_code(self) -> int | None: ...
+
+    def healthy(self) -> bool: ...
+
+    def restart(self) -> object: ...
+
+
+def describe_exit(code: int) -> str:
+    """An exit status as a person reads it: "exit code 1", "killed by SIGKILL"."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+class Supervised:
+    """A component the supervisor keeps running: started again, after a back-off, whenever it exits.
+
+    ``tick()`` is called every ``SUPERVISE_INTERVAL`` on the supervisor's main thread (the only
+    one that spawns: a child's PR_SET_PDEATHSIG fires when the *thread* that forked it ends).
+    A restarted component is Starting until its probe answers, then Running.
+    """
+
+    def __init__(
+        self, process: Restartable, backoff: BackOff | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.process = process
+        self.backoff = backoff or BackOff()
+        self.clock = clock
+        self.state = RUNNING  # handed over once started: start() waited for it to be healthy
+        self.started_at = clock()
+        self.restarts = 0
+        self.delay: float | None = None  # the wait before the last restart
+        self.restart_at = 0.0  # when a component in BackOff starts again
+        self.last_exit: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.process.name
+
+    def tick(self) -> bool:
+        """Act on what happened since the last look; whether anything changed (the record is rewritten)."""
+        now = self.clock()
+        if self.state == BACKOFF:
+            return now >= self.restart_at and self._restart(now)
+        code = self.process.exit_code
+        if code is not None:
+            self._exited(code, now)
+            return True
+        if self.state == STARTING and self.process.healthy():
+            self.state = RUNNING
+            logger.info("%s running again (pid %s, restart %d)", self.name, self.process.pid, self.restarts)
+            return True
+        return False
+
+    def _exited(self, code: int, now: float) -> None:
+        ran_for = now - self.started_at
+        self.delay = self.backoff.delay(self.delay, ran_for)
+        self.state, self.restart_at = BACKOFF, now + self.delay
+        self.last_exit = {
+            "code": code if code >= 0 else None,
+            "signal": describe_exit(code).removeprefix("killed by ") if code < 0 else None,
+            "at": now,
+            "ran_for": ran_for,
+        }
+        logger.warning(
+            "%s exited (%s) after %.0fs; restarting in %gs (restart %d)",
+            self.name,
+            describe_exit(code),
+            ran_for,
+            self.delay,
+            self.restarts + 1,
+        )
+
+    def _restart(self, now: float) -> bool:
+        try:
+            self.process.restart()
+        except OSError as exc:  # not even started (e.g. out of processes): wait longer, try again
+            self.delay = self.backoff.delay(self.delay, 0)
+            self.restart_at = now + self.delay
+            logger.warning("%s could not be started (%s); trying again in %gs", self.name, exc, self.delay)
+            return True
+        self.restarts += 1
+        self.state, self.started_at = STARTING, now
+        logger.info("%s starting again (pid %s, restart %d)", self.name, self.process.pid, self.restarts)
+        return True
+
+    def row(self) -> dict[str, Any]:
+        """Its entry in the supervisor record, read by `status`."""
+        return {
+            "name": self.name,
+            "pid": None if self.state == BACKOFF else self.process.pid,
+            "state": self.state,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "started_at": self.started_at,
+            "restart_at": self.restart_at if self.state == BACKOFF else None,
+        }
+
+
+def _control_plane_rows(plane: ControlPlane, kvc: set[str], started_at: float) -> list[dict[str, Any]]:
+    """The control plane's processes as `status` rows: never restarted (one exiting ends the demo)."""
+    return [
+        {"name": name, "pid": process.pid, "state": RUNNING, "restarts": 0, "last_exit": None, "started_at": started_at}
+        for name, process in plane.processes.items()
+        if name not in kvc
+    ]
+
+
 def _start_webhook(plane: ControlPlane) -> KvcWebhook:
     """As an admin installs it: register deploy/webhook, `kvc certs install`, serve the Secret's certificate."""
     core = plane.core_v1()
@@ -241,6 +393,7 @@ def serve(demo_dir: Path, s3_port: int) -> int:
         cleanup.callback(lambda: plane.stop(keep_logs_in=None if stopping.is_set() else demo_dir / "logs"))
         started = time.monotonic()
         plane.start()
+        plane_started_at = time.time()
         _say(f"==> control plane up in {time.monotonic() - started:.1f}s; starting the S3 and HTTP servers")
         s3 = S3Server(plane.logs_dir / "s3.log", port=s3_port).start()
         cleanup.callback(s3.stop)
@@ -261,9 +414,11 @@ def serve(demo_dir: Path, s3_port: int) -> int:
         plane.add_nodes(NODES)
         apply_crds(plane, TRAINING_CRDS, names_=("crd/tfjobs.kubeflow.org",))
         agents = [KvcAgent(plane, node.name).start() for node in NODES]
-        KvcController(plane).start()
+        controller = KvcController(plane).start()
         _say("==> webhook: registering deploy/webhook by url, then `kvc certs install --ip 127.0.0.1`")
-        _start_webhook(plane)
+        webhook = _start_webhook(plane)
+        kvc_processes: list[KvcProcess] = [controller, webhook, *agents]
+        supervised = [Supervised(process) for process in kvc_processes]
         for agent in agents:
             agent.wait_reporting(timeout=60)
         count, size = seeding.result(timeout=STARTUP_TIMEOUT)
@@ -276,9 +431,19 @@ def serve(demo_dir: Path, s3_port: int) -> int:
             s3_endpoint=s3.endpoint_url,
             http_endpoint=files.url,
         )
+        kvc_names = {process.name for process in kvc_processes}
+        control_plane_rows = _control_plane_rows(plane, kvc_names, plane_started_at)
+        record["components"] = control_plane_rows + [component.row() for component in supervised]
         _write_record(demo_dir, record)
-        while not stopping.wait(0.5):
-            plane.check_alive()
+        while not stopping.wait(SUPERVISE_INTERVAL):
+            for name, process in list(plane.processes.items()):
+                if name not in kvc_names:
+                    process.check_alive()  # the cluster itself: without it there is no demo
+            # Every component looked at on each pass, not up to the first change: two may exit at once.
+            changes = [component.tick() for component in supervised]
+            if any(changes):
+                record["components"] = control_plane_rows + [component.row() for component in supervised]
+                _write_record(demo_dir, record)
     return 0
 
 
@@ -607,6 +772,10 @@ def stop_command(demo_dir: Path) -> str:
     return "make demo-down" if demo_dir == DEMO_DIR.resolve() else f"python -m e2e.demo down --dir {demo_dir}"
 
 
+def status_command(demo_dir: Path) -> str:
+    return "make demo-status" if demo_dir == DEMO_DIR.resolve() else f"python -m e2e.demo status --dir {demo_dir}"
+
+
 def _play(session: Session, record: Mapping[str, Any], demo_dir: Path, started: float) -> None:
     _run_shown(
         "kubectl get nodes -L topology.kubernetes.io/zone",
@@ -644,7 +813,8 @@ def _play(session: Session, record: Mapping[str, Any], demo_dir: Path, started: 
     _say(f"  kvc status {DATASETS}")
     _say("  kvc datasets -l team=vision")
     _say(f"  kubectl get pod {POD_NAME} -o yaml   # the injected volumes, mounts and node affinity")
-    _say(f"Logs: {session.logs}")
+    _say(f"  {status_command(demo_dir)}   # the demo's processes: a KVC one that dies is restarted, with back-off")
+    _say(f"Logs: {session.logs} (restarts: {demo_dir / 'supervisor.log'})")
     _say(f"Stop it:  {stop_command(demo_dir)}")
 
 
@@ -675,6 +845,63 @@ def up(demo_dir: Path = DEMO_DIR) -> int:
     return 0
 
 
+def human_duration(seconds: float) -> str:
+    """A duration as kubectl shows ages: 42s, 3m12s, 25m, 4h10m, 3d."""
+    whole = max(0, int(seconds))
+    minutes, hours = whole // 60, whole // 3600
+    if whole < 120:
+        return f"{whole}s"
+    if minutes < 10:
+        return f"{minutes}m{whole % 60}s"
+    if hours < 3:
+        return f"{minutes}m"
+    if hours < 48:
+        return f"{hours}h{minutes % 60}m"
+    return f"{hours // 24}d"
+
+
+def status_table(components: list[Mapping[str, Any]], now: float) -> str:
+    """The demo's processes, as `kubectl get pods` shows pods: NAME PID STATUS RESTARTS LAST EXIT AGE.
+
+    AGE: how long the current process has run; STATUS: Running, Starting (restarted, its probe
+    not answering yet), BackOff (exited, waiting to be started again) or Exited (the record
+    is older than its exit: the supervisor is about to notice).
+    """
+    rows = [("NAME", "PID", "STATUS", "RESTARTS", "LAST EXIT", "AGE")]
+    for component in components:
+        pid, state = component.get("pid"), str(component.get("state"))
+        if state == BACKOFF:
+            status = f"{BACKOFF} (restart in {human_duration(float(component['restart_at']) - now)})"
+        elif isinstance(pid, int) and not pid_alive(pid):
+            status = "Exited"
+        else:
+            status = state
+        last_exit = component.get("last_exit")
+        if last_exit:
+            how = last_exit["signal"] or f"exit code {last_exit['code']}"
+            last = f"{how} ({human_duration(now - float(last_exit['at']))} ago)"
+        else:
+            last = "-"
+        age = "-" if state == BACKOFF else human_duration(now - float(component["started_at"]))
+        rows.append((str(component["name"]), str(pid or "-"), status, str(component["restarts"]), last, age))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = ("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def status(demo_dir: Path = DEMO_DIR) -> int:
+    demo_dir = demo_dir.resolve()
+    record = _supervisor(demo_dir)
+    if record is None:
+        _say("demo: no demo is running")
+        return 1
+    if not record.get("ready"):
+        _say(f"demo: starting (supervisor pid {record['pid']}); progress in {demo_dir / 'supervisor.log'}")
+        return 0
+    _say(status_table(record.get("components") or [], time.time()))
+    return 0
+
+
 def down(demo_dir: Path = DEMO_DIR) -> int:
     demo_dir = demo_dir.resolve()
     record = _supervisor(demo_dir)
@@ -698,14 +925,15 @@ def down(demo_dir: Path = DEMO_DIR) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e.demo", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "_serve"])
+    parser.add_argument("command", choices=["up", "status", "down", "_serve"])
     parser.add_argument("--dir", type=Path, default=DEMO_DIR, help="where the demo keeps its state and logs")
     parser.add_argument("--s3-port", type=int, default=DEFAULT_S3_PORT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         if args.command == "_serve":
             return serve(args.dir.resolve(), args.s3_port)
-        return up(args.dir) if args.command == "up" else down(args.dir)
+        commands = {"up": up, "status": status, "down": down}
+        return commands[args.command](args.dir)
     except (ControlPlaneError, build.TestenvError, DemoError) as exc:
         _say(f"demo: error: {exc}")
         return 1

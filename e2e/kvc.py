@@ -6,8 +6,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import ssl
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,8 @@ ALLOWED_NFS_SERVERS = ("nfs.example.com", "mirror.example.com", "nfs.storage.exa
 
 
 class KvcProcess:
-    """A KVC component run as a local process; can be killed (SIGKILL) and started again."""
+    """A KVC component run as a local process; can be killed (SIGKILL) and started again:
+    ``start()`` anew (new flags where a subclass picks them), or ``restart()`` as it last ran."""
 
     def __init__(self, plane: ControlPlane, name: str) -> None:
         self.plane = plane
@@ -41,6 +45,7 @@ class KvcProcess:
         self.env: dict[str, str] = {}
         # `kvc -v`: debug logging (tests that check what debug logs may print).
         self.verbose = False
+        self._run_args: list[str] | None = None  # `kvc run ...` of the last start, for restart()
 
     @property
     def metrics_url(self) -> str:
@@ -63,7 +68,45 @@ class KvcProcess:
     def running(self) -> bool:
         return self.component is not None and self.component.popen.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The process's id (of the last one, after it exited); None before a start."""
+        return None if self.component is None else self.component.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        """How the process ended (-N: killed by signal N); None while it runs, or before a start."""
+        return None if self.component is None else self.component.popen.poll()
+
+    @property
+    def probe_url(self) -> str:
+        """What answers 200 once the process serves: its metrics (subclasses with a health endpoint use it)."""
+        return self.metrics_url
+
+    def healthy(self, timeout: float = 1.0) -> bool:
+        """Whether it runs and ``probe_url`` answers 200 now: one try, as one kubelet probe."""
+        if not self.running:
+            return False
+        context = ssl.create_default_context()
+        # A process of ours on loopback: the probe asks whether it answers, not who it is.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            with urllib.request.urlopen(self.probe_url, timeout=timeout, context=context) as response:  # noqa: S310
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def restart(self) -> Component:
+        """Start it again with the flags of its last start (same ports, certificates, node), as the
+        kubelet restarts a container; unlike ``start()``, returns at once, without waiting for
+        it to be healthy (``healthy()`` says when it is)."""
+        if self._run_args is None:
+            raise RuntimeError(f"{self.name} was never started: nothing to restart")
+        return self._spawn(self._run_args)
+
     def _spawn(self, args: list[str]) -> Component:
+        self._run_args = list(args)
         self.component = self.plane.spawn(
             self.name,
             [sys.executable, "-m", "kvc", *(["-v"] if self.verbose else []), "run", *args],
@@ -93,13 +136,18 @@ class KvcController(KvcProcess):
         self.extra_args = list(extra_args)
         # JSON lines, as a log collector would read them (the agents log text).
         self.env["KVC_LOG_FORMAT"] = "json"
+        self.liveness_url = ""  # chosen by start(); kept by restart()
+
+    @property
+    def probe_url(self) -> str:
+        return self.liveness_url or self.metrics_url
 
     def start(self) -> KvcController:
-        port = free_port()
+        self.liveness_url = f"http://127.0.0.1:{free_port()}/healthz"
         component = self._spawn(
             [
                 "controller",
-                f"--liveness-endpoint=http://127.0.0.1:{port}/healthz",
+                f"--liveness-endpoint={self.liveness_url}",
                 f"--metrics-port={self.metrics_port}",
                 f"--agent-grace={self.agent_grace}",
                 f"--allowed-data-root={ALLOWED_DATA_ROOT}",
@@ -107,7 +155,7 @@ class KvcController(KvcProcess):
                 *self.extra_args,
             ]
         )
-        self.plane.wait_healthy(f"http://127.0.0.1:{port}/healthz", component, self.name, timeout=self.timeout)
+        self.plane.wait_healthy(self.liveness_url, component, self.name, timeout=self.timeout)
         return self
 
 
@@ -207,6 +255,10 @@ class KvcWebhook(KvcProcess):
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
+    @property
+    def probe_url(self) -> str:
+        return f"{self.url}/readyz"
+
     def start(self) -> KvcWebhook:
         component = self._spawn(
             [
@@ -220,7 +272,7 @@ class KvcWebhook(KvcProcess):
                 f"--client-name={WEBHOOK_CLIENT_NAME}",
             ]
         )
-        self.plane.wait_healthy(f"{self.url}/readyz", component, self.name, timeout=60, client_certificate=False)
+        self.plane.wait_healthy(self.probe_url, component, self.name, timeout=60, client_certificate=False)
         return self
 
     def registration(self) -> dict[str, Any]:
