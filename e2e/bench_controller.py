@@ -477,7 +477,7 @@ def placement_in_process(ctx: SourceContext, replicas: int, runs: int) -> dict[s
         began = time.perf_counter()
         view = load_view(ctx)
         loaded = time.perf_counter()
-        _, placement = place_replica(view, config, key)
+        _, placement, _ = place_replica(view, config, key)
         ended = time.perf_counter()
         assert len(placement.nodes) == min(replicas, len(view.nodes)), placement
         if run == 0:

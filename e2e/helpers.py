@@ -13,6 +13,7 @@ from kubernetes.client.rest import ApiException
 
 from kvc.agent.files import MANIFEST
 from kvc.api import names
+from webhook.mutation import WORKLOADS
 
 GROUP, VERSION, PLURAL = names.GROUP, names.VERSION, names.VOLUMEMANAGER_PLURAL
 
@@ -144,8 +145,86 @@ class VolumeManagers:
         )
 
 
-def operator_pods(stored: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The pods a training operator would create from the stored job's templates."""
+def _made_from(template: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The pod an operator makes from a pod template (its metadata and spec, under its own name)."""
+    return {"metadata": {**template.get("metadata", {}), "name": name}, "spec": template["spec"]}
+
+
+# The list fields of a pod template that a strategic merge patch merges by key (corev1's
+# patchMergeKey); every other list is replaced.
+_MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "volumes": "name",
+    "env": "name",
+    "imagePullSecrets": "name",
+    "schedulingGates": "name",
+    "volumeMounts": "mountPath",
+}
+
+
+def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
+    """``patch`` merged into ``base`` as a strategic merge patch of a pod template merges them
+    (what Kubeflow Trainer does with a TrainJob's runtimePatches): objects member by member,
+    the lists in ``_MERGE_KEYS`` item by item by their key, anything else replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = strategic_merge(base[key], value, key) if key in base else value
+        return merged
+    key = _MERGE_KEYS.get(field)
+    if key and isinstance(base, list) and isinstance(patch, list):
+        by_key = {item[key]: item for item in base}
+        for item in patch:
+            by_key[item[key]] = strategic_merge(by_key[item[key]], item) if item[key] in by_key else item
+        return list(by_key.values())
+    return patch
+
+
+def trainjob_runtime_node(container: str = "node") -> dict[str, Any]:
+    """The pod template of the ``node`` job of a training runtime like Kubeflow Trainer's
+    torch-distributed: one trainer container named ``node``, admitted by Pod Security `restricted`."""
+    return {
+        "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+        "spec": {"securityContext": RESTRICTED_POD_SECURITY, "containers": [restricted_container(container)]},
+    }
+
+
+def operator_pods(stored: Mapping[str, Any], runtime_node: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The pods a workload's operator would create from the stored object's templates.
+
+    Every replica of a TFJob or PyTorchJob; every pod of every job of a JobSet; the leader and
+    the workers of every LeaderWorkerSet group; every training node of a TrainJob, made from
+    its runtime's ``node`` pod template (``runtime_node``) with the job's runtimePatches of
+    the ``node`` job merged in, in order, as Kubeflow Trainer merges them.
+    """
+    name, spec = stored["metadata"]["name"], stored["spec"]
+    if stored["kind"] == "JobSet":
+        return [
+            _made_from(job["template"]["spec"]["template"], f"{name}-{job['name']}-{index}-{pod}")
+            for job in spec["replicatedJobs"]
+            for index in range(job.get("replicas", 1))
+            for pod in range(job["template"]["spec"].get("parallelism", 1))
+        ]
+    if stored["kind"] == "LeaderWorkerSet":
+        groups = spec["leaderWorkerTemplate"]
+        leader = groups.get("leaderTemplate", groups["workerTemplate"])
+        return [
+            _made_from(leader if worker == 0 else groups["workerTemplate"], f"{name}-{group}-{worker}")
+            for group in range(spec.get("replicas", 1))
+            for worker in range(groups.get("size", 1))
+        ]
+    if stored["kind"] == "TrainJob":
+        assert runtime_node is not None, "a TrainJob's pods are made from its runtime's template"
+        template: Any = runtime_node
+        for patch in spec.get("runtimePatches", []):
+            for job in (
+                patch.get("trainingRuntimeSpec", {}).get("template", {}).get("spec", {}).get("replicatedJobs", [])
+            ):
+                if job["name"] == "node":
+                    template = strategic_merge(template, job.get("template", {}).get("spec", {}).get("template", {}))
+        nodes = spec.get("trainer", {}).get("numNodes", 1)
+        return [_made_from(template, f"{name}-node-0-{index}") for index in range(nodes)]
     field = "tfReplicaSpecs" if stored["kind"] == "TFJob" else "pytorchReplicaSpecs"
     pods = []
     for role, replica in stored["spec"][field].items():
@@ -176,6 +255,116 @@ def apply_training_crds(plane: Any) -> None:
         "crd/tfjobs.kubeflow.org",
         "crd/pytorchjobs.kubeflow.org",
     )
+
+
+MANIFESTS = Path(__file__).parent / "manifests"
+# The CRDs of the training workloads KVC wires, as their projects publish them (pinned, with
+# where each came from, in e2e/manifests).
+WORKLOAD_CRDS = {
+    "crd/trainjobs.trainer.kubeflow.org": MANIFESTS / "trainer-v2.3.0-trainjobs.yaml",
+    "crd/jobsets.jobset.x-k8s.io": MANIFESTS / "jobset-v0.12.0-jobsets.yaml",
+    "crd/leaderworkersets.leaderworkerset.x-k8s.io": MANIFESTS / "lws-v0.9.0-leaderworkersets.yaml",
+}
+
+
+def apply_workload_crds(plane: Any) -> None:
+    """The TrainJob, JobSet and LeaderWorkerSet CRDs (pinned in e2e/manifests), applied and Established."""
+    for manifest in WORKLOAD_CRDS.values():
+        # Server-side: the CRDs are too large for the last-applied annotation of a client-side apply.
+        plane.kubectl("apply", "--server-side", "-f", str(manifest))
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", *WORKLOAD_CRDS)
+
+
+def create_workload(custom: Any, namespace: str, body: Mapping[str, Any], **options: Any) -> dict[str, Any]:
+    """Create a training workload of any kind KVC wires; returns what the API server answered."""
+    workload = WORKLOADS[body["kind"]]
+    created: dict[str, Any] = custom.create_namespaced_custom_object(
+        workload.group, workload.version, namespace, workload.plural, body, **options
+    )
+    return created
+
+
+def read_workload(custom: Any, namespace: str, kind: str, name: str) -> dict[str, Any]:
+    """The workload as the API server stored it (pruned to its CRD's schema)."""
+    workload = WORKLOADS[kind]
+    stored: dict[str, Any] = custom.get_namespaced_custom_object(
+        workload.group, workload.version, namespace, workload.plural, name
+    )
+    return stored
+
+
+def _pod_template(annotations: Mapping[str, str] | None, container: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"annotations": dict(annotations or {})},
+        "spec": {"securityContext": RESTRICTED_POD_SECURITY, "containers": [restricted_container(container)], **spec},
+    }
+
+
+def jobset(
+    name: str,
+    annotations: Mapping[str, str],
+    jobs: Mapping[str, int],
+    template_annotations: Mapping[str, Mapping[str, str]] | None = None,
+) -> dict[str, Any]:
+    """A JobSet with a replicated job per ``jobs`` entry (name -> pods per job), each pod one
+    restricted container; ``template_annotations``: a replicated job's pod template annotations."""
+    return {
+        "apiVersion": f"{WORKLOADS['JobSet'].group}/{WORKLOADS['JobSet'].version}",
+        "kind": "JobSet",
+        "metadata": {"name": name, "annotations": dict(annotations)},
+        "spec": {
+            "replicatedJobs": [
+                {
+                    "name": job_name,
+                    "replicas": 1,
+                    "template": {
+                        "spec": {
+                            "parallelism": pods,
+                            "completions": pods,
+                            "template": _pod_template(
+                                (template_annotations or {}).get(job_name), "main", restartPolicy="Never"
+                            ),
+                        }
+                    },
+                }
+                for job_name, pods in jobs.items()
+            ]
+        },
+    }
+
+
+def leaderworkerset(
+    name: str,
+    annotations: Mapping[str, str],
+    size: int = 2,
+    leader_annotations: Mapping[str, str] | None = None,
+    worker_annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A LeaderWorkerSet of one group: a leader and ``size - 1`` workers, each one restricted container."""
+    return {
+        "apiVersion": f"{WORKLOADS['LeaderWorkerSet'].group}/{WORKLOADS['LeaderWorkerSet'].version}",
+        "kind": "LeaderWorkerSet",
+        "metadata": {"name": name, "annotations": dict(annotations)},
+        "spec": {
+            "replicas": 1,
+            "leaderWorkerTemplate": {
+                "size": size,
+                "leaderTemplate": _pod_template(leader_annotations, "leader"),
+                "workerTemplate": _pod_template(worker_annotations, "worker"),
+            },
+        },
+    }
+
+
+def trainjob(name: str, annotations: Mapping[str, str], nodes: int = 2) -> dict[str, Any]:
+    """A TrainJob of ``nodes`` training nodes on the torch-distributed runtime (whose pod template
+    ``trainjob_runtime_node`` stands for: no Trainer controller runs in these tests)."""
+    return {
+        "apiVersion": f"{WORKLOADS['TrainJob'].group}/{WORKLOADS['TrainJob'].version}",
+        "kind": "TrainJob",
+        "metadata": {"name": name, "annotations": dict(annotations)},
+        "spec": {"runtimeRef": {"name": "torch-distributed"}, "trainer": {"numNodes": nodes}},
+    }
 
 
 def job(

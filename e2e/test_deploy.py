@@ -23,7 +23,18 @@ from kubernetes.client.rest import ApiException
 
 from certs import pki
 from e2e.cluster import Component, ControlPlane, free_port
-from e2e.helpers import VolumeManagers, apply_training_crds, job, restricted_pod, wait_for
+from e2e.helpers import (
+    VolumeManagers,
+    apply_training_crds,
+    apply_workload_crds,
+    create_workload,
+    job,
+    jobset,
+    leaderworkerset,
+    restricted_pod,
+    trainjob,
+    wait_for,
+)
 from e2e.kvc import KvcAgent, KvcController
 from e2e.s3server import S3Server, credentials_secret
 from kvc.api import names
@@ -72,6 +83,7 @@ def test_failure_policy_refuses_only_kvc_workloads_and_the_ignore_component_admi
     core = client.CoreV1Api(api)
     custom = client.CustomObjectsApi(api)
     apply_training_crds(control_plane)
+    apply_workload_crds(control_plane)
     admission.create_mutating_webhook_configuration(default)
 
     def outcome(annotations: dict[str, str]) -> str:
@@ -81,14 +93,15 @@ def test_failure_policy_refuses_only_kvc_workloads_and_the_ignore_component_admi
             return str(json.loads(exc.body)["message"])
         return "admitted" + (" wired" if created.spec.volumes and len(created.spec.volumes) > 1 else "")
 
-    def job_outcome(kind: str, annotations: dict[str, str], template_annotations: dict[str, str]) -> str:
-        plural = {"TFJob": "tfjobs", "PyTorchJob": "pytorchjobs"}[kind]
-        body = job(kind, "train", {"Worker": 2}, annotations, {"Worker": template_annotations})
+    def workload_outcome(body: dict[str, Any]) -> str:
         try:
-            custom.create_namespaced_custom_object("kubeflow.org", "v1", namespace, plural, body, dry_run="All")
+            create_workload(custom, namespace, body, dry_run="All")
         except ApiException as exc:
             return str(json.loads(exc.body)["message"])
         return "admitted"
+
+    def job_outcome(kind: str, annotations: dict[str, str], template_annotations: dict[str, str]) -> str:
+        return workload_outcome(job(kind, "train", {"Worker": 2}, annotations, {"Worker": template_annotations}))
 
     try:
         refused = wait_for(
@@ -105,6 +118,29 @@ def test_failure_policy_refuses_only_kvc_workloads_and_the_ignore_component_admi
             assert job_outcome(kind, {"team": "vision"}, {"team": "vision"}) == "admitted"
             assert 'failed calling webhook "jobs.kvc.kubeflow.org"' in job_outcome(kind, {"kvc/volume": "cifar"}, {})
             assert 'failed calling webhook "jobs.kvc.kubeflow.org"' in job_outcome(kind, {}, {"kvc/volume": "cifar"})
+        # And the workloads of the projects' own CRDs: a JobSet asks on itself or on a replicated
+        # job's pod template, a LeaderWorkerSet on itself or its leader or worker template, a
+        # TrainJob on itself.
+        team = {"team": "vision"}
+        asks = {"kvc/volume": "cifar"}
+        for body in (
+            jobset("train", {}, {"driver": 1, "workers": 2}),
+            jobset("train", team, {"driver": 1, "workers": 2}, {"driver": team, "workers": team}),
+            leaderworkerset("serve", {}),
+            leaderworkerset("serve", team, leader_annotations=team, worker_annotations=team),
+            trainjob("train", {}),
+            trainjob("train", team),
+        ):
+            assert workload_outcome(body) == "admitted", body
+        for body in (
+            jobset("train", asks, {"driver": 1, "workers": 2}),
+            jobset("train", {}, {"driver": 1, "workers": 2}, {"workers": asks}),
+            leaderworkerset("serve", asks),
+            leaderworkerset("serve", {}, leader_annotations=asks),
+            leaderworkerset("serve", {}, worker_annotations={"kvc/volumes": "cifar"}),  # a typo is not skipped
+            trainjob("train", asks),
+        ):
+            assert 'failed calling webhook "jobs.kvc.kubeflow.org"' in workload_outcome(body), body
 
         # Switch to what the component renders.
         admission.patch_mutating_webhook_configuration(

@@ -224,3 +224,29 @@ def place(
     # The first `missing` of the sorted candidates, without sorting thousands of them.
     added = tuple(node.name for node in heapq.nsmallest(missing, candidates, key=rank))
     return Placement(tuple(kept) + added, added, missing - len(added), reasons)
+
+
+def meet(
+    request: VolumeRequest, nodes: Sequence[NodeInfo], current: Sequence[str], on: str, arrived: bool
+) -> tuple[Placement, str | None]:
+    """``place``, with one replica moved onto node ``on`` (a workload needs this volume there,
+    together with others), and why it cannot move there (None when it can).
+
+    A move never leaves a gap: the replica on ``on`` comes in addition to the others, and
+    only once it has ``arrived`` (is Ready) does the placement drop back to ``replicas``, the
+    last of the others (Ready ones are first in ``current``) going. A node that may not hold
+    a new replica (full, short of disk, tainted, outside the volume's affinity) is not used.
+    """
+    if on in current:
+        ordered = [on, *(name for name in current if name != on)]
+        if not arrived:  # still fetching there: every replica stays meanwhile
+            request = VolumeRequest(**{**request.__dict__, "replicas": max(request.replicas, len(ordered))})
+        return place(request, nodes, current=ordered), None
+    placement = place(request, nodes, current=current)
+    if on in placement.nodes:
+        return placement, None
+    node = next((n for n in nodes if n.name == on), None)
+    reason = "not a schedulable node" if node is None else ineligibility(node, request)
+    if reason is not None:
+        return placement, f"node {on} cannot take a replica: it is {reason}"
+    return Placement((*placement.nodes, on), (*placement.added, on), placement.shortfall, placement.reasons), None

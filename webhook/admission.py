@@ -15,12 +15,13 @@ import orjson
 
 from webhook import grammar
 from webhook.mutation import (
-    REPLICA_SPECS,
+    WORKLOADS,
     MutationError,
     check_metadata,
     guard_ephemeral_containers,
-    job_templates,
     json_copy,
+    pod_templates,
+    set_template,
     wire_job,
     wire_pod,
 )
@@ -121,12 +122,17 @@ def json_patch(original: Any, wired: Any) -> list[dict[str, Any]]:
 
 
 def wants_volumes(obj: Mapping[str, Any]) -> bool:
-    """The fast path: does the object (or a pod template in it) carry any ``kvc/*`` annotation?"""
+    """The fast path: does the object (or a pod template in it) carry any ``kvc/*`` annotation?
+
+    A TrainJob asks on itself only: the templates in its runtime patches are not its pods'
+    templates but patches to its runtime's, and the pod hook wires the pods they reach.
+    """
     if _asks(obj):
         return True
-    field = REPLICA_SPECS.get(str(obj.get("kind")))
-    replicas = _get(obj, "spec", field) if field else None
-    return isinstance(replicas, dict) and any(_asks(_get(r, "template")) for r in replicas.values())
+    workload = WORKLOADS.get(str(obj.get("kind")))
+    if workload is None or workload.patched:
+        return False
+    return any(_asks(template.template) for template in pod_templates(obj, strict=False))
 
 
 def _wire(obj: Mapping[str, Any], namespace: str, lookup: Lookup) -> dict[str, Any]:
@@ -138,7 +144,7 @@ def _wire(obj: Mapping[str, Any], namespace: str, lookup: Lookup) -> dict[str, A
         if request is None:
             return dict(obj)
         return wire_pod(obj, request, resolve(request, namespace, entries))
-    if kind in REPLICA_SPECS:
+    if kind in WORKLOADS:
         # The job's own metadata is as typed as the installed CRD's schema: check it before
         # the grammar reads its annotations.
         check_metadata(obj, f"the {kind}")
@@ -146,13 +152,15 @@ def _wire(obj: Mapping[str, Any], namespace: str, lookup: Lookup) -> dict[str, A
         job_request = grammar.parse(job_annotations) if isinstance(job_annotations, dict) else None
         if job_request is not None:
             return wire_job(obj, job_request, resolve(job_request, namespace, entries))
+        if WORKLOADS[kind].patched:
+            return dict(obj)
         # Only some templates ask: wire each of those as the pod it describes.
         wired: dict[str, Any] = json_copy(obj)
-        replicas = wired["spec"][REPLICA_SPECS[kind]]
-        for role, template in job_templates(obj):
-            request = grammar.parse(template.get("metadata", {}).get("annotations", {}))
+        for template in pod_templates(obj):
+            request = grammar.parse(template.template.get("metadata", {}).get("annotations", {}))
             if request is not None:
-                replicas[role]["template"] = wire_pod(template, request, resolve(request, namespace, entries))
+                volumes = resolve(request, namespace, entries)
+                set_template(wired, template, wire_pod(template.template, request, volumes))
         return wired
     return dict(obj)
 

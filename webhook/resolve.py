@@ -28,6 +28,8 @@ class CatalogEntry:
     node_affinity: Mapping[str, Any] | None
     access_mode: str
     deleting: bool = False
+    # Node-local data: the nodes holding a Ready replica (None for shared storage).
+    ready_nodes: frozenset[str] | None = None
 
 
 def _workload_source(status: Mapping[str, Any], host_path: bool) -> Mapping[str, Any] | None:
@@ -38,6 +40,13 @@ def _workload_source(status: Mapping[str, Any], host_path: bool) -> Mapping[str,
     if isinstance(source, dict) and "hostPath" in source and claim and not host_path:
         return {"persistentVolumeClaim": {"claimName": claim}}
     return source
+
+
+def _ready_nodes(status: Mapping[str, Any]) -> frozenset[str] | None:
+    nodes = status.get("nodes")
+    if not isinstance(nodes, list):
+        return None
+    return frozenset(str(n.get("name")) for n in nodes if isinstance(n, dict) and n.get("phase") == "Ready")
 
 
 def _from_spec(
@@ -92,6 +101,7 @@ def catalog_entries(
                 node_affinity=status.get("nodeAffinity"),
                 access_mode=str(config.get("accessMode") or "ReadWriteOnce"),
                 deleting=deleting,
+                ready_nodes=_ready_nodes(status),
             )
         )
     return entries
@@ -165,6 +175,7 @@ def _resolve(request: grammar.VolumeRequest, namespace: str, available: Catalog)
                 volume_source=entry.volume_source,
                 node_affinity=entry.node_affinity,
                 access_mode=entry.access_mode,
+                ready_nodes=entry.ready_nodes,
             )
         )
     return resolved

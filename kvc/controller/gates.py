@@ -1,15 +1,26 @@
 """Releasing pods the webhook gated while their data was being provisioned.
 
-Once every volume a gated pod asks for is usable, the pod gets the data's node affinity
-(appended to its required terms, which a gated pod may still narrow) and loses KVC's
-scheduling gate; other gates are left alone.
+Once every volume a gated pod asks for is usable, and some node holds all of its node-local
+volumes, the pod gets the data's node affinity (appended to its required terms, which a
+gated pod may still narrow) and loses KVC's scheduling gate; other gates are left alone,
+even when their controllers remove theirs at the same moment.
+
+A pod whose node-local volumes are Ready on nodes of their own (placed apart, each within
+its replicas) would fit nowhere: it stays gated, an Event on it names the volumes and their
+nodes, and the pass chooses the node that already holds most of them for the others to move
+onto (``Together``); the VolumeManagers' passes move one replica each (kvc.sources._nodelocal).
+A pod that can never be released (its volume Failed, or gone) gets an Event saying why.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import jsonpatch
@@ -18,7 +29,15 @@ from kubernetes.client.rest import ApiException
 
 from kvc.api import names
 from webhook import grammar
-from webhook.mutation import MutationError, add_node_affinity, data_expressions, injected_volumes, wired_earlier
+from webhook.mutation import (
+    MutationError,
+    ResolvedVolume,
+    add_node_affinity,
+    data_expressions,
+    injected_volumes,
+    share_no_node,
+    wired_earlier,
+)
 from webhook.resolve import CatalogEntry, catalog_entries, resolve
 
 logger = logging.getLogger(__name__)
@@ -51,7 +70,7 @@ def released(
         return None  # e.g. the VolumeManager is gone: the pod stays gated, visibly Pending
     earlier = wired_earlier(pod.get("spec") or {}, volumes, injected_volumes(pod))
     current = [v for v in volumes if v not in earlier]
-    if not all(volume.ready for volume in current):
+    if not all(volume.ready for volume in current) or share_no_node(current):
         return None
     expressions = data_expressions(current)
     earlier_names = {v.volume_name for v in earlier}
@@ -72,30 +91,192 @@ def released(
     return ungated
 
 
-def release_gated_pods(core: Any, custom: Any, namespace: str) -> int:
-    """Release the namespace's gated pods whose data is usable; returns how many."""
+def meeting_node(volumes: Sequence[ResolvedVolume]) -> str:
+    """Where volumes placed apart should meet: the node holding Ready replicas of most of
+    them (the fewest moves), the first by name among equals."""
+    held: dict[str, int] = {}
+    for volume in volumes:
+        for node in volume.ready_nodes or ():
+            held[node] = held.get(node, 0) + 1
+    return min(held, key=lambda node: (-held[node], node))
+
+
+@dataclass(frozen=True)
+class Held:
+    """Why a gated pod cannot be released yet, when that needs someone to act."""
+
+    message: str
+    # Volumes placed apart: (VolumeManager, volume id) -> the node it should also be on.
+    moves: Mapping[tuple[str, str], str] = field(default_factory=dict)
+
+
+def held(pod: Mapping[str, Any], entries: Iterable[CatalogEntry]) -> Held | None:
+    """Why ``pod`` stays gated when waiting alone will not release it (pure): its volume is
+    Failed, unknown or being deleted, or its node-local volumes are Ready apart."""
+    metadata = pod.get("metadata") or {}
+    try:
+        request = grammar.parse(metadata.get("annotations") or {})
+        volumes = resolve(request, str(metadata.get("namespace")), entries) if request else []
+    except (grammar.GrammarError, MutationError) as exc:
+        return Held(f"{exc}; the pod stays gated until that is fixed (or delete it)")
+    current = [v for v in volumes if v not in wired_earlier(pod.get("spec") or {}, volumes, injected_volumes(pod))]
+    local = [v for v in current if v.ready_nodes is not None]
+    if not local or not all(v.ready for v in local) or not share_no_node(local):
+        return None
+    where = "; ".join(f"{v.ref} on {', '.join(sorted(v.ready_nodes or ())) or 'no node yet'}" for v in local)
+    target = meeting_node(local)
+    moves = {(v.manager, v.volume_id): target for v in local if target not in (v.ready_nodes or ())}
+    moving = ", ".join(str(v.ref) for v in local if (v.manager, v.volume_id) in moves)
+    return Held(
+        f"no node holds all of its volumes ({where}): KVC is moving a replica of {moving} to {target}, "
+        "the pod is released once that node holds them all",
+        moves,
+    )
+
+
+class Together:
+    """Where volumes of a namespace should also be placed, so that its gated pods find one
+    node holding all they ask for: (namespace, VolumeManager, volume id) -> node.
+
+    Each gated-pod pass gives its namespace's wishes. A wish outlives the last pod that
+    needed it by ``linger_seconds``: that pod is released as soon as the node holds all its
+    volumes, and the VolumeManager's pass that then drops the replica it moved away from
+    (kvc.placement.meet) must still know which one to keep. Wishes live in memory; after a
+    restart the next pass over the still-gated pods finds them again.
+    """
+
+    def __init__(self, linger_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.linger_seconds = linger_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        # namespace -> (VolumeManager, volume id) -> (node, when a pass last wanted it there)
+        self._wishes: dict[str, dict[tuple[str, str], tuple[str, float]]] = {}
+
+    def replace(self, namespace: str, moves: Mapping[tuple[str, str], str]) -> set[str]:
+        """Record the namespace's wishes now; returns the VolumeManagers given a new one."""
+        now = self._clock()
+        with self._lock:
+            wishes = {
+                volume: (node, seen)
+                for volume, (node, seen) in self._wishes.get(namespace, {}).items()
+                if now - seen <= self.linger_seconds and volume not in moves
+            }
+            before = self._wishes.get(namespace, {})
+            changed = {volume[0] for volume, node in moves.items() if before.get(volume, ("", 0.0))[0] != node}
+            wishes.update((volume, (node, now)) for volume, node in moves.items())
+            if wishes:
+                self._wishes[namespace] = wishes
+            else:
+                self._wishes.pop(namespace, None)
+        return changed
+
+    def of(self, namespace: str, manager: str) -> dict[str, str]:
+        """Volume id -> the node that volume should also be on."""
+        now = self._clock()
+        with self._lock:
+            wishes = self._wishes.get(namespace, {})
+            return {
+                volume_id: node
+                for (owner, volume_id), (node, seen) in wishes.items()
+                if owner == manager and now - seen <= self.linger_seconds
+            }
+
+
+TOGETHER = Together()
+
+
+class _Told:
+    """The Events already posted on gated pods (uid -> message), so each is posted once."""
+
+    def __init__(self, limit: int = 65536) -> None:
+        self._lock = threading.Lock()
+        self._told: dict[str, str] = {}
+        self._limit = limit
+
+    def first_time(self, uid: str, message: str) -> bool:
+        with self._lock:
+            if self._told.get(uid) == message:
+                return False
+            if len(self._told) >= self._limit:
+                self._told.clear()
+            self._told[uid] = message
+            return True
+
+
+_TOLD = _Told()
+
+
+@dataclass(frozen=True)
+class GatedPass:
+    released: int
+    # The VolumeManagers (uids) given new placement wishes: their passes should run now.
+    rearranged: set[str] = field(default_factory=set)
+
+
+def release_gated_pods(core: Any, custom: Any, namespace: str, together: Together = TOGETHER) -> GatedPass:
+    """Release the namespace's gated pods whose data is usable; say why the others wait
+    when waiting alone will not do, and where their volumes should meet."""
     pods = core.list_namespaced_pod(namespace, label_selector=f"{names.LABEL_GATED}=true").items
     if not pods:
-        return 0
+        together.replace(namespace, {})
+        return GatedPass(0)
     listed = custom.list_namespaced_custom_object(names.GROUP, names.VERSION, namespace, names.VOLUMEMANAGER_PLURAL)
     entries = [entry for vm in listed.get("items", []) for entry in catalog_entries(vm)]
-    count = 0
+    moves: dict[tuple[str, str], str] = {}
+    patches: list[tuple[Any, list[dict[str, Any]]]] = []  # (the pod as read, its patch)
     for pod in pods:
         current = core.api_client.sanitize_for_serialization(pod)
         target = released(current, entries, lambda volume: _where_usable(core, namespace, volume))
         if target is None:
+            reason = held(current, entries)
+            if reason is not None:
+                for volume, node in reason.moves.items():
+                    moves.setdefault(volume, node)  # the first pod's choice: one meeting node per volume
+                if _TOLD.first_time(str(pod.metadata.uid), reason.message):
+                    kopf.event(
+                        current,
+                        type="Warning",
+                        reason="DataApart" if reason.moves else "DataUnavailable",
+                        message=reason.message,
+                    )
             continue
+        # Another controller (Kueue, ...) may remove its own gate meanwhile, shifting the
+        # list's indexes under ours: the test makes such a patch fail (the next pass retries)
+        # rather than remove a gate that is not ours.
         patch = jsonpatch.make_patch(current, target).patch
-        try:
-            core.patch_namespaced_pod(pod.metadata.name, namespace, patch)
-        except ApiException as exc:
-            logger.warning("releasing pod %s/%s failed: %s", namespace, pod.metadata.name, exc.reason)
-            continue
-        logger.info("released pod %s/%s: its data is ready", namespace, pod.metadata.name)
-        # Seen in `kubectl describe pod`: why a pod that waited is now scheduled.
-        kopf.event(current, type="Normal", reason="DataReady", message="its KVC volumes are ready: scheduling it")
-        count += 1
-    return count
+        if "schedulingGates" in current["spec"]:
+            patch.insert(
+                0, {"op": "test", "path": "/spec/schedulingGates", "value": current["spec"]["schedulingGates"]}
+            )
+        patches.append((current, patch))
+    count = 0
+    # Hundreds of pods may wait for one volume: released a few at a time, not one after another.
+    for current, done in zip(
+        patches, _RELEASERS.map(lambda item: _patch(core, namespace, *item), patches), strict=True
+    ):
+        if done:
+            # Seen in `kubectl describe pod`: why a pod that waited is now scheduled.
+            kopf.event(
+                current[0], type="Normal", reason="DataReady", message="its KVC volumes are ready: scheduling it"
+            )
+            count += 1
+    changed = together.replace(namespace, moves)
+    uids = {str(vm["metadata"].get("uid")) for vm in listed.get("items", []) if vm["metadata"].get("name") in changed}
+    return GatedPass(count, uids)
+
+
+_RELEASERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="release")
+
+
+def _patch(core: Any, namespace: str, pod: Mapping[str, Any], patch: list[dict[str, Any]]) -> bool:
+    name = pod["metadata"]["name"]
+    try:
+        core.patch_namespaced_pod(name, namespace, patch)
+    except ApiException as exc:
+        logger.warning("releasing pod %s/%s failed: %s", namespace, name, exc.reason)
+        return False
+    logger.info("released pod %s/%s: its data is ready", namespace, name)
+    return True
 
 
 def _where_usable(core: Any, namespace: str, pod_volume: Mapping[str, Any]) -> Expressions | None:

@@ -147,6 +147,7 @@ def _context(body: kopf.Body, memo: kopf.Memo, known_status: Mapping[str, Any] |
         default_capacity=memo.default_capacity,
         credentials_namespace=memo.credentials_namespace,
         previous_phases={str(v.get("id")): str(v.get("phase")) for v in known.get("volumes") or []},
+        together_on=gates.TOGETHER.of(body["metadata"]["namespace"], body["metadata"]["name"]),
     )
 
 
@@ -247,7 +248,9 @@ def _timer_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, due: bool, 
         _reconcile(body, patch, memo, "timer")
     if gated:
         namespace = body["metadata"]["namespace"]
-        metrics.GATED_PODS_RELEASED.inc(gates.release_gated_pods(memo.core, memo.custom, namespace))
+        gated_pass = gates.release_gated_pods(memo.core, memo.custom, namespace)
+        metrics.GATED_PODS_RELEASED.inc(gated_pass.released)
+        PASSES.touch(gated_pass.rearranged)
 
 
 @kopf.on.delete(*VMGR)

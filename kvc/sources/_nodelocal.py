@@ -27,7 +27,7 @@ from kvc.agent.unpack import KINDS
 from kvc.api import names
 from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
 from kvc.api.units import parse_duration, parse_quantity
-from kvc.placement import NodeInfo, Placement, VolumeRequest, place
+from kvc.placement import NodeInfo, Placement, VolumeRequest, meet, place
 from kvc.policy import NODE_CAP_FLAG, copied_options_problem, stored_bytes
 from kvc.sources import _claims, _credentials, _readers
 from kvc.sources.base import Source, SourceContext, VolumeManagerRef, object_name_problem
@@ -640,10 +640,12 @@ def namespace_cap_problem(ctx: SourceContext, view: ClusterView, key: str, wante
 
 
 def place_replica(
-    view: ClusterView, config: VolumeConfig, key: str, max_node_replicas: int = 0
-) -> tuple[list[str], Placement]:
-    """The nodes assigned the replica ``key`` now, and where it goes: the assigned nodes that
-    still count (Ready replicas first), then new ones (none holding ``max_node_replicas``)."""
+    view: ClusterView, config: VolumeConfig, key: str, max_node_replicas: int = 0, meet_on: str | None = None
+) -> tuple[list[str], Placement, str | None]:
+    """The nodes assigned the replica ``key`` now, where it goes (the assigned nodes that
+    still count, Ready replicas first, then new ones, none holding ``max_node_replicas``),
+    and, with ``meet_on`` (gated workloads need the volume on that node, with others), why
+    it cannot move a replica there."""
     assigned = view.assigned(key)
     ready_first = sorted(assigned, key=lambda n: (view.report(n, key).get("phase") != "Ready", n))
     healthy = [n for n in ready_first if keeps_replica(view, n)]
@@ -654,7 +656,24 @@ def place_replica(
         tolerations=config.tolerations,
         max_node_replicas=max_node_replicas,
     )
-    return assigned, place(request, view.node_infos(), current=healthy)
+    if meet_on is None:
+        return assigned, place(request, view.node_infos(), current=healthy), None
+    arrived = view.report(meet_on, key).get("phase") == "Ready"
+    return assigned, *meet(request, view.node_infos(), healthy, meet_on, arrived)
+
+
+def _placement(
+    ctx: SourceContext, view: ClusterView, config: VolumeConfig, key: str
+) -> tuple[list[str], Placement, str | None]:
+    """place_replica, moving a replica where gated workloads need it (ctx.together_on) unless
+    that would take the namespace past its cap."""
+    meet_on = ctx.together_on.get(config.id)
+    assigned, placement, cannot_meet = place_replica(view, config, key, ctx.policy.max_replicas_per_node, meet_on)
+    if meet_on is not None and placement.added and namespace_cap_problem(ctx, view, key, len(placement.nodes)):
+        # Moving a replica takes one more for a while: never past the namespace's cap.
+        assigned, placement, _ = place_replica(view, config, key, ctx.policy.max_replicas_per_node)
+        cannot_meet = f"no replica moves to {meet_on}: the namespace is at its cap of replicas"
+    return assigned, placement, cannot_meet
 
 
 def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> VolumeStatus:
@@ -664,10 +683,12 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
     path = node_path(replica.root or ctx.node_data_root, owner, config.id, replica.digest)
     label = data_label(owner, config.id, replica.digest)
     claim = claim_name(owner, config.id, replica.digest)
-    assigned, placement = place_replica(view, config, key, ctx.policy.max_replicas_per_node)
+    assigned, placement, cannot_meet = _placement(ctx, view, config, key)
     if placement.added and (over := namespace_cap_problem(ctx, view, key, len(placement.nodes))):
         # New replicas only: those already placed stay, until the spec or the cap changes.
         return VolumeStatus(id=config.id, sourceType=config.source_type, phase=VolumePhase.FAILED, message=over)
+    if cannot_meet:
+        logger.info("%s: a gated workload needs it with other volumes on one node, but %s", key, cannot_meet)
     entry: dict[str, Any] = {
         "name": key,
         "volumeManager": {"namespace": owner.namespace, "name": owner.name, "uid": owner.uid},
@@ -741,6 +762,7 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
     return _status(
         config,
         shortfall=placement.shortfall_message(config.replicas),
+        note=f"gated workloads need it on one node with other volumes, but {cannot_meet}" if cannot_meet else "",
         ready=ready,
         nodes=nodes_status,
         path=path,
@@ -793,8 +815,10 @@ def _status(
     label: str,
     was_usable: bool,
     claim: tuple[str, str, str | None],
+    note: str = "",
 ) -> VolumeStatus:
-    """``claim`` is (claim name, PV name, the claim's phase or None while it is being made)."""
+    """``claim`` is (claim name, PV name, the claim's phase or None while it is being made);
+    ``note`` ends the message."""
     desired = config.replicas
     done = sum(n["bytes"] for n in nodes)
     total = sum(n["totalBytes"] for n in nodes)
@@ -814,6 +838,8 @@ def _status(
         state = f"is {claim_phase}" if claim_phase else "is being created"
         phase = VolumePhase.PROVISIONING
         message = f"{message}; waiting for claim {name} to bind to PersistentVolume {volume_name}: the claim {state}"
+    if note:
+        message = f"{message}; {note}"
     return VolumeStatus(
         id=config.id,
         sourceType=config.source_type,

@@ -1,9 +1,11 @@
 """Who still refers to a volume's earlier data besides the pods running on its nodes: pods not
-scheduled yet (gated or pending) and the training jobs whose pod templates mount it.
+scheduled yet (gated or pending) and the training workloads whose pod templates mount it.
 
-A TFJob or PyTorchJob makes its pods from the templates the webhook wired when the job was
-created. After the volume's source changes, the job's next pods (a restarted worker, a
-scale-up) still mount the earlier claim, and a pod gated while the earlier data was being
+A training workload (TrainJob, JobSet, LeaderWorkerSet, TFJob, PyTorchJob: webhook.mutation's
+WORKLOADS) makes its pods from the templates the webhook wired when it was created (a
+TrainJob, from its runtime's, patched by the runtime patch KVC added). After the volume's
+source changes, the job's next pods (a restarted worker, a scale-up) still mount the earlier
+claim, and a pod gated while the earlier data was being
 fetched can never be given another volume (a pod's volumes are immutable). So the earlier
 data, its claim and its PV stay while such a job or pod refers to them: the job's workers all
 read the same data, and none waits for a claim that is gone.
@@ -19,18 +21,16 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from kvc.sources.base import SourceContext
+from webhook.mutation import WORKLOADS, pod_templates
 
 logger = logging.getLogger(__name__)
 
-JOBS_GROUP, JOBS_VERSION = "kubeflow.org", "v1"
-# Plural -> the spec field holding the replica templates.
-TRAINING_JOBS = {"tfjobs": "tfReplicaSpecs", "pytorchjobs": "pytorchReplicaSpecs"}
 _FINISHED = ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True)
 class Readers:
-    """The pods and jobs (``pod/x``, ``tfjob/y``) that refer to each claim and each host path."""
+    """The pods and workloads (``pod/x``, ``tfjob/y``, ``trainjob/z``) that refer to each claim and each host path."""
 
     claims: Mapping[str, list[str]] = field(default_factory=dict)
     paths: Mapping[str, list[str]] = field(default_factory=dict)
@@ -54,42 +54,46 @@ def _collect(items: Iterable[tuple[str, Iterable[Mapping[str, Any]]]]) -> Reader
     return Readers(claims, paths)
 
 
-def job_volumes(kind_field: str, job: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    """Every volume of every replica template of a training job (pure)."""
-    replicas = (job.get("spec") or {}).get(kind_field) or {}
-    for replica in replicas.values() if isinstance(replicas, dict) else []:
-        template = (replica or {}).get("template") or {}
-        yield from (template.get("spec") or {}).get("volumes") or []
+def job_volumes(kind: str, job: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    """Every volume of every pod template of a training workload of ``kind`` (pure): what the
+    API server stored, read as it comes (a malformed part holds no volume)."""
+    for template in pod_templates({**job, "kind": kind}, strict=False):
+        spec = template.template.get("spec")
+        volumes = spec.get("volumes") if isinstance(spec, dict) else None
+        yield from (v for v in volumes if isinstance(v, dict)) if isinstance(volumes, list) else ()
 
 
-def job_finished(job: Mapping[str, Any]) -> bool:
+def job_finished(kind: str, job: Mapping[str, Any]) -> bool:
+    """Whether the workload has ended for good (a LeaderWorkerSet never does)."""
     conditions = (job.get("status") or {}).get("conditions") or []
-    return any(c.get("type") in _FINISHED and c.get("status") == "True" for c in conditions)
+    finished = WORKLOADS[kind].finished
+    return any(c.get("type") in finished and c.get("status") == "True" for c in conditions)
 
 
 def training_jobs(ctx: SourceContext) -> list[tuple[str, dict[str, Any]]]:
-    """The VolumeManager's namespace's training jobs that have not finished, as (plural, job).
+    """The VolumeManager's namespace's training workloads that have not finished, as (kind, job).
 
-    Where the Kubeflow training CRDs are not installed (404), or KVC may not read them (403),
-    there are none to keep data for.
+    Where a workload's CRD is not installed (404), or KVC may not read it (403), there are
+    none of that kind to keep data for.
     """
     jobs = []
-    for plural in TRAINING_JOBS:
+    for kind, workload in WORKLOADS.items():
         try:
-            listed = ctx.custom.list_namespaced_custom_object(JOBS_GROUP, JOBS_VERSION, ctx.owner.namespace, plural)
+            listed = ctx.custom.list_namespaced_custom_object(
+                workload.group, workload.version, ctx.owner.namespace, workload.plural
+            )
         except ApiException as exc:
             if exc.status not in (403, 404):
                 raise
-            logger.debug("no %s to look at in %s (API answered %s)", plural, ctx.owner.namespace, exc.status)
+            logger.debug("no %s to look at in %s (API answered %s)", workload.plural, ctx.owner.namespace, exc.status)
             continue
-        jobs += [(plural, job) for job in listed.get("items", []) if not job_finished(job)]
+        jobs += [(kind, job) for job in listed.get("items", []) if not job_finished(kind, job)]
     return jobs
 
 
 def job_readers(ctx: SourceContext) -> Readers:
     return _collect(
-        (f"{plural.removesuffix('s')}/{job['metadata']['name']}", job_volumes(TRAINING_JOBS[plural], job))
-        for plural, job in training_jobs(ctx)
+        (f"{kind.lower()}/{job['metadata']['name']}", job_volumes(kind, job)) for kind, job in training_jobs(ctx)
     )
 
 

@@ -91,6 +91,9 @@ class SourceContext:
     # The bytes a node-local replica may take when its volume gives no capacity
     # (the controller's --default-capacity).
     default_capacity: str = DEFAULT_NODE_CAPACITY
+    # Volume id -> a node that should also hold a replica: gated workloads need it there
+    # together with other volumes (kvc.controller.gates.Together).
+    together_on: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

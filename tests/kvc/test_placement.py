@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from kvc.placement import NodeInfo, VolumeRequest, affinity_matches, ineligibility, place, tolerates
+from kvc.placement import NodeInfo, VolumeRequest, affinity_matches, ineligibility, meet, place, tolerates
 
 GIB = 1 << 30
 
@@ -180,3 +180,42 @@ def test_five_thousand_nodes() -> None:
     eligible = [n for n in cluster if ineligibility(n, request) is None and n.name not in result.nodes]
     assert all(n.replicas >= busiest for n in eligible)
     assert place(request, list(reversed(cluster))).nodes == result.nodes
+
+
+def test_a_move_adds_the_meeting_node_first_and_drops_another_only_once_it_is_ready() -> None:
+    cluster = [NodeInfo(f"node-{i}") for i in range(4)]
+    request = VolumeRequest(replicas=2)
+    # Not there yet: the meeting node comes on top of the two replicas, which both stay.
+    moving, problem = meet(request, cluster, ["node-2", "node-3"], "node-0", arrived=False)
+    assert problem is None
+    assert moving.nodes == ("node-2", "node-3", "node-0")
+    assert moving.added == ("node-0",)
+    # Assigned but still fetching: nothing is dropped.
+    fetching, _ = meet(request, cluster, ["node-2", "node-3", "node-0"], "node-0", arrived=False)
+    assert set(fetching.nodes) == {"node-0", "node-2", "node-3"}
+    assert fetching.added == ()
+    # Ready there: back to two replicas, the meeting node kept, the last of the others dropped.
+    done, _ = meet(request, cluster, ["node-2", "node-3", "node-0"], "node-0", arrived=True)
+    assert done.nodes == ("node-0", "node-2")
+    # Already holding it: nothing moves.
+    held, _ = meet(request, cluster, ["node-0", "node-3"], "node-0", arrived=True)
+    assert held.nodes == ("node-0", "node-3")
+    assert held.added == ()
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        (NodeInfo("full", replicas=2), "full (--max-replicas-per-node=2)"),
+        (NodeInfo("small", free_bytes=10), "short of free disk"),
+        (NodeInfo("tainted", taints=[{"key": "gpu", "effect": "NoSchedule"}]), "with untolerated taints"),
+    ],
+)
+def test_a_move_never_puts_a_replica_where_it_may_not_go(target: NodeInfo, reason: str) -> None:
+    request = VolumeRequest(replicas=1, capacity_bytes=100, max_node_replicas=2)
+    placement, problem = meet(request, [NodeInfo("home"), target], ["home"], target.name, arrived=False)
+    assert placement.nodes == ("home",)
+    assert problem == f"node {target.name} cannot take a replica: it is {reason}"
+    gone, problem = meet(request, [NodeInfo("home")], ["home"], "elsewhere", arrived=False)
+    assert gone.nodes == ("home",)
+    assert problem == "node elsewhere cannot take a replica: it is not a schedulable node"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from e2e import pod_strategies
 from webhook.admission import BadReviewError, admit, json_patch, wants_volumes
-from webhook.mutation import MutationError, wire_pod
+from webhook.mutation import TRAINJOB_MANAGER, MutationError, wire_pod
 from webhook.resolve import Catalog, CatalogEntry
 
 SOURCE = {"hostPath": {"path": "/var/lib/kvc/team-a/datasets/cifar-1", "type": "Directory"}}
@@ -102,6 +102,103 @@ def test_a_pytorchjob_template_that_asks_is_wired_alone() -> None:
     assert "volumes" not in replicas["Worker"]["template"]["spec"]
 
 
+def jobset(templates: dict[str, dict[str, str]], annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """A JobSet whose replicated jobs have these pod template annotations."""
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {"name": "js", "annotations": annotations or {}},
+        "spec": {
+            "replicatedJobs": [
+                {"name": name, "template": {"spec": {"template": pod(template_annotations)}}}
+                for name, template_annotations in templates.items()
+            ]
+        },
+    }
+
+
+def leaderworkerset(leader: dict[str, str], worker: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "leaderworkerset.x-k8s.io/v1",
+        "kind": "LeaderWorkerSet",
+        "metadata": {"name": "lws"},
+        "spec": {"leaderWorkerTemplate": {"leaderTemplate": pod(leader), "workerTemplate": pod(worker)}},
+    }
+
+
+def trainjob(annotations: dict[str, str], patch_annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """A TrainJob; ``patch_annotations``: those of a pod template in a runtime patch of another manager."""
+    job: dict[str, Any] = {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": {"name": "tj", "annotations": annotations},
+        "spec": {"runtimeRef": {"name": "torch-distributed"}},
+    }
+    if patch_annotations is not None:
+        node = {"name": "node", "template": {"spec": {"template": {"metadata": {"annotations": patch_annotations}}}}}
+        job["spec"]["runtimePatches"] = [
+            {"manager": "example.com/team", "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [node]}}}}
+        ]
+    return job
+
+
+def test_a_jobset_template_that_asks_is_wired_alone() -> None:
+    job = jobset({"driver": {}, "workers": {"kvc/volume": "cifar"}})
+    assert wants_volumes(job)
+    wired = patched(admit(review(job), catalog), job)
+    driver, workers = (j["template"]["spec"]["template"] for j in wired["spec"]["replicatedJobs"])
+    assert "volumes" not in driver["spec"]
+    assert [v["name"] for v in workers["spec"]["volumes"]] == ["kvc-datasets-cifar"]
+    assert admit(review(wired), catalog)["response"].get("patch") is None  # reinvoked: nothing more to add
+
+
+def test_a_leaderworkerset_asking_on_its_leader_template_alone_wires_the_leader() -> None:
+    lws = leaderworkerset({"kvc/volume": "cifar"}, {})
+    assert wants_volumes(lws)
+    wired = patched(admit(review(lws), catalog), lws)
+    groups = wired["spec"]["leaderWorkerTemplate"]
+    assert groups["leaderTemplate"]["spec"]["volumes"]
+    assert "volumes" not in groups["workerTemplate"]["spec"]
+
+
+def test_a_trainjob_asking_on_itself_gets_a_runtime_patch_once() -> None:
+    job = trainjob({"kvc/volume": "cifar"})
+    response = admit(review(job), catalog)["response"]
+    assert response["allowed"] is True
+    wired = patched({"response": response}, job)
+    assert [p["manager"] for p in wired["spec"]["runtimePatches"]] == [TRAINJOB_MANAGER]
+    assert admit(review(wired), catalog)["response"].get("patch") is None
+
+
+def test_a_trainjob_is_asked_for_on_itself_only() -> None:
+    """Its runtime patches are not its pods' templates but patches to its runtime's: the pod hook
+    wires the pods they reach, and the TrainJob itself takes the fast path."""
+    job = trainjob({}, patch_annotations={"kvc/volume": "cifar"})
+    assert not wants_volumes(job)
+    assert admit(review(job), catalog)["response"] == {"uid": "0d6b-uid", "allowed": True}
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        (jobset({"workers": {"kvc/volumes": "cifar"}}), "KVC: unknown annotation kvc/volumes"),
+        (leaderworkerset({}, {"kvc/volumes": "cifar"}), "KVC: unknown annotation kvc/volumes"),
+        (trainjob({"kvc/volumes": "cifar"}), "KVC: unknown annotation kvc/volumes"),
+        (trainjob({"kvc/volume": "nope"}), "KVC: volume nope not found in namespace team-a"),
+        ({**jobset({}, {"kvc/volume": "cifar"}), "spec": {}}, "KVC: JobSet has no spec.replicatedJobs to wire"),
+        (
+            {**leaderworkerset({}, {}), "metadata": {"annotations": {"kvc/volume": "cifar"}}, "spec": {}},
+            "KVC: LeaderWorkerSet has no pod template at spec.leaderWorkerTemplate.workerTemplate",
+        ),
+    ],
+)
+def test_workload_denials_say_what_to_fix(obj: dict[str, Any], message: str) -> None:
+    assert wants_volumes(obj)
+    response = admit(review(obj), catalog)["response"]
+    assert response["allowed"] is False
+    assert response["status"]["message"].startswith(message)
+
+
 @pytest.mark.parametrize(
     ("annotations", "message"),
     [
@@ -180,8 +277,8 @@ _ANNOTATION_VALUES = st.sampled_from(["cifar", "datasets/cifar", "", ",", "a/b/c
 
 @st.composite
 def _shaky_objects(draw: st.DrawFn) -> Any:
-    """Objects of any shape, often close to a Pod or a TFJob and carrying kvc/* annotations."""
-    kind = draw(st.sampled_from(["Pod", "TFJob", "PyTorchJob"]))
+    """Objects of any shape, often close to a Pod or a training workload and carrying kvc/* annotations."""
+    kind = draw(st.sampled_from(["Pod", "TFJob", "PyTorchJob", "JobSet", "LeaderWorkerSet", "TrainJob"]))
     annotations = draw(
         st.dictionaries(
             st.sampled_from(["kvc/volume", "kvc/mount-path", "kvc/containers", "kvc/read-only", "kvc/x"]),
@@ -196,6 +293,25 @@ def _shaky_objects(draw: st.DrawFn) -> Any:
         "Pod": draw(st.sampled_from([pod()["spec"], draw(_JSON)])),
         "TFJob": {"tfReplicaSpecs": draw(st.sampled_from([{"Worker": {"template": template}}, draw(_JSON)]))},
         "PyTorchJob": {"pytorchReplicaSpecs": {"Master": draw(st.sampled_from([{"template": template}, draw(_JSON)]))}},
+        "JobSet": {
+            "replicatedJobs": [draw(st.sampled_from([{"template": {"spec": {"template": template}}}, draw(_JSON)]))]
+        },
+        "LeaderWorkerSet": {
+            "leaderWorkerTemplate": draw(
+                st.sampled_from([{"workerTemplate": template, "leaderTemplate": template}, draw(_JSON)])
+            )
+        },
+        "TrainJob": {
+            "runtimePatches": draw(
+                st.sampled_from(
+                    [
+                        [{"manager": TRAINJOB_MANAGER, "trainingRuntimeSpec": draw(_JSON)}],
+                        [{"manager": "example.com/x", "trainingRuntimeSpec": {"template": {"spec": draw(_JSON)}}}],
+                        draw(_JSON),
+                    ]
+                )
+            )
+        },
     }[kind]
     return {"kind": kind, "metadata": metadata, "spec": spec}
 
@@ -230,13 +346,14 @@ def test_the_patch_turns_the_pod_into_the_wired_pod_as_jsonpatch_would(case: pod
 
 # Leaves without booleans and floats: Python's == takes 1, 1.0 and True for one another
 # inside containers, and the wiring never turns one into another (see admission._same).
+# The jsonpatch library that checks the patches refuses `replace` at a key named "-" even in
+# an object (RFC 6901 gives "-" a meaning in arrays only); no Kubernetes field is named so.
+_KEYS = st.text(max_size=3).filter(lambda key: key != "-")
 _PLAIN_JSON = st.recursive(
     st.none() | st.integers() | st.text(max_size=4),
     lambda children: (
         st.lists(children, max_size=4)
-        | st.dictionaries(
-            st.sampled_from(["a", "b", "a/b", "~0", "~1/", ""]) | st.text(max_size=3), children, max_size=4
-        )
+        | st.dictionaries(st.sampled_from(["a", "b", "a/b", "~0", "~1/", ""]) | _KEYS, children, max_size=4)
     ),
     max_leaves=20,
 )
@@ -245,12 +362,12 @@ _PLAIN_JSON = st.recursive(
 @st.composite
 def _json_pairs(draw: st.DrawFn) -> tuple[Any, Any]:
     """A document and another: often the first with parts changed, added or removed."""
-    original = draw(st.dictionaries(st.text(max_size=3), _PLAIN_JSON, max_size=4))
+    original = draw(st.dictionaries(_KEYS, _PLAIN_JSON, max_size=4))
     changed = draw(
         st.sampled_from(
             [
-                draw(st.dictionaries(st.text(max_size=3), _PLAIN_JSON, max_size=4)),
-                {**original, **draw(st.dictionaries(st.text(max_size=3), _PLAIN_JSON, max_size=2))},
+                draw(st.dictionaries(_KEYS, _PLAIN_JSON, max_size=4)),
+                {**original, **draw(st.dictionaries(_KEYS, _PLAIN_JSON, max_size=2))},
                 {key: draw(_PLAIN_JSON) if draw(st.booleans()) else value for key, value in original.items()},
                 {key: value for key, value in original.items() if draw(st.booleans())},
                 {

@@ -11,7 +11,16 @@ from hypothesis import given, settings
 
 from e2e import pod_strategies
 from webhook import grammar, mutation
-from webhook.mutation import GATE, INJECTED, MutationError, ResolvedVolume, wire_job, wire_pod
+from webhook.mutation import (
+    GATE,
+    INJECTED,
+    TRAINJOB_MANAGER,
+    MutationError,
+    ResolvedVolume,
+    pod_templates,
+    wire_job,
+    wire_pod,
+)
 
 LABEL = "data.kvc.kubeflow.org/team-a-datasets-cifar-0123456789"
 
@@ -374,3 +383,267 @@ def test_a_volume_of_the_same_name_that_kvc_did_not_add_is_still_refused() -> No
     foreign = pod(volumes=[{"name": "kvc-datasets-cifar", "persistentVolumeClaim": {"claimName": "mine"}}])
     with pytest.raises(MutationError, match="already has a volume named kvc-datasets-cifar with another source"):
         wire_pod(foreign, request({"kvc/volume": "cifar"}), [claim_volume()])
+
+
+# --------------------------------------------------------------------------- training workloads
+
+
+def template(container: str = "main", annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"metadata": {"annotations": annotations or {}}, "spec": {"containers": [{"name": container, "image": "x"}]}}
+
+
+def jobset_object(annotations: dict[str, str], **templates: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {"name": "js", "annotations": annotations},
+        "spec": {
+            "replicatedJobs": [
+                {"name": name, "replicas": 2, "template": {"spec": {"parallelism": 4, "template": pod_template}}}
+                for name, pod_template in templates.items()
+            ]
+        },
+    }
+
+
+def lws_object(annotations: dict[str, str], worker: dict[str, Any], leader: dict[str, Any] | None) -> dict[str, Any]:
+    groups: dict[str, Any] = {"size": 4, "workerTemplate": worker}
+    if leader is not None:
+        groups["leaderTemplate"] = leader
+    return {
+        "apiVersion": "leaderworkerset.x-k8s.io/v1",
+        "kind": "LeaderWorkerSet",
+        "metadata": {"name": "lws", "annotations": annotations},
+        "spec": {"replicas": 2, "leaderWorkerTemplate": groups},
+    }
+
+
+def trainjob_object(annotations: dict[str, str], patches: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"runtimeRef": {"name": "torch-distributed"}, "trainer": {"numNodes": 4}}
+    if patches is not None:
+        spec["runtimePatches"] = patches
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": {"name": "tj", "annotations": annotations},
+        "spec": spec,
+    }
+
+
+def node_patch(manager: str, pod_template: dict[str, Any]) -> dict[str, Any]:
+    """A TrainJob runtime patch of the training node's pod template."""
+    node = {"name": "node", "template": {"spec": {"template": pod_template}}}
+    return {"manager": manager, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [node]}}}}
+
+
+ASKS = {"kvc/volume": "cifar", "kvc/mount-path": "/data", "team": "vision"}
+
+
+@pytest.mark.parametrize(
+    ("job", "containers"),
+    [
+        (jobset_object(ASKS, driver=template("driver"), workers=template("worker")), ["driver", "worker"]),
+        (lws_object(ASKS, worker=template("worker"), leader=template("leader")), ["worker", "leader"]),
+        (lws_object(ASKS, worker=template("worker"), leader=None), ["worker"]),
+    ],
+    ids=["jobset", "leaderworkerset", "leaderworkerset-without-leader"],
+)
+def test_every_pod_template_of_a_jobset_or_leaderworkerset_is_wired_and_gets_the_annotations(
+    job: dict[str, Any], containers: list[str]
+) -> None:
+    original = copy.deepcopy(job)
+    wired = wire_job(job, request(ASKS), [s3_volume()])
+    templates = pod_templates(wired)
+    assert [t.template["spec"]["containers"][0]["name"] for t in templates] == containers
+    for found in templates:
+        annotations = found.template["metadata"]["annotations"]
+        assert annotations["kvc/volume"] == "cifar"
+        assert annotations["kvc/mount-path"] == "/data"
+        assert "team" not in annotations  # only KVC's own annotations are copied
+        assert json.loads(annotations[INJECTED]) == ["kvc-datasets-cifar"]
+        (mount,) = found.template["spec"]["containers"][0]["volumeMounts"]
+        assert mount == {"name": "kvc-datasets-cifar", "mountPath": "/data", "readOnly": True}
+        assert found.template["spec"]["affinity"]["nodeAffinity"]
+    # Everything but the templates is left as it was; a second pass (reinvocation) adds nothing.
+    assert {k: v for k, v in wired.items() if k != "spec"} == {k: v for k, v in original.items() if k != "spec"}
+    assert wire_job(wired, request(ASKS), [s3_volume()]) == wired
+    assert jsonpatch.make_patch(original, wired).apply(copy.deepcopy(original)) == wired
+    assert job == original
+
+
+def test_replicated_job_fields_around_the_template_are_kept() -> None:
+    wired = wire_job(jobset_object(ASKS, workers=template()), request(ASKS), [s3_volume(phase="Pending")])
+    (workers,) = wired["spec"]["replicatedJobs"]
+    assert (workers["name"], workers["replicas"], workers["template"]["spec"]["parallelism"]) == ("workers", 2, 4)
+    pod_template = workers["template"]["spec"]["template"]
+    assert pod_template["spec"]["schedulingGates"] == [{"name": GATE}]  # still provisioning: gated
+    assert pod_template["metadata"]["labels"] == {"kvc.kubeflow.org/gated": "true"}
+
+
+def kvc_patch(wired: dict[str, Any]) -> dict[str, Any]:
+    (ours,) = [p for p in wired["spec"]["runtimePatches"] if p["manager"] == TRAINJOB_MANAGER]
+    patch: dict[str, Any] = ours
+    return patch
+
+
+def test_a_trainjob_gets_a_runtime_patch_of_its_own_that_wires_the_training_node() -> None:
+    others = [node_patch("kueue.x-k8s.io/manager", {"spec": {"nodeSelector": {"pool": "gpu"}}})]
+    job = trainjob_object(ASKS, copy.deepcopy(others))
+    wired = wire_job(job, request(ASKS), [claim_volume()])
+    assert wired["spec"]["runtimePatches"][:1] == others  # other managers' patches are left alone
+    assert wired["spec"]["runtimeRef"] == job["spec"]["runtimeRef"]
+    ours = kvc_patch(wired)
+    assert ours == node_patch(
+        TRAINJOB_MANAGER,
+        {
+            "metadata": {
+                "annotations": {
+                    INJECTED: '["kvc-datasets-cifar"]',
+                    "kvc/volume": "cifar",
+                    "kvc/mount-path": "/data",
+                }
+            },
+            "spec": {
+                "containers": [
+                    {
+                        "name": "node",
+                        "volumeMounts": [{"name": "kvc-datasets-cifar", "mountPath": "/data", "readOnly": True}],
+                    }
+                ],
+                "volumes": [
+                    {
+                        "name": "kvc-datasets-cifar",
+                        "persistentVolumeClaim": {"claimName": "datasets-cifar-0123456789", "readOnly": True},
+                    }
+                ],
+            },
+        },
+    )
+    # A second pass (reinvocation, or a TrainJob created from one read back) adds nothing.
+    assert wire_job(wired, request(ASKS), [claim_volume()]) == wired
+    assert jsonpatch.make_patch(job, wired).apply(copy.deepcopy(job)) == wired
+
+
+@pytest.mark.parametrize("phase", ["Ready", "Pending"])
+def test_a_trainjob_patch_leaves_the_node_affinity_and_the_gate_to_the_pod_hook(phase: str) -> None:
+    """A patch's nodeSelectorTerms would replace the runtime's own, and a gate would hold pods
+    made once the data is Ready: the pod hook adds either to each pod when it is made."""
+    wired = wire_job(trainjob_object(ASKS), request(ASKS), [s3_volume(phase=phase)])
+    node = kvc_patch(wired)["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod_template = node["template"]["spec"]["template"]
+    assert set(pod_template["spec"]) == {"containers", "volumes"}
+    assert "labels" not in pod_template["metadata"]
+    # A pod made from the runtime's template with the patch merged in is placed by the pod hook.
+    made = {
+        "metadata": pod_template["metadata"],
+        "spec": {"containers": [{"name": "node", "image": "torch", **pod_template["spec"]["containers"][0]}]},
+    }
+    made["spec"]["volumes"] = pod_template["spec"]["volumes"]
+    placed = wire_pod(made, request(pod_template["metadata"]["annotations"]), [s3_volume(phase=phase)])
+    assert placed["spec"]["volumes"] == made["spec"]["volumes"]
+    assert placed["spec"]["containers"] == made["spec"]["containers"]
+    if phase == "Ready":
+        assert placed["spec"]["affinity"]["nodeAffinity"]
+    else:
+        assert placed["spec"]["schedulingGates"] == [{"name": GATE}]
+
+
+def test_kvc_containers_on_a_trainjob_names_the_training_node_containers_to_mount_into() -> None:
+    asks = {"kvc/volume": "cifar", "kvc/containers": "node,sidecar"}
+    wired = wire_job(trainjob_object(asks), request(asks), [s3_volume()])
+    node = kvc_patch(wired)["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    containers = node["template"]["spec"]["template"]["spec"]["containers"]
+    assert [(c["name"], [m["mountPath"] for m in c["volumeMounts"]]) for c in containers] == [
+        ("node", ["/var/datasets/cifar"]),
+        ("sidecar", ["/var/datasets/cifar"]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        (
+            {"spec": {"containers": [{"name": "node", "volumeMounts": [{"name": "mine", "mountPath": "/data"}]}]}},
+            r"TrainJob spec\.runtimePatches\[0\] \(manager example\.com/team\) mounts mine at /data in container "
+            r"node: choose another path with kvc/mount-path\.cifar",
+        ),
+        (
+            {"spec": {"volumes": [{"name": "kvc-datasets-cifar", "emptyDir": {}}]}},
+            r"TrainJob spec\.runtimePatches\[0\] \(manager example\.com/team\) also has a volume named "
+            r"kvc-datasets-cifar, which KVC adds: rename it",
+        ),
+    ],
+)
+def test_another_patch_that_would_replace_kvcs_volume_or_mount_is_refused(other: dict[str, Any], message: str) -> None:
+    job = trainjob_object(ASKS, [node_patch("example.com/team", other)])
+    with pytest.raises(MutationError, match=message):
+        wire_job(job, request(ASKS), [s3_volume()])
+    # Elsewhere (another path, another container) it merges with KVC's patch.
+    elsewhere = {"spec": {"containers": [{"name": "node", "volumeMounts": [{"name": "mine", "mountPath": "/mine"}]}]}}
+    wire_job(trainjob_object(ASKS, [node_patch("example.com/team", elsewhere)]), request(ASKS), [s3_volume()])
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [
+        (jobset_object(ASKS), r"^JobSet has no spec\.replicatedJobs to wire$"),
+        ({**jobset_object(ASKS), "spec": {}}, r"^JobSet has no spec\.replicatedJobs to wire$"),
+        (
+            {**jobset_object(ASKS), "spec": {"replicatedJobs": {"workers": {}}}},
+            r"^JobSet spec\.replicatedJobs must be a list, not an object$",
+        ),
+        (
+            {**jobset_object(ASKS), "spec": {"replicatedJobs": [{"name": "workers", "template": {"spec": {}}}]}},
+            r"^JobSet has no pod template at spec\.replicatedJobs\[0\]\.template\.spec\.template$",
+        ),
+        (
+            jobset_object(ASKS, workers={"metadata": {}, "spec": {"volumes": "data"}}),
+            r"^JobSet spec\.replicatedJobs\[0\]\.template\.spec\.template spec\.volumes must be a list, not a string$",
+        ),
+        (
+            {**lws_object(ASKS, template(), None), "spec": {"leaderWorkerTemplate": {"size": 2}}},
+            r"^LeaderWorkerSet has no pod template at spec\.leaderWorkerTemplate\.workerTemplate$",
+        ),
+        (
+            lws_object(ASKS, worker=template(), leader=[]),  # type: ignore[arg-type]
+            r"^LeaderWorkerSet spec\.leaderWorkerTemplate\.leaderTemplate must be an object, not a list$",
+        ),
+        (
+            {**trainjob_object(ASKS), "spec": {"runtimePatches": {"manager": "x"}}},
+            r"^TrainJob spec\.runtimePatches must be a list, not an object$",
+        ),
+        (
+            trainjob_object(ASKS, [{"manager": TRAINJOB_MANAGER, "trainingRuntimeSpec": []}]),
+            r"^TrainJob spec\.runtimePatches\[0\]\.trainingRuntimeSpec must be an object, not a list$",
+        ),
+        (
+            trainjob_object(ASKS, [node_patch(TRAINJOB_MANAGER, {"spec": {"containers": "node"}})]),
+            r"^TrainJob spec\.runtimePatches\[0\]\.trainingRuntimeSpec\.template\.spec\.replicatedJobs\[0\]"
+            r"\.template\.spec\.template spec\.containers must be a list, not a string$",
+        ),
+    ],
+    ids=[
+        "jobset-no-jobs",
+        "jobset-empty-spec",
+        "jobset-jobs-not-a-list",
+        "jobset-no-pod-template",
+        "jobset-template-volumes",
+        "lws-no-worker",
+        "lws-leader-not-an-object",
+        "trainjob-patches-not-a-list",
+        "trainjob-patch-not-an-object",
+        "trainjob-containers-not-a-list",
+    ],
+)
+def test_a_malformed_workload_is_refused_naming_the_field(job: dict[str, Any], message: str) -> None:
+    with pytest.raises(MutationError, match=message):
+        wire_job(job, request(ASKS), [s3_volume()])
+
+
+def test_templates_are_read_leniently_where_a_refusal_is_not_wanted() -> None:
+    """The fast path and the controller read stored workloads: a malformed part holds no template."""
+    job = jobset_object(ASKS, workers=template())
+    job["spec"]["replicatedJobs"].append("not a job")
+    assert [t.where for t in pod_templates(job, strict=False)] == ["spec.replicatedJobs[0].template.spec.template"]
+    with pytest.raises(MutationError, match=r"JobSet spec\.replicatedJobs\[1\] must be an object, not a string"):
+        pod_templates(job)

@@ -12,7 +12,7 @@ from kvc.sources.registry import load_registry
 from kvc.sources.s3 import S3Source
 from webhook import grammar
 from webhook.index import VolumeIndex
-from webhook.mutation import MutationError
+from webhook.mutation import GATE, MutationError, wire_pod
 from webhook.resolve import catalog_entries, resolve
 
 SOURCE = {"hostPath": {"path": "/var/lib/kvc/ns/vm/x", "type": "Directory"}}
@@ -166,3 +166,52 @@ def test_with_the_host_path_opt_in_an_unreported_volume_still_waits_for_the_cont
     (entry,) = catalog_entries(unreported(S3_SPEC), host_path=True, registry=REGISTRY)
     with pytest.raises(MutationError, match="has no volume source yet"):
         resolve(ask("cifar"), "team-a", [entry])
+
+
+def placed(name: str, **nodes: list[tuple[str, str]]) -> dict[str, Any]:
+    """A VolumeManager of node-local volumes, Ready; ``nodes``: volume id -> [(node, phase)]."""
+    return {
+        "metadata": {"name": name, "namespace": "team-a"},
+        "spec": {"volumeConfigs": [{"id": vid, "sourceType": "S3"} for vid in nodes]},
+        "status": {
+            "volumes": [
+                {
+                    "id": vid,
+                    "phase": "Ready",
+                    "volumeSource": SOURCE,
+                    "claimName": f"claim-{vid}",
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [{"matchExpressions": [{"key": f"data/{vid}", "operator": "Exists"}]}]
+                        }
+                    },
+                    "nodes": [{"name": node, "phase": phase} for node, phase in held],
+                }
+                for vid, held in nodes.items()
+            ]
+        },
+    }
+
+
+def test_the_nodes_holding_a_ready_replica_are_known_and_shared_storage_has_none() -> None:
+    (images,) = catalog_entries(placed("datasets", images=[("n1", "Ready"), ("n2", "Provisioning")]))
+    assert images.ready_nodes == frozenset({"n1"})
+    (cifar, *_rest) = CATALOG
+    assert cifar.ready_nodes is None
+
+
+def test_a_pod_needing_volumes_ready_apart_is_gated_instead_of_pinned_to_no_node() -> None:
+    entries = catalog_entries(placed("datasets", images=[("n1", "Ready")], model=[("n2", "Ready")]))
+    request = grammar.parse({"kvc/volume": "images,model"})
+    assert request is not None
+    pod: dict[str, Any] = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}}
+    wired = wire_pod(pod, request, resolve(request, "team-a", entries))
+    assert wired["spec"]["schedulingGates"] == [{"name": GATE}]
+    assert "affinity" not in wired["spec"]
+    pinned = {**pod, "spec": {**pod["spec"], "nodeName": "n1"}}
+    with pytest.raises(MutationError, match=r"no node holds all of images, model yet, and the pod sets spec\.nodeName"):
+        wire_pod(pinned, request, resolve(request, "team-a", entries))
+    together = catalog_entries(placed("datasets", images=[("n1", "Ready")], model=[("n1", "Ready"), ("n2", "Ready")]))
+    placed_pod = wire_pod(pod, request, resolve(request, "team-a", together))
+    assert "schedulingGates" not in placed_pod["spec"]
+    assert placed_pod["spec"]["affinity"]["nodeAffinity"]

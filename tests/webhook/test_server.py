@@ -121,15 +121,17 @@ def test_a_ref_the_index_lacks_is_looked_for_on_the_api_server_before_it_is_refu
         assert found["response"]["allowed"] is True
         assert found["response"]["patchType"] == "JSONPatch"
         unknown = await (await client.post("/mutate", json=review({"kvc/volume": "nope"}))).json()
-        assert "volume nope not found in namespace team-a; volumes there: datasets/cifar" in (
-            unknown["response"]["status"]["message"]
+        assert (
+            "volume nope not found in namespace team-a; volumes there: datasets/cifar"
+            in (unknown["response"]["status"]["message"])
         )
         # The API server cannot be asked: the index's answer stands, and says what it knows.
         elsewhere = review({"kvc/volume": "cifar"})
         elsewhere["request"]["namespace"] = "team-b"
         refused = await (await client.post("/mutate", json=elsewhere)).json()
-        assert "volume cifar not found in namespace team-b; volumes there: none" in (
-            refused["response"]["status"]["message"]
+        assert (
+            "volume cifar not found in namespace team-b; volumes there: none"
+            in (refused["response"]["status"]["message"])
         )
         # Known volumes, and objects that ask for none, never cost a list.
         listed.clear()
