@@ -2,7 +2,8 @@
 
 ``control_plane`` (session): one cluster with three simulated nodes for the whole run.
 ``namespace`` (per test): a fresh namespace enforcing Pod Security `restricted`, deleted afterwards.
-``s3`` (session): an S3 server on loopback.
+``s3`` (session): an S3 server on loopback; ``s3_data`` (per test) a bucket and its Secret.
+``webhook`` (per module): KVC's webhook, registered with the API server.
 When a test fails, the tails of every component's log are attached to its report and
 the full logs are copied to ``.e2e-logs/`` for reading after the run (always, with
 KVC_E2E_KEEP_LOGS=1).
@@ -22,8 +23,8 @@ import pytest
 from kubernetes import client
 
 from e2e.cluster import ControlPlane, NodeSpec
-from e2e.kvc import KvcAgent, KvcController, apply_crds
-from e2e.s3server import S3Server
+from e2e.kvc import KvcAgent, KvcController, KvcWebhook, apply_crds
+from e2e.s3server import S3Server, credentials_secret
 
 NODE_NAMES = ("kvc-node-1", "kvc-node-2", "kvc-node-3")
 LOGS_KEPT_IN = Path(".e2e-logs")
@@ -145,3 +146,28 @@ def agents(agent_processes: dict[str, KvcAgent]) -> dict[str, KvcAgent]:
     for agent in agent_processes.values():
         agent.wait_reporting()
     return agent_processes
+
+
+@pytest.fixture(scope="module")
+def webhook(
+    control_plane: ControlPlane, api: Any, kvc_crds: None, request: pytest.FixtureRequest
+) -> Iterator[KvcWebhook]:
+    """KVC's webhook, registered with the API server, for the tests of one module (its log is
+    named after the module)."""
+    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-")
+    running = KvcWebhook(control_plane, name=f"kvc-webhook-{module}").start()
+    with running.registered(api):
+        yield running
+    running.stop()
+
+
+@pytest.fixture
+def s3_data(s3: S3Server, api: Any, namespace: str) -> str:
+    """A bucket of 20 small objects under cifar/ (``helpers.s3_config``), and the Secret aws-creds."""
+    s3_client = s3.client()
+    bucket = f"hook-{namespace}"
+    s3_client.create_bucket(Bucket=bucket)
+    for i in range(20):
+        s3_client.put_object(Bucket=bucket, Key=f"cifar/{i}.bin", Body=bytes([i]) * 1000)
+    client.CoreV1Api(api).create_namespaced_secret(namespace, credentials_secret("aws-creds"))
+    return bucket

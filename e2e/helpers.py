@@ -70,6 +70,29 @@ def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "conditi
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
+def s3_config(s3: Any, bucket: str, replicas: int = 2, volume_id: str = "cifar") -> dict[str, Any]:
+    """An S3 volume over ``s3_data``'s objects (prefix cifar/), credentials in Secret aws-creds."""
+    return {
+        "id": volume_id,
+        "sourceType": "S3",
+        "replicas": replicas,
+        "accessMode": "ReadOnlyMany",
+        "options": {
+            "sourceURL": f"s3://{bucket}/cifar/",
+            "endpointURL": s3.endpoint_url,
+            "awsCredentialsSecretName": "aws-creds",
+        },
+    }
+
+
+def wait_running(core: Any, namespace: str, name: str, timeout: float = 60) -> Any:
+    def running() -> Any:
+        pod = core.read_namespaced_pod(name, namespace)
+        return pod if pod.status.phase == "Running" else None
+
+    return wait_for(running, timeout=timeout, what=f"pod {name} Running")
+
+
 class VolumeManagers:
     """Create, read and wait on VolumeManagers in one namespace."""
 

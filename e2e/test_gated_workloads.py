@@ -10,7 +10,6 @@ import concurrent.futures
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,10 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from e2e.cluster import ControlPlane
-from e2e.helpers import VolumeManagers, restricted_pod, wait_for
+from e2e.helpers import VolumeManagers, restricted_pod, s3_config, wait_for
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
-from e2e.s3server import S3Server, credentials_secret
+from e2e.s3server import S3Server
 from kvc.sources.registry import load_registry
 from webhook.index import ReadThrough, VolumeIndex, namespace_lister
 from webhook.mutation import GATE
@@ -33,14 +31,6 @@ QUOTA_GATED = 20
 CREATORS = 16  # concurrent clients, as a GitOps tool or `kubectl apply` of a large file
 
 
-@pytest.fixture(scope="module")
-def webhook(control_plane: ControlPlane, api: Any, kvc_crds: None) -> Iterator[KvcWebhook]:
-    running = KvcWebhook(control_plane, name="kvc-webhook-early").start()
-    with running.registered(api):
-        yield running
-    running.stop()
-
-
 @pytest.fixture
 def vms(
     api: Any, namespace: str, controller: KvcController, agents: dict[str, KvcAgent], webhook: KvcWebhook
@@ -48,30 +38,8 @@ def vms(
     return VolumeManagers(api, namespace)
 
 
-@pytest.fixture
-def bucket(s3: S3Server, api: Any, namespace: str) -> str:
-    name = f"early-{namespace}"
-    s3.client().create_bucket(Bucket=name)
-    for i in range(10):
-        s3.client().put_object(Bucket=name, Key=f"data/{i}.bin", Body=bytes([i]) * 4096)
-    client.CoreV1Api(api).create_namespaced_secret(namespace, credentials_secret("aws-creds"))
-    return name
-
-
 def volumemanager(s3: S3Server, bucket: str, replicas: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": "shards",
-            "sourceType": "S3",
-            "replicas": replicas,
-            "accessMode": "ReadOnlyMany",
-            "options": {
-                "sourceURL": f"s3://{bucket}/data/",
-                "endpointURL": s3.endpoint_url,
-                "awsCredentialsSecretName": "aws-creds",
-            },
-        }
-    ]
+    return [s3_config(s3, bucket, replicas=replicas, volume_id="shards")]
 
 
 def create_pods(
@@ -96,7 +64,7 @@ def create_pods(
 
 
 def test_a_volumemanager_and_200_pods_created_in_the_same_second_are_all_admitted_and_scheduled_on_data_nodes(
-    vms: VolumeManagers, s3: S3Server, bucket: str, api: Any, agents: dict[str, KvcAgent]
+    vms: VolumeManagers, s3: S3Server, s3_data: str, api: Any, agents: dict[str, KvcAgent]
 ) -> None:
     core = client.CoreV1Api(api)
     scheduled_at: dict[str, float] = {}
@@ -137,7 +105,7 @@ def test_a_volumemanager_and_200_pods_created_in_the_same_second_are_all_admitte
     watcher = threading.Thread(target=watch_pods, daemon=True)
     watcher.start()
     started = time.monotonic()
-    vms.create("shards", volumemanager(s3, bucket, replicas=len(agents)))
+    vms.create("shards", volumemanager(s3, s3_data, replicas=len(agents)))
     results = create_pods(api, vms.namespace, PODS, "shards", quota_gated=QUOTA_GATED)
     created_in = time.monotonic() - started
     refused = {name: message for name, message in results.items() if message != "admitted"}
@@ -187,14 +155,14 @@ def test_a_volumemanager_and_200_pods_created_in_the_same_second_are_all_admitte
 
 
 def test_pods_created_a_second_before_their_volumemanager_are_refused_only_while_it_does_not_exist(
-    vms: VolumeManagers, s3: S3Server, bucket: str, api: Any
+    vms: VolumeManagers, s3: S3Server, s3_data: str, api: Any
 ) -> None:
     before = create_pods(api, vms.namespace, 20, "shards", prefix="early")
     for message in before.values():
         assert f"volume shards not found in namespace {vms.namespace}" in message, message
         assert "volumes there: none" in message
     time.sleep(1)
-    vms.create("shards", volumemanager(s3, bucket, replicas=1))
+    vms.create("shards", volumemanager(s3, s3_data, replicas=1))
     after = create_pods(api, vms.namespace, 20, "shards", prefix="later")
     assert set(after.values()) == {"admitted"}, after
     (unknown,) = create_pods(api, vms.namespace, 1, "shards-typo", prefix="typo").values()
@@ -245,8 +213,7 @@ def test_a_volumemanager_the_index_has_not_seen_yet_is_found_on_the_api_server(
 
 
 def zone_volume(s3: S3Server, bucket: str, volume_id: str, affinity: dict[str, Any]) -> dict[str, Any]:
-    (config,) = volumemanager(s3, bucket, replicas=1)
-    return {**config, "id": volume_id, "nodeAffinity": affinity}
+    return {**s3_config(s3, bucket, replicas=1, volume_id=volume_id), "nodeAffinity": affinity}
 
 
 def in_zone(zone: str, required: bool) -> dict[str, Any]:
@@ -257,14 +224,14 @@ def in_zone(zone: str, required: bool) -> dict[str, Any]:
 
 
 def test_volumes_placed_apart_are_brought_together_for_the_pod_that_needs_both(
-    vms: VolumeManagers, s3: S3Server, bucket: str, api: Any
+    vms: VolumeManagers, s3: S3Server, s3_data: str, api: Any
 ) -> None:
     # images may only live on kvc-node-1 (zone-0); model prefers kvc-node-2 but may move.
     vms.create(
         "apart",
         [
-            zone_volume(s3, bucket, "images", in_zone("zone-0", required=True)),
-            zone_volume(s3, bucket, "model", in_zone("zone-1", required=False)),
+            zone_volume(s3, s3_data, "images", in_zone("zone-0", required=True)),
+            zone_volume(s3, s3_data, "model", in_zone("zone-1", required=False)),
         ],
     )
     status = vms.wait_state("apart", "Running", timeout=120)["status"]

@@ -27,10 +27,12 @@ from e2e.helpers import (
     operator_pods,
     restricted_container,
     restricted_pod,
+    s3_config,
     wait_for,
+    wait_running,
 )
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
-from e2e.s3server import S3Server, credentials_secret
+from e2e.s3server import S3Server
 from webhook.mutation import GATE, INJECTED, MutationError, wire_pod
 
 
@@ -38,55 +40,11 @@ def annotated_pod(name: str, annotations: dict[str, str]) -> dict[str, Any]:
     return restricted_pod(name, annotations)
 
 
-def wait_running(core: Any, namespace: str, name: str, timeout: float = 60) -> Any:
-    def running() -> Any:
-        pod = core.read_namespaced_pod(name, namespace)
-        return pod if pod.status.phase == "Running" else None
-
-    return wait_for(running, timeout=timeout, what=f"pod {name} Running")
-
-
-@pytest.fixture(scope="module")
-def webhook(control_plane: ControlPlane, api: Any, kvc_crds: None) -> Iterator[KvcWebhook]:
-    running = KvcWebhook(control_plane).start()
-    with running.registered(api):
-        yield running
-    running.stop()
-
-
 @pytest.fixture
 def vms(
     api: Any, namespace: str, controller: KvcController, agents: dict[str, KvcAgent], webhook: KvcWebhook
 ) -> VolumeManagers:
     return VolumeManagers(api, namespace)
-
-
-@pytest.fixture
-def s3_data(s3: S3Server, api: Any, namespace: str) -> str:
-    s3_client = s3.client()
-    bucket = f"hook-{namespace}"
-    s3_client.create_bucket(Bucket=bucket)
-    for i in range(20):
-        s3_client.put_object(Bucket=bucket, Key=f"cifar/{i}.bin", Body=bytes([i]) * 1000)
-    client.CoreV1Api(api).create_namespaced_secret(
-        namespace,
-        credentials_secret("aws-creds"),
-    )
-    return bucket
-
-
-def s3_config(s3: S3Server, bucket: str, replicas: int = 2, volume_id: str = "cifar") -> dict[str, Any]:
-    return {
-        "id": volume_id,
-        "sourceType": "S3",
-        "replicas": replicas,
-        "accessMode": "ReadOnlyMany",
-        "options": {
-            "sourceURL": f"s3://{bucket}/cifar/",
-            "endpointURL": s3.endpoint_url,
-            "awsCredentialsSecretName": "aws-creds",
-        },
-    }
 
 
 def test_annotated_pods_are_wired_and_scheduled_onto_the_data_nodes(

@@ -24,18 +24,24 @@ from e2e.helpers import (
     leaderworkerset,
     operator_pods,
     read_workload,
+    s3_config,
     trainjob,
     trainjob_runtime_node,
     wait_for,
+    wait_running,
 )
-from e2e.kvc import KvcAgent
+from e2e.kvc import KvcAgent, KvcController, KvcWebhook
 from e2e.s3server import S3Server
-
-# The webhook, VolumeManagers and S3 data of the webhook tests; pytest finds fixtures by name.
-from e2e.test_webhook import s3_config, s3_data, vms, wait_running, webhook  # noqa: F401
 from webhook.mutation import GATE, INJECTED, TRAINJOB_MANAGER
 
 VOLUME = "kvc-datasets-cifar"
+
+
+@pytest.fixture
+def vms(
+    api: Any, namespace: str, controller: KvcController, agents: dict[str, KvcAgent], webhook: KvcWebhook
+) -> VolumeManagers:
+    return VolumeManagers(api, namespace)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +71,9 @@ def assert_wired(template: dict[str, Any], containers: list[str], mount_path: st
 
 
 def test_trainjob_jobset_and_leaderworkerset_pods_land_on_the_data_nodes_with_the_data(
-    vms: VolumeManagers,  # noqa: F811 - the imported fixture
+    vms: VolumeManagers,
     s3: S3Server,
-    s3_data: str,  # noqa: F811
+    s3_data: str,
     api: Any,
     workload_crds: None,
 ) -> None:
@@ -113,9 +119,9 @@ def test_trainjob_jobset_and_leaderworkerset_pods_land_on_the_data_nodes_with_th
 
 
 def test_workload_pods_made_before_their_data_is_ready_wait_for_it_and_then_land_on_it(
-    vms: VolumeManagers,  # noqa: F811
+    vms: VolumeManagers,
     s3: S3Server,
-    s3_data: str,  # noqa: F811
+    s3_data: str,
     api: Any,
     workload_crds: None,
     agents: dict[str, KvcAgent],
