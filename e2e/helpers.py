@@ -93,6 +93,17 @@ def wait_running(core: Any, namespace: str, name: str, timeout: float = 60) -> A
     return wait_for(running, timeout=timeout, what=f"pod {name} Running")
 
 
+def webhook_knows(core: Any, namespace: str, ref: str) -> bool:
+    """Whether the webhook finds the volume ``ref`` (a dry-run admission of a pod asking for it)."""
+    try:
+        core.create_namespaced_pod(namespace, restricted_pod("probe", {"kvc/volume": ref}), dry_run="All")
+    except ApiException as exc:
+        if "not found in namespace" in str(exc.body):
+            return False
+        raise
+    return True
+
+
 class VolumeManagers:
     """Create, read and wait on VolumeManagers in one namespace."""
 

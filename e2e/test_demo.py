@@ -21,7 +21,6 @@ from typing import Any
 
 import kubernetes
 import pytest
-from kubernetes.client.rest import ApiException
 
 from e2e.cluster import pid_alive
 from e2e.demo import (
@@ -40,7 +39,7 @@ from e2e.demo import (
     sample_model_sha256,
     write_model_tarball,
 )
-from e2e.helpers import VolumeManagers, restricted_pod, wait_for
+from e2e.helpers import VolumeManagers, restricted_pod, wait_for, webhook_knows
 from kvc.api import names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,17 +205,6 @@ def test_demo_brings_data_to_the_workloads(demo: RunningDemo) -> None:
 HEALED_VOLUMEMANAGER, HEALED_VOLUME = "after-restart", "weights"
 
 
-def _webhook_knows(core: Any, ref: str) -> bool:
-    """Whether the webhook's index has the VolumeManager of ``ref`` (a dry-run admission)."""
-    try:
-        core.create_namespaced_pod(NAMESPACE, restricted_pod("probe", {"kvc/volume": ref}), dry_run="All")
-    except ApiException as exc:
-        if "not found in namespace" in str(exc.body):
-            return False
-        raise
-    return True
-
-
 @pytest.mark.timeout(600)
 def test_a_killed_controller_is_started_again_and_the_demo_keeps_serving(demo: RunningDemo) -> None:
     demo.assert_up()
@@ -248,7 +236,7 @@ def test_a_killed_controller_is_started_again_and_the_demo_keeps_serving(demo: R
         ],
     )
     ref = f"{HEALED_VOLUMEMANAGER}/{HEALED_VOLUME}"
-    wait_for(lambda: _webhook_knows(core, ref), what="the webhook to index the new VolumeManager")
+    wait_for(lambda: webhook_knows(core, NAMESPACE, ref), what="the webhook to index the new VolumeManager")
     created = core.create_namespaced_pod(NAMESPACE, restricted_pod("after-restart", {"kvc/volume": ref}))
     claim_names = {v.persistent_volume_claim.claim_name for v in created.spec.volumes if v.persistent_volume_claim}
     assert claim_names, "the webhook wired no claim into the pod"

@@ -30,6 +30,7 @@ from e2e.helpers import (
     s3_config,
     wait_for,
     wait_running,
+    webhook_knows,
 )
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
 from e2e.s3server import S3Server
@@ -198,17 +199,6 @@ def test_a_pod_created_with_its_volumemanager_is_wired_to_the_claim_and_released
     assert claim.claim_name == volume["claimName"]  # the controller made the claim the webhook named
     running = wait_running(core, vms.namespace, "eager")
     assert running.spec.node_name in {n["name"] for n in volume["nodes"]}
-
-
-def webhook_knows(core: Any, namespace: str, ref: str) -> bool:
-    """Whether the webhook's index has the VolumeManager of ``ref`` (a dry-run admission)."""
-    try:
-        core.create_namespaced_pod(namespace, annotated_pod("probe", {"kvc/volume": ref}), dry_run="All")
-    except ApiException as exc:
-        if "not found in namespace" in str(exc.body):
-            return False
-        raise
-    return True
 
 
 @pytest.mark.parametrize(
