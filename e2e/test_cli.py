@@ -3,7 +3,11 @@ control plane, reading VolumeManagers the controller and agents brought to Runni
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import uuid
@@ -14,9 +18,10 @@ import pytest
 from kubernetes import client
 
 from e2e.cluster import ControlPlane
-from e2e.helpers import VolumeManagers
+from e2e.helpers import VolumeManagers, wait_for
 from e2e.kvc import KvcAgent, KvcController
 from e2e.s3server import S3Server, credentials_secret
+from kvc.api import names
 
 FULL_BAR = "[####################]"
 
@@ -123,6 +128,93 @@ def test_status_of_an_nfs_volume_shows_its_claim(
     assert lines[-1] == f"    claim {volume['claimName']} (PersistentVolume {volume['persistentVolumeName']})"
     bound = vms.core.read_namespaced_persistent_volume_claim(volume["claimName"], namespace)
     assert bound.status.phase == "Bound"
+
+
+def controller_lease(api: Any, namespace: str) -> dict[str, Any] | None:
+    """The controller's heartbeat Lease as the API server stores it; None when there is none."""
+    try:
+        response = client.CoordinationV1Api(api).read_namespaced_lease(
+            names.CONTROLLER_LEASE, namespace, _preload_content=False
+        )
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    lease: dict[str, Any] = json.loads(response.data)
+    return lease
+
+
+def test_status_tells_a_restarted_controller_from_one_that_stopped_renewing(
+    control_plane: ControlPlane, api: Any, namespace: str, controller_process: KvcController
+) -> None:
+    """The heartbeat Lease, for real: a controller SIGKILLed is NOT RENEWING once its Lease's
+    duration has passed; started again, its new process takes the Lease over, counted as a
+    restart. `kvc status` says each, and shows the VolumeManager all along."""
+    # A controller of its own, whose 3-second Lease lives in the test's namespace (stale within
+    # seconds, and no other test's); the session's makes way for it.
+    controller_process.stop()
+    controller = KvcController(control_plane, extra_args=[f"--lease-namespace={namespace}", "--lease-duration=3"])
+    controller.name = "kvc-controller-heartbeat"
+    controller.env["POD_NAME"] = ""  # not in a pod: the holder is <hostname>-<pid>
+    vms = VolumeManagers(api, namespace)
+
+    def controller_line() -> str:
+        result = kvc(control_plane, "status", "shared", "-n", namespace, "--kvc-namespace", namespace)
+        print(result.stdout)  # shown with -rP: what an operator sees
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[1:3] == ["State:    Running", "Message:  all 1 volumes ready"]  # whatever the controller
+        return lines[3]
+
+    try:
+        controller.start()
+        vms.create("shared", [nfs_volume("scratch", "vision")])
+        vms.wait_state("shared", "Running")
+        first = wait_for(lambda: controller_lease(api, namespace), what="the controller's Lease")
+        holder = f"{socket.gethostname()}-{controller.pid}"
+        assert first["spec"]["holderIdentity"] == holder
+        assert (first["spec"]["leaseTransitions"], first["spec"]["leaseDurationSeconds"]) == (0, 3)
+        assert re.fullmatch(
+            rf"Controller: running \({re.escape(holder)}, renewed [0-3]s ago; started \S+ ago; restarted 0 times\)",
+            controller_line(),
+        )
+
+        # Killed (as the OOM killer would): nothing renews the Lease, and after its 3 s `kvc
+        # status` says the status it shows may be stale.
+        controller.kill()
+        stale = wait_for(
+            lambda: (line := controller_line()).startswith("Controller: NOT RENEWING") and line,
+            timeout=20,
+            what="kvc status to say the controller is not renewing",
+        )
+        assert re.fullmatch(
+            rf"Controller: NOT RENEWING - last renewed \d+s ago by {re.escape(holder)}: the controller may be down;"
+            " this status may be stale",
+            stale,
+        )
+
+        # Started again with the same flags, as the kubelet restarts a container: a new process.
+        controller.restart()
+        second = wait_for(
+            lambda: (lease := controller_lease(api, namespace)) and lease["spec"]["holderIdentity"] != holder and lease,
+            what="the restarted controller to take its Lease over",
+        )
+        new_holder = f"{socket.gethostname()}-{controller.pid}"
+        assert second["spec"]["holderIdentity"] == new_holder != holder
+        assert second["spec"]["leaseTransitions"] == 1
+
+        def started(lease: dict[str, Any]) -> dt.datetime:
+            return dt.datetime.fromisoformat(lease["spec"]["acquireTime"])
+
+        assert started(second) > started(first)
+        assert re.fullmatch(
+            rf"Controller: running \({re.escape(new_holder)}, renewed [0-3]s ago; started \S+ ago;"
+            r" restarted 1 time\)",
+            controller_line(),
+        )
+    finally:
+        controller.stop()
+        controller_process.start()
 
 
 def test_datasets_finds_labelled_volumes_in_every_namespace(

@@ -118,6 +118,20 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
         _demo("down", "--dir", str(demo_dir), timeout=120)  # when the test of `down` did not run
 
 
+def controller_line(demo: RunningDemo) -> str:
+    """The Controller line of `kvc status`, run as the demo's admin (its kubeconfig)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kvc", "status", DATASETS, "-n", NAMESPACE],
+        env={**os.environ, "KUBECONFIG": str(demo.directory / "cluster" / "kubeconfig")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return next(line for line in result.stdout.splitlines() if line.startswith("Controller:"))
+
+
 def status_rows(output: str) -> dict[str, dict[str, str]]:
     """`python -m e2e.demo status` read back: NAME -> {column: value} (cells hold single spaces only)."""
     header, *lines = [re.split(r" {3,}", line.strip()) for line in output.strip().splitlines()]
@@ -210,6 +224,13 @@ def test_a_killed_controller_is_started_again_and_the_demo_keeps_serving(demo: R
     demo.assert_up()
     killed = demo.component("kvc-controller")
     assert killed["restarts"] == 0
+    # `kvc status` shows the controller's heartbeat: this process, never restarted.
+    before = wait_for(
+        lambda: "restarted 0 times)" in (line := controller_line(demo)) and line,
+        timeout=30,
+        what="kvc status to show the controller's heartbeat",
+    )
+    assert before.startswith(f"Controller: running ({socket.gethostname()}-{killed['pid']}, renewed ")
     os.kill(killed["pid"], signal.SIGKILL)
     wait_for(lambda: not pid_alive(killed["pid"]), timeout=10, what="the controller to die")
 
@@ -261,6 +282,13 @@ def test_a_killed_controller_is_started_again_and_the_demo_keeps_serving(demo: R
     log = (demo.directory / "supervisor.log").read_text()
     assert re.search(r"kvc-controller exited \(killed by SIGKILL\) after \d+s; restarting in 1s \(restart 1\)", log)
     assert f"kvc-controller running again (pid {back['pid']}, restart 1)" in log
+    # KVC's own view: the new process took the heartbeat Lease over, counted as one restart.
+    after = wait_for(
+        lambda: "restarted 1 time)" in (line := controller_line(demo)) and line,
+        timeout=30,
+        what="kvc status to show the controller restarted once",
+    )
+    assert after.startswith(f"Controller: running ({socket.gethostname()}-{back['pid']}, renewed ")
 
     vm = vms.wait_state(HEALED_VOLUMEMANAGER, "Running", timeout=120)
     (volume,) = vm["status"]["volumes"]

@@ -676,6 +676,17 @@ def indexed_volumemanagers(url: str, context: ssl.SSLContext) -> float:
     return float(line.split()[1])
 
 
+def heartbeat_of(leases: Any, holder: str) -> Any:
+    """The controller's Lease in kvc-system while ``holder`` holds it, else None."""
+    try:
+        found = leases.read_namespaced_lease(names.CONTROLLER_LEASE, names.KVC_NAMESPACE)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return found if found.spec.holder_identity == holder else None
+
+
 def test_each_component_works_with_only_its_own_rbac(
     control_plane: ControlPlane,
     api: Any,
@@ -690,7 +701,7 @@ def test_each_component_works_with_only_its_own_rbac(
     """deploy/rbac applied for real; the controller, one agent and the webhook authenticate as
     their ServiceAccounts (tokens, as in a pod) through every API call of a VolumeManager's
     life: S3 replicas on a node, NFS PV+PVC, an existing claim, events, a gated pod
-    released, deletion. Nothing may be refused."""
+    released, deletion; the controller's heartbeat Lease created and renewed. Nothing may be refused."""
     kubeconfigs = install_rbac(control_plane, default)
     core = client.CoreV1Api(api)
     # The data: objects in a bucket, its credentials Secret, and a claim bound to a PV of our own.
@@ -729,11 +740,24 @@ def test_each_component_works_with_only_its_own_rbac(
     session_agent = agent_processes[RBAC_NODE]
     session_agent.stop()
     controller = ControllerAs(control_plane, kubeconfigs["controller"])
+    # Its heartbeat Lease as in a pod (POD_NAME from the downward API), renewed every second so
+    # that the test sees updates as well as the create.
+    controller.env["POD_NAME"] = "kvc-controller-rbac-test"
+    controller.extra_args.append("--lease-duration=3")
+    leases = client.CoordinationV1Api(api)
+    try:
+        leases.delete_namespaced_lease(names.CONTROLLER_LEASE, names.KVC_NAMESPACE)  # made by an earlier test
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
     agent = AgentAs(control_plane, RBAC_NODE, kubeconfigs["agent"])
     webhook: Component | None = None
     vms = VolumeManagers(api, namespace)
     try:
         controller.start()
+        first_beat = wait_for(
+            lambda: heartbeat_of(leases, "kvc-controller-rbac-test"), what="the controller to create its Lease"
+        )
         agent.start()
         agent.wait_reporting()
         webhook, url, context = start_webhook_as(control_plane, kubeconfigs["webhook"], tmp_path)
@@ -804,6 +828,13 @@ def test_each_component_works_with_only_its_own_rbac(
         )
         assert not copies.items
         assert data_label not in (core.read_node(RBAC_NODE).metadata.labels or {})
+
+        # Renewed all along (get + update of that one Lease), with no transition: one process.
+        renewed = heartbeat_of(leases, "kvc-controller-rbac-test")
+        assert renewed is not None
+        assert renewed.spec.renew_time > first_beat.spec.renew_time
+        assert renewed.spec.acquire_time == first_beat.spec.acquire_time
+        assert renewed.spec.lease_transitions == first_beat.spec.lease_transitions == 0
     finally:
         controller.stop()
         agent.stop()

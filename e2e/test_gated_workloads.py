@@ -226,42 +226,45 @@ def in_zone(zone: str, required: bool) -> dict[str, Any]:
 def test_volumes_placed_apart_are_brought_together_for_the_pod_that_needs_both(
     vms: VolumeManagers, s3: S3Server, s3_data: str, api: Any
 ) -> None:
-    # images may only live on kvc-node-1 (zone-0); model prefers kvc-node-2 but may move.
+    # images may only live on kvc-node-2 (zone-1); model prefers kvc-node-1 but may move. Both
+    # nodes hold one of the two: kvc-node-1 comes first by name, but images may not go there.
     vms.create(
         "apart",
         [
-            zone_volume(s3, s3_data, "images", in_zone("zone-0", required=True)),
-            zone_volume(s3, s3_data, "model", in_zone("zone-1", required=False)),
+            zone_volume(s3, s3_data, "images", in_zone("zone-1", required=True)),
+            zone_volume(s3, s3_data, "model", in_zone("zone-0", required=False)),
         ],
     )
     status = vms.wait_state("apart", "Running", timeout=120)["status"]
     where = {v["id"]: [n["name"] for n in v["nodes"]] for v in status["volumes"]}
-    assert where == {"images": ["kvc-node-1"], "model": ["kvc-node-2"]}
+    assert where == {"images": ["kvc-node-2"], "model": ["kvc-node-1"]}
     core = client.CoreV1Api(api)
     core.create_namespaced_pod(vms.namespace, restricted_pod("both", {"kvc/volume": "images,model"}))
     pod = core.read_namespaced_pod("both", vms.namespace)
     assert [g.name for g in pod.spec.scheduling_gates] == [GATE]  # no node could take it yet
 
-    def told() -> str | None:
-        for event in core.list_namespaced_event(vms.namespace, field_selector="involvedObject.name=both").items:
-            if event.reason == "DataApart":
-                return str(event.message)
-        return None
+    def told(text: str) -> str | None:
+        # What `kubectl describe pod both` lists: Events whose involvedObject is the Pod.
+        events = core.list_namespaced_event(
+            vms.namespace, field_selector="involvedObject.kind=Pod,involvedObject.name=both,reason=DataApart"
+        ).items
+        return next((str(e.message) for e in events if text in str(e.message)), None)
 
-    message = wait_for(told, timeout=30, what="a DataApart event on the pod")
-    assert message.startswith("no node holds all of its volumes (images on kvc-node-1; model on kvc-node-2)")
-    assert "moving a replica of model to kvc-node-1" in message
+    message = wait_for(lambda: told("model on kvc-node-2"), timeout=60, what="the pod told where its data meets")
+    assert message.startswith("no node holds all of its volumes (images on kvc-node-2; model on kvc-node-1)")
+    assert "placing a replica of model on kvc-node-2" in message
 
     scheduled = wait_for(
         lambda: (p := core.read_namespaced_pod("both", vms.namespace)).spec.node_name and p,
         timeout=120,
         what="the pod scheduled",
     )
-    assert scheduled.spec.node_name == "kvc-node-1"
+    assert scheduled.spec.node_name == "kvc-node-2"
     assert not scheduled.spec.scheduling_gates
-    # The move kept the volume's replica count: model left kvc-node-2 once kvc-node-1 held it.
+    # The move keeps the volume's replica count: once the pod is placed, model leaves kvc-node-1
+    # (nothing reads it there) and stays where the pod reads it.
     wait_for(
-        lambda: [n["name"] for n in vms.volume("apart", "model")["nodes"]] == ["kvc-node-1"],
-        timeout=60,
-        what="model held by kvc-node-1 alone",
+        lambda: [n["name"] for n in vms.volume("apart", "model")["nodes"]] == ["kvc-node-2"],
+        timeout=90,
+        what="model held by kvc-node-2 alone",
     )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import json
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,7 +19,16 @@ from certs.cli import certs as certs_group
 from kvc import __version__, logs
 from kvc.agent.files import MAX_OBJECTS
 from kvc.api import names
-from kvc.inspect import DATASET_HEADERS, Selector, dataset_rows, parse_selector, render_table, status_report
+from kvc.inspect import (
+    DATASET_HEADERS,
+    HeartbeatUnreadable,
+    Selector,
+    controller_heartbeat,
+    dataset_rows,
+    parse_selector,
+    render_table,
+    status_report,
+)
 from kvc.policy import (
     DEFAULT_MAX_REPLICAS_PER_NAMESPACE,
     DEFAULT_MAX_REPLICAS_PER_NODE,
@@ -80,7 +91,9 @@ class _Cluster:
             raise _Failure(f"no usable kubeconfig at {location}: {exc} (set KUBECONFIG to a kubeconfig file)") from None
         self.namespace: str = (context.get("context") or {}).get("namespace") or "default"
         self.host: str = configuration.host
-        self.custom = client.CustomObjectsApi(client.ApiClient(configuration))
+        api = client.ApiClient(configuration)
+        self.custom = client.CustomObjectsApi(api)
+        self.coordination = client.CoordinationV1Api(api)
         if not logging.getLogger().isEnabledFor(logging.DEBUG):
             # urllib3 logs a warning per retried connection: the one error line below says it all.
             logging.getLogger("urllib3").setLevel(logging.ERROR)
@@ -96,6 +109,35 @@ class _Cluster:
             not_found=f'volumemanager "{name}" not found in namespace "{namespace}"',
         )
         return result
+
+    def controller_lease(self, namespace: str) -> tuple[Mapping[str, Any] | HeartbeatUnreadable | None, dt.datetime]:
+        """The controller's heartbeat Lease (None: there is none) and the API server's time of its
+        answer (else this machine's). Never fails: the command shows what it could not read."""
+        from kubernetes.client.rest import ApiException  # noqa: PLC0415
+        from urllib3.exceptions import HTTPError  # noqa: PLC0415
+
+        here_now = dt.datetime.now(dt.UTC)
+        try:
+            response = self.coordination.read_namespaced_lease(
+                names.CONTROLLER_LEASE, namespace, _preload_content=False, _request_timeout=_REQUEST_TIMEOUT
+            )
+            lease = json.loads(response.data)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None, here_now
+            if exc.status == 403:
+                # Tenants may not read kvc-system by default (see the user guide).
+                reason = f"forbidden to read Lease {namespace}/{names.CONTROLLER_LEASE}"
+            else:
+                reason = f"the API server answered {exc.status} {exc.reason}"
+            return HeartbeatUnreadable(reason), here_now
+        except (HTTPError, OSError) as exc:
+            return HeartbeatUnreadable(f"cannot reach the cluster at {self.host}: {_root_cause(exc)}"), here_now
+        except ValueError:
+            return HeartbeatUnreadable("the API server's answer is not JSON"), here_now
+        if not isinstance(lease, dict):
+            return HeartbeatUnreadable("the API server's answer is not a Lease"), here_now
+        return lease, _server_time(response.headers) or here_now
 
     def volumemanagers(self, namespace: str | None) -> list[dict[str, Any]]:
         """Every VolumeManager in a namespace, or in all of them (None), page by page."""
@@ -163,6 +205,15 @@ def _api_error(exc: Any, not_found: str, forbidden_hint: str) -> str:
     return f"the API server answered {exc.status} {exc.reason}: {message}"
 
 
+def _server_time(headers: Any) -> dt.datetime | None:
+    """The time in an HTTP answer's Date header; None when it has none or it is malformed."""
+    try:
+        value = headers.get("Date") if headers is not None else None
+        return email.utils.parsedate_to_datetime(value) if value else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _root_cause(exc: BaseException) -> str:
     """The innermost reason of a connection error, e.g. "Connection refused", not urllib3's wrappers."""
     cause: BaseException = exc
@@ -182,14 +233,23 @@ def _root_cause(exc: BaseException) -> str:
 @click.option(
     "-n", "--namespace", help="The VolumeManager's namespace (default: the kubeconfig context's, else default)."
 )
-def status_command(name: str, namespace: str | None) -> None:
-    """Show a VolumeManager's volumes, node by node.
+@click.option(
+    "--kvc-namespace",
+    default=names.KVC_NAMESPACE,
+    show_default=True,
+    envvar="KVC_NAMESPACE",
+    help=f"Where KVC's controller runs: its heartbeat Lease ({names.CONTROLLER_LEASE}) there says whether it is alive.",
+)
+def status_command(name: str, namespace: str | None, kvc_namespace: str) -> None:
+    """Show a VolumeManager's volumes, node by node, and whether the controller is alive.
 
     Node-local volumes (S3, HTTP) list every node holding or fetching their data, with progress;
     NFS and PVC volumes show the claim that workloads mount.
     """
     cluster = _Cluster()
-    click.echo(status_report(cluster.volumemanager(namespace or cluster.namespace, name)))
+    vm = cluster.volumemanager(namespace or cluster.namespace, name)
+    lease, now = cluster.controller_lease(kvc_namespace)
+    click.echo(status_report(vm, controller=controller_heartbeat(lease, now, kvc_namespace)))
 
 
 def _parse_selectors(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Selector:
@@ -355,6 +415,23 @@ def _capacity_flag(ctx: click.Context, param: click.Parameter, value: str) -> st
         "whose Secrets the agents may read. Never kvc-system, which holds the webhook's CA."
     ),
 )
+@click.option(
+    "--lease-namespace",
+    default=names.KVC_NAMESPACE,
+    show_default=True,
+    envvar="POD_NAMESPACE",
+    help=(
+        f"Namespace of the heartbeat Lease ({names.CONTROLLER_LEASE}) the controller renews while it runs, "
+        "which `kvc status` reads: the controller's own (POD_NAMESPACE, from the downward API)."
+    ),
+)
+@click.option(
+    "--lease-duration",
+    type=click.IntRange(min=3),
+    default=names.CONTROLLER_LEASE_SECONDS,
+    show_default=True,
+    help="Seconds after its last renewal that the heartbeat counts as stale; it is renewed every third of them.",
+)
 @_METRICS_PORT
 def run_controller(
     namespaces: tuple[str, ...],
@@ -368,14 +445,17 @@ def run_controller(
     max_replicas_per_node: int,
     max_replicas_per_namespace: int,
     credentials_namespace: str,
+    lease_namespace: str,
+    lease_duration: int,
     metrics_port: int,
 ) -> None:
     """The VolumeManager controller."""
     from kvc import metrics  # noqa: PLC0415
-    from kvc.controller import limit_malloc_arenas  # noqa: PLC0415 - imports kopf only for this command
+    from kvc.controller import lease, limit_malloc_arenas  # noqa: PLC0415 - imports kopf only for this command
     from kvc.controller import run as run_kopf  # noqa: PLC0415
 
     limit_malloc_arenas()  # before any thread starts
+    lease.configure_heartbeat(lease.HeartbeatSettings(namespace=lease_namespace, duration_seconds=lease_duration))
     metrics.serve(metrics_port)
     policy = AdminPolicy(allowed_tolerations, allowed_nfs_servers, max_replicas_per_node, max_replicas_per_namespace)
     run_kopf(

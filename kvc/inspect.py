@@ -1,4 +1,5 @@
-"""What `kvc status` and `kvc datasets` print: pure functions from VolumeManager objects to text.
+"""What `kvc status` and `kvc datasets` print: pure functions from VolumeManager objects (and the
+controller's heartbeat Lease) to text.
 
 Objects come from the API server as plain mappings. Everything here reads them defensively:
 a status written by an older controller, or none yet, still renders.
@@ -6,12 +7,15 @@ a status written by an older controller, or none yet, still renders.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
+
+from kvc.api import names
 
 # The phase an agent reports for a replica once its data is complete and verified.
 NODE_READY = "Ready"
@@ -53,6 +57,28 @@ def progress_bar(done: int, total: int | None, width: int = PROGRESS_WIDTH) -> s
     # Integer arithmetic: the bar is full and shows 100% only when every byte is there.
     filled = done * width // total
     return f"[{'#' * filled}{'-' * (width - filled)}] {done * 100 // total:>3}%"
+
+
+def human_age(seconds: float) -> str:
+    """A duration as kubectl shows ages: 45s, 95s, 2m30s, 12m, 5h20m, 3d4h, 20d (negative: 0s)."""
+    total = max(int(seconds), 0)
+    if total < 120:
+        return f"{total}s"
+    if total < 10 * 60:
+        return _two_units(total, (60, "m"), (1, "s"))
+    if total < 3 * 3600:
+        return f"{total // 60}m"
+    if total < 8 * 3600:
+        return _two_units(total, (3600, "h"), (60, "m"))
+    if total < 48 * 3600:
+        return f"{total // 3600}h"
+    return _two_units(total, (86400, "d"), (3600, "h")) if total < 8 * 86400 else f"{total // 86400}d"
+
+
+def _two_units(total: int, unit: tuple[int, str], smaller: tuple[int, str]) -> str:
+    """``2m30s``; ``2m`` when the smaller unit counts none."""
+    rest = total % unit[0] // smaller[0]
+    return f"{total // unit[0]}{unit[1]}" + (f"{rest}{smaller[1]}" if rest else "")
 
 
 def render_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -109,6 +135,17 @@ def _labels(labels: Mapping[str, Any]) -> str:
     return ",".join(f"{key}={value}" for key, value in sorted(labels.items())) or NOT_REPORTED
 
 
+def _timestamp(value: object) -> dt.datetime | None:
+    """A Time or MicroTime field (RFC 3339), in UTC; None when missing or malformed."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment
+
+
 def _volume_statuses(vm: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     return {str(v.get("id")): v for v in _mappings(_mapping(vm.get("status")).get("volumes"))}
 
@@ -116,8 +153,53 @@ def _volume_statuses(vm: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
 # --------------------------------------------------------------------------- kvc status
 
 
-def status_report(vm: Mapping[str, Any]) -> str:
-    """A VolumeManager's state, then one line per volume and, under it, its nodes or its claim."""
+@dataclass(frozen=True)
+class HeartbeatUnreadable:
+    """The controller's Lease could not be read: ``reason`` says why (e.g. forbidden)."""
+
+    reason: str
+
+
+def controller_heartbeat(
+    lease: Mapping[str, Any] | HeartbeatUnreadable | None, now: dt.datetime, namespace: str = names.KVC_NAMESPACE
+) -> str:
+    """What the controller's heartbeat Lease says of it (``None``: there is none in ``namespace``).
+
+    ``now`` should be the API server's time (its answer's Date), not the reader's clock: the
+    controller's renewals are timed by the cluster's clocks, and a laptop's may be off.
+    Stale when the last renewal is older than the Lease's duration. A restart is any change of
+    holder (a new pod, or a new process in the same pod), counted in ``leaseTransitions``.
+    """
+    if isinstance(lease, HeartbeatUnreadable):
+        return f"heartbeat not readable ({_one_line(lease.reason)})"
+    if lease is None:
+        return (
+            "no heartbeat found (is the KVC controller running?"
+            f" no Lease {names.CONTROLLER_LEASE} in namespace {_one_line(namespace)})"
+        )
+    spec = _mapping(lease.get("spec"))
+    holder = _text(spec.get("holderIdentity"), "an unknown holder")
+    duration = _count(spec.get("leaseDurationSeconds")) or names.CONTROLLER_LEASE_SECONDS
+    renewed = _timestamp(spec.get("renewTime"))
+    # Whole seconds, as shown: "renewed 30s ago" is still fresh with a 30-second Lease.
+    age = None if renewed is None else int((now - renewed).total_seconds())
+    if age is None or age > duration:
+        when = "never renewed" if age is None else f"last renewed {human_age(age)} ago"
+        return f"NOT RENEWING - {when} by {holder}: the controller may be down; this status may be stale"
+    details = [f"{holder}, renewed {human_age(age)} ago"]
+    acquired = _timestamp(spec.get("acquireTime"))
+    if acquired is not None:
+        details.append(f"started {human_age((now - acquired).total_seconds())} ago")
+    restarts = _count(spec.get("leaseTransitions"))
+    details.append(f"restarted {restarts} time{'' if restarts == 1 else 's'}")
+    return f"running ({'; '.join(details)})"
+
+
+def status_report(vm: Mapping[str, Any], controller: str | None = None) -> str:
+    """A VolumeManager's state, then one line per volume and, under it, its nodes or its claim.
+
+    ``controller``: what ``controller_heartbeat`` says, shown under the state.
+    """
     metadata = _mapping(vm.get("metadata"))
     status = _mapping(vm.get("status"))
     lines = [f"VolumeManager {_text(metadata.get('name'))} in namespace {_text(metadata.get('namespace'))}"]
@@ -126,6 +208,8 @@ def status_report(vm: Mapping[str, Any]) -> str:
         lines.append(f"Message:  {_text(status.get('message'))}")
     else:
         lines.append("State:    not reported yet (is the KVC controller running?)")
+    if controller is not None:
+        lines.append(f"Controller: {_one_line(controller)}")
     observed, generation = status.get("observedGeneration"), metadata.get("generation")
     if isinstance(observed, int) and isinstance(generation, int) and observed < generation:
         lines.append(

@@ -227,21 +227,20 @@ def place(
 
 
 def meet(
-    request: VolumeRequest, nodes: Sequence[NodeInfo], current: Sequence[str], on: str, arrived: bool
+    request: VolumeRequest, nodes: Sequence[NodeInfo], current: Sequence[str], on: str
 ) -> tuple[Placement, str | None]:
-    """``place``, with one replica moved onto node ``on`` (a workload needs this volume there,
-    together with others), and why it cannot move there (None when it can).
+    """``place``, with a replica also on node ``on`` (a workload needs this volume there,
+    together with others), and why it cannot go there (None when it can).
 
-    A move never leaves a gap: the replica on ``on`` comes in addition to the others, and
-    only once it has ``arrived`` (is Ready) does the placement drop back to ``replicas``, the
-    last of the others (Ready ones are first in ``current``) going. A node that may not hold
-    a new replica (full, short of disk, tainted, outside the volume's affinity) is not used.
+    The replica on ``on`` comes in addition to the others, which all stay while the wish
+    stands (a move never leaves a gap, and pods released onto the other nodes keep their
+    data); once the wish is gone the volume goes back to ``replicas`` (``keep_first``). A node
+    that may not hold a new replica (full, short of disk, tainted, outside the volume's
+    affinity) is not used.
     """
     if on in current:
-        ordered = [on, *(name for name in current if name != on)]
-        if not arrived:  # still fetching there: every replica stays meanwhile
-            request = VolumeRequest(**{**request.__dict__, "replicas": max(request.replicas, len(ordered))})
-        return place(request, nodes, current=ordered), None
+        wider = VolumeRequest(**{**request.__dict__, "replicas": max(request.replicas, len(current))})
+        return place(wider, nodes, current=current), None
     placement = place(request, nodes, current=current)
     if on in placement.nodes:
         return placement, None

@@ -135,6 +135,16 @@ def wants_volumes(obj: Mapping[str, Any]) -> bool:
     return any(_asks(template.template) for template in pod_templates(obj, strict=False))
 
 
+def _made_by_a_trainjob(obj: Mapping[str, Any]) -> bool:
+    """The JobSet Kubeflow Trainer makes from a TrainJob: its training template carries KVC's
+    runtime patch (volumes, mounts, kvc/* annotations) already, and the pod hook places each pod
+    made from it; a gate or affinity added here would be the Trainer's to keep or revert."""
+    owners = _get(obj, "metadata", "ownerReferences")
+    return isinstance(owners, list) and any(
+        isinstance(owner, dict) and owner.get("kind") == "TrainJob" and owner.get("controller") for owner in owners
+    )
+
+
 def _wire(obj: Mapping[str, Any], namespace: str, lookup: Lookup) -> dict[str, Any]:
     kind = str(obj.get("kind"))
     entries = lookup(namespace)
@@ -152,7 +162,7 @@ def _wire(obj: Mapping[str, Any], namespace: str, lookup: Lookup) -> dict[str, A
         job_request = grammar.parse(job_annotations) if isinstance(job_annotations, dict) else None
         if job_request is not None:
             return wire_job(obj, job_request, resolve(job_request, namespace, entries))
-        if WORKLOADS[kind].patched:
+        if WORKLOADS[kind].patched or _made_by_a_trainjob(obj):
             return dict(obj)
         # Only some templates ask: wire each of those as the pod it describes.
         wired: dict[str, Any] = json_copy(obj)

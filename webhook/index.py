@@ -9,6 +9,7 @@ webhook is not ready.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -142,6 +143,9 @@ class ReadThrough:
         self._registry = registry
         self._in_flight: dict[str, asyncio.Task[Catalog]] = {}
         self._next: dict[str, asyncio.Task[Catalog]] = {}
+        # Its own threads: lists for many namespaces at once wait here, not in the loop's
+        # default executor, which aiohttp also uses.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="read-through")
 
     async def catalog(self, namespace: str) -> Catalog:
         """The namespace's volumes as the API server has them now; raises when it cannot be read."""
@@ -176,7 +180,7 @@ class ReadThrough:
         return await self._start(namespace)
 
     async def _list(self, namespace: str) -> Catalog:
-        listed = await asyncio.get_running_loop().run_in_executor(None, self._list_namespace, namespace)
+        listed = await asyncio.get_running_loop().run_in_executor(self._executor, self._list_namespace, namespace)
         return Catalog(
             entry
             for obj in listed

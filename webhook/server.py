@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -42,6 +43,10 @@ from webhook.resolve import Catalog
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 3 * 1024 * 1024  # the API server sends at most ~3 MiB objects
+# Longest wait for the API server's list of a namespace's VolumeManagers (ReadThrough) before
+# answering from the index: the request gets its refusal message well inside the API
+# server's 5 s wait for the webhook, never a timeout.
+READ_THROUGH_SECONDS = 2.5
 CERT_CHECK_SECONDS = 5.0
 # In-flight admissions get this long to finish on SIGTERM: the API server's timeout for us.
 SHUTDOWN_SECONDS = 5.0
@@ -95,14 +100,16 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+# What a denial says first, after "KVC: volume <ref> ", for the reasons about a volume: a
+# Failed volume's own message may say "not found in namespace" too (a missing claim).
+_VOLUME_DENIALS = re.compile(r"KVC: volume \S+ (?:(not found in namespace)|(is in several VolumeManagers)|(is Failed))")
+
+
 def _denial_reason(message: str) -> str:
-    for marker, reason in (
-        ("not found in namespace", "unknown"),
-        ("several VolumeManagers", "ambiguous"),
-        ("is Failed", "failed"),
-        ("spec.nodeName", "node-name"),
-        ("already", "conflict"),
-    ):
+    about_volume = _VOLUME_DENIALS.match(message)
+    if about_volume:
+        return ("unknown", "ambiguous", "failed")[about_volume.lastindex - 1 if about_volume.lastindex else 0]
+    for marker, reason in (("spec.nodeName", "node-name"), ("already", "conflict")):
         if marker in message:
             return reason
     return "invalid"
@@ -124,7 +131,7 @@ async def _decide(review: Any, index: VolumeIndex, read_through: ReadThrough | N
     if _denial_reason(response["status"]["message"]) != "unknown":
         return decision
     try:
-        fresh = await read_through.catalog(asked[0])
+        fresh = await asyncio.wait_for(read_through.catalog(asked[0]), READ_THROUGH_SECONDS)
     except Exception as exc:  # the API server is unreachable or slow: the index's answer stands
         logger.warning("could not list VolumeManagers in %s to look for a volume: %s", asked[0], type(exc).__name__)
         return decision

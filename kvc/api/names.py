@@ -43,6 +43,14 @@ LABEL_GATED = f"{GROUP}/gated"
 # holds the webhook's CA): the only Secrets the agents may read.
 DEFAULT_CREDENTIALS_NAMESPACE = "kvc-credentials"
 
+# KVC's own namespace in deploy/ (the controller and the webhook run there).
+KVC_NAMESPACE = "kvc-system"
+# The Lease the controller renews while it runs, in its own namespace (kvc/controller/lease.py):
+# `kvc status` reads it to tell whether the controller is alive and how often it restarted.
+CONTROLLER_LEASE = "kvc-controller"
+# Seconds after its last renewal that the controller's Lease counts as stale.
+CONTROLLER_LEASE_SECONDS = 30
+
 # A StorageClass name no provisioner serves: KVC's PVs bind only to KVC's claims.
 NFS_STORAGE_CLASS = "kvc-static-nfs"
 # The same for the `local` PVs through which workloads mount node-local replicas.

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import functools
+import hashlib
 import logging
 import threading
 import time
@@ -28,6 +30,7 @@ import kopf
 from kubernetes.client.rest import ApiException
 
 from kvc.api import names
+from kvc.placement import NodeInfo, affinity_matches
 from webhook import grammar
 from webhook.mutation import (
     MutationError,
@@ -91,44 +94,104 @@ def released(
     return ungated
 
 
-def meeting_node(volumes: Sequence[ResolvedVolume]) -> str:
-    """Where volumes placed apart should meet: the node holding Ready replicas of most of
-    them (the fewest moves), the first by name among equals."""
-    held: dict[str, int] = {}
+VolumeKey = tuple[str, str]  # (VolumeManager, volume id)
+
+
+def _anywhere(node: str) -> bool:
+    return True
+
+
+def _never_refused(volume: VolumeKey, node: str) -> str | None:
+    return None
+
+
+def meeting_node(
+    volumes: Sequence[ResolvedVolume],
+    *,
+    planned: Mapping[VolumeKey, str] | None = None,
+    fits: Callable[[str], bool] = _anywhere,
+    refused: Callable[[VolumeKey, str], str | None] = _never_refused,
+) -> tuple[str | None, list[str]]:
+    """Where volumes placed apart should meet, and why the nodes passed over could not be it.
+
+    The node holding Ready replicas of most of them (the fewest moves; a move already
+    planned for another pod counts as done), the first by name among equals, among the
+    nodes the pod itself may run on (``fits``) and where no volume that would have to move
+    was refused (``refused``: a placement pass found the node cannot take it: affinity,
+    taints, disk, caps). None when no node can be it.
+    """
+    planned = planned or {}
+
+    def holders(volume: ResolvedVolume) -> set[str]:
+        key = (volume.manager, volume.volume_id)
+        return {*(volume.ready_nodes or ()), *([planned[key]] if key in planned else [])}
+
+    count: dict[str, int] = {}
     for volume in volumes:
-        for node in volume.ready_nodes or ():
-            held[node] = held.get(node, 0) + 1
-    return min(held, key=lambda node: (-held[node], node))
+        for node in holders(volume):
+            count[node] = count.get(node, 0) + 1
+    why_not: list[str] = []
+    for node in sorted(count, key=lambda name: (-count[name], name)):
+        if not fits(node):
+            why_not.append(f"the pod's own node selection excludes {node}")
+            continue
+        refusals = [
+            f"{volume.ref} cannot go to {node}: {reason}"
+            for volume in volumes
+            if node not in holders(volume) and (reason := refused((volume.manager, volume.volume_id), node))
+        ]
+        if not refusals:
+            return node, why_not
+        why_not += refusals
+    return None, why_not
 
 
 @dataclass(frozen=True)
 class Held:
     """Why a gated pod cannot be released yet, when that needs someone to act."""
 
+    reason: str  # the Event's reason: DataUnavailable or DataApart
     message: str
     # Volumes placed apart: (VolumeManager, volume id) -> the node it should also be on.
-    moves: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    moves: Mapping[VolumeKey, str] = field(default_factory=dict)
 
 
-def held(pod: Mapping[str, Any], entries: Iterable[CatalogEntry]) -> Held | None:
+def held(
+    pod: Mapping[str, Any],
+    entries: Iterable[CatalogEntry],
+    *,
+    planned: Mapping[VolumeKey, str] | None = None,
+    fits: Callable[[str], bool] = _anywhere,
+    refused: Callable[[VolumeKey, str], str | None] = _never_refused,
+) -> Held | None:
     """Why ``pod`` stays gated when waiting alone will not release it (pure): its volume is
-    Failed, unknown or being deleted, or its node-local volumes are Ready apart."""
+    Failed, unknown or being deleted, or its node-local volumes are Ready apart (then where
+    they should meet: ``meeting_node``)."""
     metadata = pod.get("metadata") or {}
     try:
         request = grammar.parse(metadata.get("annotations") or {})
         volumes = resolve(request, str(metadata.get("namespace")), entries) if request else []
     except (grammar.GrammarError, MutationError) as exc:
-        return Held(f"{exc}; the pod stays gated until that is fixed (or delete it)")
+        if "has no volume source yet" in str(exc):
+            return None  # created a moment ago: the controller reports it within seconds
+        return Held("DataUnavailable", f"{exc}; the pod stays gated until that is fixed (or delete it)")
     current = [v for v in volumes if v not in wired_earlier(pod.get("spec") or {}, volumes, injected_volumes(pod))]
     local = [v for v in current if v.ready_nodes is not None]
     if not local or not all(v.ready for v in local) or not share_no_node(local):
         return None
     where = "; ".join(f"{v.ref} on {', '.join(sorted(v.ready_nodes or ())) or 'no node yet'}" for v in local)
-    target = meeting_node(local)
+    target, why_not = meeting_node(local, planned=planned, fits=fits, refused=refused)
+    if target is None:
+        return Held(
+            "DataApart",
+            f"no node holds all of its volumes ({where}), and none can: {'; '.join(why_not)}. Widen the "
+            "volumes' nodeAffinity (or the pod's), or ask for them in separate pods",
+        )
     moves = {(v.manager, v.volume_id): target for v in local if target not in (v.ready_nodes or ())}
     moving = ", ".join(str(v.ref) for v in local if (v.manager, v.volume_id) in moves)
     return Held(
-        f"no node holds all of its volumes ({where}): KVC is moving a replica of {moving} to {target}, "
+        "DataApart",
+        f"no node holds all of its volumes ({where}): KVC is placing a replica of {moving} on {target}, "
         "the pod is released once that node holds them all",
         moves,
     )
@@ -136,70 +199,94 @@ def held(pod: Mapping[str, Any], entries: Iterable[CatalogEntry]) -> Held | None
 
 class Together:
     """Where volumes of a namespace should also be placed, so that its gated pods find one
-    node holding all they ask for: (namespace, VolumeManager, volume id) -> node.
+    node holding all they ask for: (namespace, VolumeManager, volume id) -> node; and the
+    nodes a placement pass found could not take a volume, so the next choice avoids them.
 
     Each gated-pod pass gives its namespace's wishes. A wish outlives the last pod that
-    needed it by ``linger_seconds``: that pod is released as soon as the node holds all its
-    volumes, and the VolumeManager's pass that then drops the replica it moved away from
-    (kvc.placement.meet) must still know which one to keep. Wishes live in memory; after a
-    restart the next pass over the still-gated pods finds them again.
+    needed it by ``linger_seconds``, so that the pods released onto the node it made are
+    bound before the volume goes back to ``replicas`` (kvc.placement.meet keeps every
+    replica while a wish stands). Wishes live in memory; after a restart the next pass over
+    the still-gated pods finds them again.
     """
 
-    def __init__(self, linger_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    # Released pods are bound within seconds of losing their gate; the rest is margin.
+    def __init__(self, linger_seconds: float = 20.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.linger_seconds = linger_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        # namespace -> (VolumeManager, volume id) -> (node, when a pass last wanted it there)
-        self._wishes: dict[str, dict[tuple[str, str], tuple[str, float]]] = {}
+        # namespace -> volume -> (node, when a pass last wanted it there)
+        self._wishes: dict[str, dict[VolumeKey, tuple[str, float]]] = {}
+        # (namespace, volume, node) -> (why it cannot go there, when that was found)
+        self._refused: dict[tuple[str, VolumeKey, str], tuple[str, float]] = {}
 
-    def replace(self, namespace: str, moves: Mapping[tuple[str, str], str]) -> set[str]:
+    def replace(self, namespace: str, moves: Mapping[VolumeKey, str]) -> set[str]:
         """Record the namespace's wishes now; returns the VolumeManagers given a new one."""
         now = self._clock()
         with self._lock:
+            before = self._wishes.get(namespace, {})
             wishes = {
                 volume: (node, seen)
-                for volume, (node, seen) in self._wishes.get(namespace, {}).items()
+                for volume, (node, seen) in before.items()
                 if now - seen <= self.linger_seconds and volume not in moves
             }
-            before = self._wishes.get(namespace, {})
             changed = {volume[0] for volume, node in moves.items() if before.get(volume, ("", 0.0))[0] != node}
             wishes.update((volume, (node, now)) for volume, node in moves.items())
             if wishes:
                 self._wishes[namespace] = wishes
             else:
                 self._wishes.pop(namespace, None)
+            self._refused = {
+                key: value for key, value in self._refused.items() if now - value[1] <= self.linger_seconds
+            }
         return changed
+
+    def wishes(self, namespace: str) -> dict[VolumeKey, str]:
+        """The namespace's standing wishes: volume -> node."""
+        now = self._clock()
+        with self._lock:
+            standing = self._wishes.get(namespace, {})
+            return {volume: node for volume, (node, seen) in standing.items() if now - seen <= self.linger_seconds}
 
     def of(self, namespace: str, manager: str) -> dict[str, str]:
         """Volume id -> the node that volume should also be on."""
+        return {volume_id: node for (owner, volume_id), node in self.wishes(namespace).items() if owner == manager}
+
+    def refuse(self, namespace: str, volume: VolumeKey, node: str, reason: str) -> None:
+        """A placement pass found ``node`` cannot take a replica of ``volume``: drop that wish,
+        and let the next gated-pod pass choose another node (or tell the pod none can)."""
         now = self._clock()
         with self._lock:
+            self._refused[(namespace, volume, node)] = (reason, now)
             wishes = self._wishes.get(namespace, {})
-            return {
-                volume_id: node
-                for (owner, volume_id), (node, seen) in wishes.items()
-                if owner == manager and now - seen <= self.linger_seconds
-            }
+            if wishes.get(volume, ("", 0.0))[0] == node:
+                del wishes[volume]
+
+    def refusal(self, namespace: str, volume: VolumeKey, node: str) -> str | None:
+        with self._lock:
+            found = self._refused.get((namespace, volume, node))
+        return found[0] if found and self._clock() - found[1] <= self.linger_seconds else None
 
 
 TOGETHER = Together()
 
 
 class _Told:
-    """The Events already posted on gated pods (uid -> message), so each is posted once."""
+    """The Events already posted on gated pods (uid -> a digest of the message), so each is
+    posted once; a message that changes (the volumes moved, another node was chosen) is news."""
 
     def __init__(self, limit: int = 65536) -> None:
         self._lock = threading.Lock()
-        self._told: dict[str, str] = {}
+        self._told: dict[str, bytes] = {}
         self._limit = limit
 
     def first_time(self, uid: str, message: str) -> bool:
+        digest = hashlib.blake2b(message.encode(), digest_size=8).digest()
         with self._lock:
-            if self._told.get(uid) == message:
+            if self._told.get(uid) == digest:
                 return False
             if len(self._told) >= self._limit:
                 self._told.clear()
-            self._told[uid] = message
+            self._told[uid] = digest
             return True
 
 
@@ -222,23 +309,28 @@ def release_gated_pods(core: Any, custom: Any, namespace: str, together: Togethe
         return GatedPass(0)
     listed = custom.list_namespaced_custom_object(names.GROUP, names.VERSION, namespace, names.VOLUMEMANAGER_PLURAL)
     entries = [entry for vm in listed.get("items", []) for entry in catalog_entries(vm)]
-    moves: dict[tuple[str, str], str] = {}
+    moves: dict[VolumeKey, str] = {}
+    standing = together.wishes(namespace)
+    nodes = _NodeLabels(core)
     patches: list[tuple[Any, list[dict[str, Any]]]] = []  # (the pod as read, its patch)
     for pod in pods:
         current = core.api_client.sanitize_for_serialization(pod)
+        # Listed pods come without their kind: an Event needs it to show in `kubectl describe pod`.
+        current.update(apiVersion="v1", kind="Pod")
         target = released(current, entries, lambda volume: _where_usable(core, namespace, volume))
         if target is None:
-            reason = held(current, entries)
+            reason = held(
+                current,
+                entries,
+                planned={**standing, **moves},
+                fits=functools.partial(nodes.admit, current["spec"]),
+                refused=lambda volume, node: together.refusal(namespace, volume, node),
+            )
             if reason is not None:
                 for volume, node in reason.moves.items():
-                    moves.setdefault(volume, node)  # the first pod's choice: one meeting node per volume
+                    moves.setdefault(volume, node)
                 if _TOLD.first_time(str(pod.metadata.uid), reason.message):
-                    kopf.event(
-                        current,
-                        type="Warning",
-                        reason="DataApart" if reason.moves else "DataUnavailable",
-                        message=reason.message,
-                    )
+                    kopf.event(current, type="Warning", reason=reason.reason, message=reason.message)
             continue
         # Another controller (Kueue, ...) may remove its own gate meanwhile, shifting the
         # list's indexes under ours: the test makes such a patch fail (the next pass retries)
@@ -268,12 +360,33 @@ def release_gated_pods(core: Any, custom: Any, namespace: str, together: Togethe
 _RELEASERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="release")
 
 
+class _NodeLabels:
+    """Whether a pod's own node selection admits a node, reading the nodes once per pass and
+    only if some pod needs it (a pass over pods whose volumes are apart)."""
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+        self._labels: dict[str, Mapping[str, str]] | None = None
+
+    def admit(self, pod_spec: Mapping[str, Any], node: str) -> bool:
+        if self._labels is None:
+            self._labels = {n.metadata.name: n.metadata.labels or {} for n in self._core.list_node().items}
+        labels = self._labels.get(node)
+        if labels is None:
+            return False
+        selector = pod_spec.get("nodeSelector") or {}
+        if any(labels.get(key) != value for key, value in selector.items()):
+            return False
+        affinity = (pod_spec.get("affinity") or {}).get("nodeAffinity")
+        return affinity_matches(affinity, NodeInfo(node, labels))
+
+
 def _patch(core: Any, namespace: str, pod: Mapping[str, Any], patch: list[dict[str, Any]]) -> bool:
     name = pod["metadata"]["name"]
     try:
         core.patch_namespaced_pod(name, namespace, patch)
-    except ApiException as exc:
-        logger.warning("releasing pod %s/%s failed: %s", namespace, name, exc.reason)
+    except Exception as exc:  # the API server refused it, or could not be reached: the next pass retries
+        logger.warning("releasing pod %s/%s failed: %s", namespace, name, getattr(exc, "reason", None) or exc)
         return False
     logger.info("released pod %s/%s: its data is ready", namespace, name)
     return True

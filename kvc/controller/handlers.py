@@ -18,7 +18,7 @@ from kvc import kube, metrics
 from kvc.agent.agent import DEFAULT_NODE_DATA_ROOT
 from kvc.api import names
 from kvc.api.models import State
-from kvc.controller import caches, gates, passes, reconcile, status
+from kvc.controller import caches, gates, lease, passes, reconcile, status
 from kvc.policy import AdminPolicy
 from kvc.sources.base import DEFAULT_NODE_CAPACITY, SourceContext
 from kvc.sources.registry import load_registry
@@ -88,6 +88,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.setdefault("policy", AdminPolicy())
     memo.setdefault("default_capacity", DEFAULT_NODE_CAPACITY)
     logger.info("source types: %s", ", ".join(sorted(memo.registry.sources)))
+    # The Lease `kvc status` reads to tell the controller is alive: renewed from a thread of its
+    # own, so neither a slow API server nor a refusal ever holds up reconciling.
+    memo.setdefault("heartbeat_settings", lease.configured_settings())
+    leases = lease.KubernetesLeases(client.CoordinationV1Api(api))
+    memo.heartbeat = lease.Heartbeat(leases, memo.heartbeat_settings).start()
 
 
 class _NoDiffBase(kopf.DiffBaseStorage):
@@ -148,7 +153,12 @@ def _context(body: kopf.Body, memo: kopf.Memo, known_status: Mapping[str, Any] |
         credentials_namespace=memo.credentials_namespace,
         previous_phases={str(v.get("id")): str(v.get("phase")) for v in known.get("volumes") or []},
         together_on=gates.TOGETHER.of(body["metadata"]["namespace"], body["metadata"]["name"]),
+        cannot_meet=functools.partial(_cannot_meet, body["metadata"]["namespace"], body["metadata"]["name"]),
     )
+
+
+def _cannot_meet(namespace: str, manager: str, volume_id: str, node: str, reason: str) -> None:
+    gates.TOGETHER.refuse(namespace, (manager, volume_id), node, reason)
 
 
 def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, trigger: str) -> None:
@@ -264,7 +274,10 @@ def volumemanager_delete(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
 
 
 @kopf.on.cleanup()
-def controller_cleanup(**_: Any) -> None:
+def controller_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    heartbeat = memo.get("heartbeat")
+    if heartbeat is not None:
+        heartbeat.stop()
     kube.stop_informers()
 
 

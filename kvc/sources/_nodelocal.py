@@ -640,15 +640,26 @@ def namespace_cap_problem(ctx: SourceContext, view: ClusterView, key: str, wante
 
 
 def place_replica(
-    view: ClusterView, config: VolumeConfig, key: str, max_node_replicas: int = 0, meet_on: str | None = None
+    view: ClusterView,
+    config: VolumeConfig,
+    key: str,
+    max_node_replicas: int = 0,
+    *,
+    meet_on: str | None = None,
+    in_use: Callable[[str], bool] | None = None,
 ) -> tuple[list[str], Placement, str | None]:
-    """The nodes assigned the replica ``key`` now, where it goes (the assigned nodes that
-    still count, Ready replicas first, then new ones, none holding ``max_node_replicas``),
-    and, with ``meet_on`` (gated workloads need the volume on that node, with others), why
-    it cannot move a replica there."""
+    """The nodes assigned the replica ``key`` now, where it goes, and why it cannot also go
+    to ``meet_on`` (gated workloads need the volume there, with others).
+
+    The assigned nodes that still count are kept (new ones added up to ``replicas``, none
+    holding ``max_node_replicas``). Holding more than ``replicas`` (a move done, or
+    ``replicas`` lowered), the nodes where the data is ``in_use`` stay first, then Ready ones:
+    the replicas that go are the ones nothing reads.
+    """
     assigned = view.assigned(key)
-    ready_first = sorted(assigned, key=lambda n: (view.report(n, key).get("phase") != "Ready", n))
-    healthy = [n for n in ready_first if keeps_replica(view, n)]
+    healthy = [n for n in assigned if keeps_replica(view, n)]
+    used = set(filter(in_use, healthy)) if in_use is not None and len(healthy) > config.replicas else set()
+    healthy.sort(key=lambda n: (n not in used, view.report(n, key).get("phase") != "Ready", n))
     request = VolumeRequest(
         replicas=config.replicas,
         capacity_bytes=parse_quantity(config.capacity) if config.capacity else 0,
@@ -658,21 +669,34 @@ def place_replica(
     )
     if meet_on is None:
         return assigned, place(request, view.node_infos(), current=healthy), None
-    arrived = view.report(meet_on, key).get("phase") == "Ready"
-    return assigned, *meet(request, view.node_infos(), healthy, meet_on, arrived)
+    return assigned, *meet(request, view.node_infos(), healthy, meet_on)
 
 
 def _placement(
-    ctx: SourceContext, view: ClusterView, config: VolumeConfig, key: str
+    ctx: SourceContext, view: ClusterView, config: VolumeConfig, replica: Replica, *, key: str, path: str, claim: str
 ) -> tuple[list[str], Placement, str | None]:
-    """place_replica, moving a replica where gated workloads need it (ctx.together_on) unless
-    that would take the namespace past its cap."""
+    """place_replica, with a replica also where gated workloads need it (ctx.together_on)
+    unless the node cannot take it, the volume's replicas hold different shards, or the
+    namespace would pass its cap; the reason goes back to the gated-pod pass
+    (ctx.cannot_meet), which then chooses another node or tells the pod none can."""
     meet_on = ctx.together_on.get(config.id)
-    assigned, placement, cannot_meet = place_replica(view, config, key, ctx.policy.max_replicas_per_node, meet_on)
+    max_node = ctx.policy.max_replicas_per_node
+    cannot_meet: str | None
+
+    def in_use(node: str) -> bool:
+        return bool(pods_using_path(ctx, node, path, claim))
+
+    if meet_on is not None and replica.slots:
+        cannot_meet = "its replicas hold different shards (distributionStrategy), so none can move"
+        assigned, placement, _ = place_replica(view, config, key, max_node, in_use=in_use)
+    else:
+        assigned, placement, cannot_meet = place_replica(view, config, key, max_node, meet_on=meet_on, in_use=in_use)
     if meet_on is not None and placement.added and namespace_cap_problem(ctx, view, key, len(placement.nodes)):
-        # Moving a replica takes one more for a while: never past the namespace's cap.
-        assigned, placement, _ = place_replica(view, config, key, ctx.policy.max_replicas_per_node)
-        cannot_meet = f"no replica moves to {meet_on}: the namespace is at its cap of replicas"
+        # A move takes one more replica for a while: never past the namespace's cap.
+        assigned, placement, _ = place_replica(view, config, key, max_node, in_use=in_use)
+        cannot_meet = "the namespace is at its cap of replicas"
+    if meet_on is not None and cannot_meet:
+        ctx.cannot_meet(config.id, meet_on, cannot_meet)
     return assigned, placement, cannot_meet
 
 
@@ -683,7 +707,7 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
     path = node_path(replica.root or ctx.node_data_root, owner, config.id, replica.digest)
     label = data_label(owner, config.id, replica.digest)
     claim = claim_name(owner, config.id, replica.digest)
-    assigned, placement, cannot_meet = _placement(ctx, view, config, key)
+    assigned, placement, cannot_meet = _placement(ctx, view, config, replica, key=key, path=path, claim=claim)
     if placement.added and (over := namespace_cap_problem(ctx, view, key, len(placement.nodes))):
         # New replicas only: those already placed stay, until the spec or the cap changes.
         return VolumeStatus(id=config.id, sourceType=config.source_type, phase=VolumePhase.FAILED, message=over)
@@ -762,7 +786,11 @@ def provision(ctx: SourceContext, config: VolumeConfig, replica: Replica) -> Vol
     return _status(
         config,
         shortfall=placement.shortfall_message(config.replicas),
-        note=f"gated workloads need it on one node with other volumes, but {cannot_meet}" if cannot_meet else "",
+        note=(
+            f"gated workloads need it on {ctx.together_on.get(config.id)} with other volumes, but {cannot_meet}"
+            if cannot_meet
+            else ""
+        ),
         ready=ready,
         nodes=nodes_status,
         path=path,

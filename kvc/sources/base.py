@@ -12,7 +12,7 @@ import abc
 import difflib
 import ipaddress
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlparse
@@ -94,6 +94,8 @@ class SourceContext:
     # Volume id -> a node that should also hold a replica: gated workloads need it there
     # together with other volumes (kvc.controller.gates.Together).
     together_on: Mapping[str, str] = field(default_factory=dict)
+    # Told (volume id, node, why) when a volume cannot go to its ``together_on`` node.
+    cannot_meet: Callable[[str, str, str], None] = field(default=lambda volume_id, node, reason: None)
 
 
 @dataclass(frozen=True)

@@ -81,9 +81,67 @@ def use_kubeconfig(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[
     return use
 
 
+class LeaseResponse:
+    """What read_namespaced_lease answers with _preload_content=False: the body and the headers."""
+
+    def __init__(self, body: dict[str, Any], date: str | None) -> None:
+        self.data = json.dumps(body).encode()
+        self.headers = {"Date": date} if date else {}
+
+
+# The API server's clock when it answers (its Date header), and a Lease renewed 3 s before.
+SERVER_DATE = "Sat, 01 Mar 2025 12:00:00 GMT"
+LEASE = {
+    "metadata": {"name": "kvc-controller", "namespace": "kvc-system"},
+    "spec": {
+        "holderIdentity": "kvc-controller-5f7d-abcde",
+        "leaseDurationSeconds": 30,
+        "acquireTime": "2025-03-01T11:58:00.000000Z",
+        "renewTime": "2025-03-01T11:59:57.000000Z",
+        "leaseTransitions": 2,
+    },
+}
+
+
+class FakeCoordination:
+    """CoordinationV1Api's read of the controller's Lease: records it, answers or raises."""
+
+    def __init__(
+        self, lease: dict[str, Any] | None = None, error: Exception | None = None, date: str | None = SERVER_DATE
+    ) -> None:
+        self.lease = LEASE if lease is None else lease
+        self.error = error
+        self.date = date
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def read_namespaced_lease(self, *args: Any, **kwargs: Any) -> LeaseResponse:
+        self.calls.append((args, kwargs))
+        if self.error is not None:
+            raise self.error
+        return LeaseResponse(self.lease, self.date)
+
+
 @pytest.fixture
-def cluster(use_kubeconfig: Callable[[Path], None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Install a FakeApi as the cluster behind a kubeconfig whose context namespace is team-a."""
+def coordination(monkeypatch: pytest.MonkeyPatch) -> Callable[[FakeCoordination], FakeCoordination]:
+    """Install a FakeCoordination as the cluster's coordination API."""
+
+    def install(api: FakeCoordination) -> FakeCoordination:
+        monkeypatch.setattr(kubernetes.client, "CoordinationV1Api", lambda *_: api)
+        return api
+
+    install(FakeCoordination())
+    return install
+
+
+@pytest.fixture
+def cluster(
+    use_kubeconfig: Callable[[Path], None],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    coordination: Callable[[FakeCoordination], FakeCoordination],
+) -> Any:
+    """Install a FakeApi as the cluster behind a kubeconfig whose context namespace is team-a
+    (and, as its coordination API, a FakeCoordination with a fresh Lease, unless a test installs another)."""
     use_kubeconfig(kubeconfig(tmp_path / "kubeconfig"))
 
     def install(api: FakeApi) -> FakeApi:
@@ -230,8 +288,85 @@ def test_status_reads_the_volumemanager_in_the_contexts_namespace(cluster: Any) 
     assert (call, args) == ("get", ("kvc.kubeflow.org", "v1", "team-a", "volumemanagers", "datasets"))
 
 
+RUNNING = "Controller: running (kvc-controller-5f7d-abcde, renewed 3s ago; started 2m ago; restarted 2 times)"
+
+
+def test_status_says_whether_the_controller_renews_its_heartbeat(cluster: Any, coordination: Any) -> None:
+    cluster(FakeApi(pages=[[VM]]))
+    leases = coordination(FakeCoordination())
+    result = run("status", "datasets")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[3] == RUNNING
+    ((args, kwargs),) = leases.calls
+    assert args == ("kvc-controller", "kvc-system")
+    assert kwargs["_preload_content"] is False
+    assert kwargs["_request_timeout"]
+
+
+def test_the_heartbeat_is_judged_by_the_api_servers_clock_not_this_machines(cluster: Any, coordination: Any) -> None:
+    # Renewed 3 s before the API server's answer, which this machine's clock (years later) ignores.
+    cluster(FakeApi(pages=[[VM]]))
+    coordination(FakeCoordination())
+    assert run("status", "datasets").stdout.splitlines()[3] == RUNNING
+    # An answer without a Date: this machine's clock it is, and the Lease of 2025 is stale.
+    coordination(FakeCoordination(date=None))
+    line = run("status", "datasets").stdout.splitlines()[3]
+    assert line.startswith("Controller: NOT RENEWING - last renewed ")
+    assert line.endswith(" ago by kvc-controller-5f7d-abcde: the controller may be down; this status may be stale")
+
+
+@pytest.mark.parametrize(
+    ("lease_api", "line"),
+    [
+        (
+            FakeCoordination(error=api_error(404, NOT_FOUND_BODY)),
+            "Controller: no heartbeat found (is the KVC controller running? no Lease kvc-controller in namespace "
+            "kvc-system)",
+        ),
+        (
+            FakeCoordination(error=api_error(403, {"message": 'leases "kvc-controller" is forbidden'})),
+            "Controller: heartbeat not readable (forbidden to read Lease kvc-system/kvc-controller)",
+        ),
+        (
+            FakeCoordination(error=api_error(500, "etcd is unhappy", "Internal Server Error")),
+            "Controller: heartbeat not readable (the API server answered 500 Internal Server Error)",
+        ),
+        (
+            FakeCoordination(error=ConnectionRefusedError(111, "Connection refused")),
+            "Controller: heartbeat not readable (cannot reach the cluster at https://127.0.0.1:6443: "
+            "Connection refused)",
+        ),
+    ],
+)
+def test_a_heartbeat_that_cannot_be_read_is_one_line_and_the_status_still_shows(
+    cluster: Any, coordination: Any, lease_api: FakeCoordination, line: str
+) -> None:
+    cluster(FakeApi(pages=[[VM]]))
+    coordination(lease_api)
+    result = run("status", "datasets")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[1:4] == ["State:    Running", "Message:  all 1 volumes ready", line]
+    assert lines[-1].split()[:3] == ["cifar", "S3", "Ready"]
+
+
+def test_the_kvc_namespace_says_where_the_heartbeat_is(
+    cluster: Any, coordination: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster(FakeApi(pages=[[VM]]))
+    leases = coordination(FakeCoordination())
+    assert run("status", "datasets", "--kvc-namespace", "kvc-ops").exit_code == 0
+    monkeypatch.setenv("KVC_NAMESPACE", "from-env")
+    assert run("status", "datasets").exit_code == 0
+    assert [args[1] for args, _ in leases.calls] == ["kvc-ops", "from-env"]
+
+
 def test_the_namespace_defaults_to_default_without_one_in_the_context(
-    use_kubeconfig: Callable[[Path], None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    use_kubeconfig: Callable[[Path], None],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    coordination: Any,
 ) -> None:
     use_kubeconfig(kubeconfig(tmp_path / "kubeconfig", namespace=None))
     api = FakeApi(pages=[[VM]])
@@ -265,3 +400,29 @@ def test_datasets_searches_one_namespace_and_says_when_nothing_matches(cluster: 
     assert result.stdout == ""
     assert result.stderr == 'No volumes matching team=vision,kind=model in namespace "team-x".\n'
     assert [(call, args[2]) for call, args, _ in api.calls] == [("list", "team-x")]
+
+
+# --------------------------------------------------------------------------- kvc run controller
+
+
+def test_the_controller_keeps_its_heartbeat_in_its_pods_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """POD_NAMESPACE (the downward API in deploy/manager) places the Lease; the flag overrides it."""
+    import kvc.controller  # noqa: PLC0415 - kopf's import, for this test only
+    from kvc import metrics  # noqa: PLC0415
+    from kvc.controller import lease  # noqa: PLC0415
+
+    monkeypatch.setattr(kvc.controller, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(kvc.controller, "limit_malloc_arenas", lambda: True)
+    monkeypatch.setattr(metrics, "serve", lambda port: None)
+    monkeypatch.setattr(lease, "_settings", None)
+    monkeypatch.setenv("POD_NAMESPACE", "kvc-ops")
+    monkeypatch.setenv("POD_NAME", "kvc-controller-5f7d-abcde")
+    assert run("run", "controller").exit_code == 0
+    assert lease.configured_settings() == lease.HeartbeatSettings(
+        namespace="kvc-ops", duration_seconds=30, identity="kvc-controller-5f7d-abcde"
+    )
+    result = run("run", "controller", "--lease-namespace", "elsewhere", "--lease-duration", "6")
+    assert result.exit_code == 0, result.output
+    settings = lease.configured_settings()
+    assert (settings.namespace, settings.duration_seconds, settings.renew_seconds) == ("elsewhere", 6, 2)
+    assert run("run", "controller", "--lease-duration", "2").exit_code == 2  # renewed more than once a second

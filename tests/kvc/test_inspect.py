@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import pytest
@@ -7,9 +8,12 @@ import pytest
 from kvc.inspect import (
     DATASET_HEADERS,
     DatasetRow,
+    HeartbeatUnreadable,
     Operator,
     Requirement,
+    controller_heartbeat,
     dataset_rows,
+    human_age,
     human_bytes,
     matches,
     parse_selector,
@@ -214,6 +218,138 @@ def test_an_object_without_spec_or_status_still_renders() -> None:
     assert status_report({}).splitlines() == [
         "VolumeManager - in namespace -",
         "State:    not reported yet (is the KVC controller running?)",
+    ]
+
+
+# --------------------------------------------------------------------------- the controller's heartbeat
+
+NOW = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
+
+
+def lease(
+    renewed_ago: float | None, started_ago: float | None = 125, transitions: object = 2, **spec: Any
+) -> dict[str, Any]:
+    def ago(seconds: float) -> str:
+        return (NOW - dt.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    fields: dict[str, Any] = {"holderIdentity": "kvc-controller-5f7d-abcde", "leaseDurationSeconds": 30}
+    if renewed_ago is not None:
+        fields["renewTime"] = ago(renewed_ago)
+    if started_ago is not None:
+        fields["acquireTime"] = ago(started_ago)
+    fields["leaseTransitions"] = transitions
+    return {"metadata": {"name": "kvc-controller", "namespace": "kvc-system"}, "spec": {**fields, **spec}}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (-3, "0s"),  # a clock ahead of the reader's
+        (0, "0s"),
+        (3.9, "3s"),
+        (95, "95s"),
+        (119, "119s"),
+        (120, "2m"),
+        (150, "2m30s"),
+        (599, "9m59s"),
+        (600, "10m"),
+        (3 * 3600 - 1, "179m"),
+        (5 * 3600 + 20 * 60, "5h20m"),
+        (8 * 3600, "8h"),
+        (47 * 3600 + 59 * 60, "47h"),
+        (3 * 86400 + 4 * 3600, "3d4h"),
+        (2 * 86400, "2d"),
+        (20 * 86400 + 7 * 3600, "20d"),
+    ],
+)
+def test_human_age_reads_like_kubectl(seconds: float, text: str) -> None:
+    assert human_age(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "text"),
+    [
+        (
+            lease(renewed_ago=3),
+            "running (kvc-controller-5f7d-abcde, renewed 3s ago; started 2m5s ago; restarted 2 times)",
+        ),
+        (
+            lease(renewed_ago=0, started_ago=0, transitions=1),
+            "running (kvc-controller-5f7d-abcde, renewed 0s ago; started 0s ago; restarted 1 time)",
+        ),
+        (
+            lease(renewed_ago=30, transitions=0),
+            "running (kvc-controller-5f7d-abcde, renewed 30s ago; started 2m5s ago; restarted 0 times)",
+        ),
+        # The last renewal older than the Lease's duration: nobody renews it.
+        (
+            lease(renewed_ago=95),
+            "NOT RENEWING - last renewed 95s ago by kvc-controller-5f7d-abcde: the controller may be down;"
+            " this status may be stale",
+        ),
+        (
+            lease(renewed_ago=31),
+            "NOT RENEWING - last renewed 31s ago by kvc-controller-5f7d-abcde: the controller"
+            " may be down; this status may be stale",
+        ),
+        # The duration is the Lease's own, not a constant of the reader.
+        (
+            lease(renewed_ago=4, leaseDurationSeconds=3),
+            "NOT RENEWING - last renewed 4s ago by"
+            " kvc-controller-5f7d-abcde: the controller may be down; this status may be stale",
+        ),
+        (
+            lease(renewed_ago=None),
+            "NOT RENEWING - never renewed by kvc-controller-5f7d-abcde: the controller may be"
+            " down; this status may be stale",
+        ),
+        # Renewed "in the future": the controller's clock runs ahead of the API server's.
+        (
+            lease(renewed_ago=-2, started_ago=None),
+            "running (kvc-controller-5f7d-abcde, renewed 0s ago; restarted 2 times)",
+        ),
+        # Whatever is in the object, it renders: garbage counts, a holder with control characters.
+        (
+            lease(renewed_ago=1, started_ago=None, transitions="x", holderIdentity="evil\x1b[2J\nname"),
+            "running (evil [2J name, renewed 1s ago; restarted 0 times)",
+        ),
+        (
+            {"spec": {"renewTime": "not a time", "leaseDurationSeconds": "soon"}},
+            "NOT RENEWING - never renewed by an unknown holder: the controller may be down; this status may be stale",
+        ),
+        (None, "no heartbeat found (is the KVC controller running? no Lease kvc-controller in namespace kvc-system)"),
+        (
+            HeartbeatUnreadable("forbidden to read Lease kvc-system/kvc-controller"),
+            "heartbeat not readable (forbidden to read Lease kvc-system/kvc-controller)",
+        ),
+    ],
+)
+def test_the_controller_line_says_whether_the_heartbeat_is_fresh(
+    heartbeat: dict[str, Any] | HeartbeatUnreadable | None, text: str
+) -> None:
+    assert controller_heartbeat(heartbeat, NOW) == text
+
+
+def test_no_heartbeat_names_the_namespace_looked_in() -> None:
+    assert "no Lease kvc-controller in namespace kvc-ops)" in controller_heartbeat(None, NOW, "kvc-ops")
+
+
+def test_the_controller_line_comes_right_after_the_state() -> None:
+    report = status_report(
+        vm({"state": "Running", "message": "all 1 volumes ready", "volumes": []}, [NFS_CONFIG]),
+        controller=controller_heartbeat(lease(renewed_ago=3), NOW),
+    )
+    assert report.splitlines()[:5] == [
+        "VolumeManager datasets in namespace team-a",
+        "State:    Running",
+        "Message:  all 1 volumes ready",
+        "Controller: running (kvc-controller-5f7d-abcde, renewed 3s ago; started 2m5s ago; restarted 2 times)",
+        "",
+    ]
+    unseen = status_report(vm(None), controller="no heartbeat found").splitlines()
+    assert unseen[1:] == [
+        "State:    not reported yet (is the KVC controller running?)",
+        "Controller: no heartbeat found",
     ]
 
 

@@ -182,25 +182,21 @@ def test_five_thousand_nodes() -> None:
     assert place(request, list(reversed(cluster))).nodes == result.nodes
 
 
-def test_a_move_adds_the_meeting_node_first_and_drops_another_only_once_it_is_ready() -> None:
+def test_a_move_adds_the_meeting_node_and_keeps_every_other_replica_while_the_wish_stands() -> None:
     cluster = [NodeInfo(f"node-{i}") for i in range(4)]
     request = VolumeRequest(replicas=2)
     # Not there yet: the meeting node comes on top of the two replicas, which both stay.
-    moving, problem = meet(request, cluster, ["node-2", "node-3"], "node-0", arrived=False)
+    moving, problem = meet(request, cluster, ["node-2", "node-3"], "node-0")
     assert problem is None
     assert moving.nodes == ("node-2", "node-3", "node-0")
     assert moving.added == ("node-0",)
-    # Assigned but still fetching: nothing is dropped.
-    fetching, _ = meet(request, cluster, ["node-2", "node-3", "node-0"], "node-0", arrived=False)
-    assert set(fetching.nodes) == {"node-0", "node-2", "node-3"}
-    assert fetching.added == ()
-    # Ready there: back to two replicas, the meeting node kept, the last of the others dropped.
-    done, _ = meet(request, cluster, ["node-2", "node-3", "node-0"], "node-0", arrived=True)
-    assert done.nodes == ("node-0", "node-2")
-    # Already holding it: nothing moves.
-    held, _ = meet(request, cluster, ["node-0", "node-3"], "node-0", arrived=True)
-    assert held.nodes == ("node-0", "node-3")
-    assert held.added == ()
+    # Assigned (fetching or Ready): nothing is dropped while the wish stands.
+    staying, _ = meet(request, cluster, ["node-2", "node-3", "node-0"], "node-0")
+    assert set(staying.nodes) == {"node-0", "node-2", "node-3"}
+    assert staying.added == ()
+    # The wish gone, place() keeps the first `replicas` of the current nodes, in the order given.
+    after = place(request, cluster, current=["node-0", "node-3", "node-2"])
+    assert after.nodes == ("node-0", "node-3")
 
 
 @pytest.mark.parametrize(
@@ -213,9 +209,9 @@ def test_a_move_adds_the_meeting_node_first_and_drops_another_only_once_it_is_re
 )
 def test_a_move_never_puts_a_replica_where_it_may_not_go(target: NodeInfo, reason: str) -> None:
     request = VolumeRequest(replicas=1, capacity_bytes=100, max_node_replicas=2)
-    placement, problem = meet(request, [NodeInfo("home"), target], ["home"], target.name, arrived=False)
+    placement, problem = meet(request, [NodeInfo("home"), target], ["home"], target.name)
     assert placement.nodes == ("home",)
     assert problem == f"node {target.name} cannot take a replica: it is {reason}"
-    gone, problem = meet(request, [NodeInfo("home")], ["home"], "elsewhere", arrived=False)
+    gone, problem = meet(request, [NodeInfo("home")], ["home"], "elsewhere")
     assert gone.nodes == ("home",)
     assert problem == "node elsewhere cannot take a replica: it is not a schedulable node"

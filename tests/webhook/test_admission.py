@@ -152,6 +152,17 @@ def test_a_jobset_template_that_asks_is_wired_alone() -> None:
     assert admit(review(wired), catalog)["response"].get("patch") is None  # reinvoked: nothing more to add
 
 
+def test_the_jobset_a_trainjob_makes_is_left_to_the_pod_hook() -> None:
+    """Its training template carries KVC's runtime patch already; the Trainer owns the rest."""
+    job = jobset({"node": {"kvc/volume": "cifar"}})
+    owner = {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "name": "tj", "uid": "u"}
+    job["metadata"]["ownerReferences"] = [{**owner, "controller": True}]
+    assert admit(review(job), catalog)["response"] == {"uid": "0d6b-uid", "allowed": True}
+    # Only a TrainJob controlling it: a JobSet merely referring to one is wired as usual.
+    job["metadata"]["ownerReferences"] = [owner]
+    assert admit(review(job), catalog)["response"].get("patch")
+
+
 def test_a_leaderworkerset_asking_on_its_leader_template_alone_wires_the_leader() -> None:
     lws = leaderworkerset({"kvc/volume": "cifar"}, {})
     assert wants_volumes(lws)
