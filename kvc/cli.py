@@ -455,7 +455,6 @@ def run_controller(
     from kvc.controller import run as run_kopf  # noqa: PLC0415
 
     limit_malloc_arenas()  # before any thread starts
-    lease.configure_heartbeat(lease.HeartbeatSettings(namespace=lease_namespace, duration_seconds=lease_duration))
     metrics.serve(metrics_port)
     policy = AdminPolicy(allowed_tolerations, allowed_nfs_servers, max_replicas_per_node, max_replicas_per_namespace)
     run_kopf(
@@ -467,6 +466,7 @@ def run_controller(
         credentials_namespace,
         policy=policy,
         default_capacity=default_capacity,
+        heartbeat=lease.HeartbeatSettings(namespace=lease_namespace, duration_seconds=lease_duration),
     )
 
 

@@ -8,6 +8,7 @@ import logging
 import kopf
 
 from kvc.api import names
+from kvc.controller.lease import HeartbeatSettings
 from kvc.policy import AdminPolicy
 from kvc.sources.base import DEFAULT_NODE_CAPACITY
 
@@ -39,6 +40,7 @@ def run(  # noqa: PLR0917 - the command line's options, in its order
     credentials_namespace: str = names.DEFAULT_CREDENTIALS_NAMESPACE,
     policy: AdminPolicy | None = None,
     default_capacity: str = DEFAULT_NODE_CAPACITY,
+    heartbeat: HeartbeatSettings | None = None,
 ) -> None:
     """Run the controller until interrupted (``kvc run controller``)."""
     from kvc.controller import handlers  # noqa: F401, PLC0415 - registers the handlers with kopf
@@ -55,5 +57,6 @@ def run(  # noqa: PLR0917 - the command line's options, in its order
             credentials_namespace=credentials_namespace,
             policy=policy or AdminPolicy(),
             default_capacity=default_capacity,
+            heartbeat_settings=heartbeat or HeartbeatSettings(),
         ),
     )

@@ -90,7 +90,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     logger.info("source types: %s", ", ".join(sorted(memo.registry.sources)))
     # The Lease `kvc status` reads to tell the controller is alive: renewed from a thread of its
     # own, so neither a slow API server nor a refusal ever holds up reconciling.
-    memo.setdefault("heartbeat_settings", lease.configured_settings())
+    memo.setdefault("heartbeat_settings", lease.HeartbeatSettings())
     leases = lease.KubernetesLeases(client.CoordinationV1Api(api))
     memo.heartbeat = lease.Heartbeat(leases, memo.heartbeat_settings).start()
 

@@ -64,20 +64,6 @@ class HeartbeatSettings:
         return f"{self.namespace}/{self.name}"
 
 
-# What `kvc run controller` asked for. kopf's memo is built by kvc.controller.run, which takes
-# no heartbeat settings: the startup handler falls back to these (memo.heartbeat_settings wins).
-_settings: HeartbeatSettings | None = None
-
-
-def configure_heartbeat(settings: HeartbeatSettings) -> None:
-    global _settings  # noqa: PLW0603 - set once, by the command line, before kopf starts
-    _settings = settings
-
-
-def configured_settings() -> HeartbeatSettings:
-    return _settings or HeartbeatSettings()
-
-
 # --------------------------------------------------------------------------- the Lease (pure)
 
 

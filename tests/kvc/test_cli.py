@@ -411,18 +411,18 @@ def test_the_controller_keeps_its_heartbeat_in_its_pods_namespace(monkeypatch: p
     from kvc import metrics  # noqa: PLC0415
     from kvc.controller import lease  # noqa: PLC0415
 
-    monkeypatch.setattr(kvc.controller, "run", lambda *args, **kwargs: None)
+    given: list[lease.HeartbeatSettings] = []
+    monkeypatch.setattr(kvc.controller, "run", lambda *args, heartbeat, **kwargs: given.append(heartbeat))
     monkeypatch.setattr(kvc.controller, "limit_malloc_arenas", lambda: True)
     monkeypatch.setattr(metrics, "serve", lambda port: None)
-    monkeypatch.setattr(lease, "_settings", None)
     monkeypatch.setenv("POD_NAMESPACE", "kvc-ops")
     monkeypatch.setenv("POD_NAME", "kvc-controller-5f7d-abcde")
     assert run("run", "controller").exit_code == 0
-    assert lease.configured_settings() == lease.HeartbeatSettings(
+    assert given.pop() == lease.HeartbeatSettings(
         namespace="kvc-ops", duration_seconds=30, identity="kvc-controller-5f7d-abcde"
     )
     result = run("run", "controller", "--lease-namespace", "elsewhere", "--lease-duration", "6")
     assert result.exit_code == 0, result.output
-    settings = lease.configured_settings()
+    settings = given.pop()
     assert (settings.namespace, settings.duration_seconds, settings.renew_seconds) == ("elsewhere", 6, 2)
     assert run("run", "controller", "--lease-duration", "2").exit_code == 2  # renewed more than once a second

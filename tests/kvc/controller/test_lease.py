@@ -211,14 +211,6 @@ def test_the_holder_is_the_pod_name_else_host_and_pid(monkeypatch: pytest.Monkey
     assert lease.holder_identity() == f"{socket.gethostname()}-{os.getpid()}"
 
 
-def test_the_command_line_settings_reach_the_startup_handler(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lease, "_settings", None)
-    assert lease.configured_settings().namespace == "kvc-system"
-    assert lease.configured_settings().duration_seconds == 30
-    lease.configure_heartbeat(HeartbeatSettings(namespace="ops", duration_seconds=9, identity="x"))
-    assert lease.configured_settings() == HeartbeatSettings(namespace="ops", duration_seconds=9, identity="x")
-
-
 # --------------------------------------------------------------------------- the runner
 
 
