@@ -14,7 +14,6 @@ before the next is computed:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from cryptography import x509
@@ -221,8 +220,3 @@ def describe(state: TLSState, now: dt.datetime) -> list[str]:
         for cert in pki.load_certificates(pem):
             lines.append(line("trusted", cert))
     return lines
-
-
-def as_steps(steps: Sequence[Step]) -> str:
-    """One line per reason, for the command's output."""
-    return "\n".join(reason for step in steps for reason in step.reasons) or "nothing to do"

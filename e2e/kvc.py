@@ -22,6 +22,7 @@ from kubernetes.client.rest import ApiException
 from certs import pki
 from e2e.cluster import WEBHOOK_CLIENT_NAME, Component, ControlPlane, free_port
 from e2e.helpers import wait_for
+from kvc import defaults
 from kvc.api import names
 
 WEBHOOK_MANIFEST = Path(__file__).resolve().parent.parent / "deploy" / "webhook" / "mutatingwebhookconfiguration.yaml"
@@ -183,7 +184,7 @@ def apply_crds(plane: ControlPlane, *manifests: Path, names_: tuple[str, ...] = 
     plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", *KVC_CRDS, *names_)
 
 
-NODE_DATA_ROOT = "/var/lib/kvc"
+NODE_DATA_ROOT = defaults.NODE_DATA_ROOT
 
 
 class KvcAgent(KvcProcess):

@@ -16,7 +16,7 @@ from typing import IO, Any
 import click
 
 from certs.cli import certs as certs_group
-from kvc import __version__, logs
+from kvc import __version__, defaults, logs
 from kvc.agent.files import MAX_OBJECTS
 from kvc.api import names
 from kvc.inspect import (
@@ -336,13 +336,13 @@ def _capacity_flag(ctx: click.Context, param: click.Parameter, value: str) -> st
 )
 @click.option(
     "--node-data-root",
-    default="/var/lib/kvc",
+    default=defaults.NODE_DATA_ROOT,
     show_default=True,
     help="Node path under which every agent keeps its data (the hostPath workloads mount).",
 )
 @click.option(
     "--agent-grace",
-    default=45.0,
+    default=defaults.AGENT_GRACE_SECONDS,
     show_default=True,
     help="Seconds without a heartbeat after which a node's agent is gone and its replicas move.",
 )
@@ -355,7 +355,7 @@ def _capacity_flag(ctx: click.Context, param: click.Parameter, value: str) -> st
 )
 @click.option(
     "--default-capacity",
-    default="100Gi",
+    default=defaults.NODE_CAPACITY,
     show_default=True,
     metavar="QUANTITY",
     callback=_capacity_flag,
@@ -482,13 +482,13 @@ def _egress_policy(ctx: click.Context, param: click.Parameter, values: tuple[str
 @click.option(
     "--data-root",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("/var/lib/kvc"),
+    default=Path(defaults.NODE_DATA_ROOT),
     show_default=True,
     help="Local directory holding this node's data.",
 )
 @click.option(
     "--node-data-root",
-    default="/var/lib/kvc",
+    default=defaults.NODE_DATA_ROOT,
     show_default=True,
     help="The node path that --data-root stands for (differs only when simulating nodes).",
 )

@@ -114,11 +114,6 @@ def compile_term(term: Mapping[str, Any]) -> NodeTest:
     return matches
 
 
-def term_matches(term: Mapping[str, Any], node: NodeInfo) -> bool:
-    """A node selector term: every expression must match (an empty term matches nothing)."""
-    return compile_term(term)(node)
-
-
 def compile_required(node_affinity: Mapping[str, Any] | None) -> NodeTest | None:
     """Required node affinity as kube-scheduler reads it (the terms are ORed); None: no requirement."""
     required = (node_affinity or {}).get("requiredDuringSchedulingIgnoredDuringExecution")
@@ -143,11 +138,6 @@ def affinity_matches(node_affinity: Mapping[str, Any] | None, node: NodeInfo) ->
     """Required node affinity, as kube-scheduler reads it: the terms are ORed."""
     required = compile_required(node_affinity)
     return required is None or required(node)
-
-
-def preference_score(node_affinity: Mapping[str, Any] | None, node: NodeInfo) -> int:
-    """Sum of the weights of the preferred terms the node matches."""
-    return sum(weight for weight, term in compile_preferred(node_affinity) if term(node))
 
 
 def tolerates(tolerations: Sequence[Mapping[str, Any]], taint: Mapping[str, Any]) -> bool:

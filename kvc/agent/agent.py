@@ -28,7 +28,7 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from kvc import __version__, logs, metrics
+from kvc import __version__, defaults, logs, metrics
 from kvc.agent.files import MAX_OBJECTS, Limits, Manifest, ReplicaDir
 from kvc.api import names
 from kvc.api.units import parse_quantity
@@ -39,7 +39,6 @@ from kvc.sources.transfer import FetchError, Progress
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NODE_DATA_ROOT = "/var/lib/kvc"
 STATE_FILE = ".kvc-agent-state.json"
 RETRY_BASE_SECONDS = 5.0
 RETRY_MAX_SECONDS = 300.0
@@ -100,7 +99,7 @@ class Agent:
         data_root: Path,
         api_client: Any,
         *,
-        node_data_root: str = DEFAULT_NODE_DATA_ROOT,
+        node_data_root: str = defaults.NODE_DATA_ROOT,
         extra_roots: Mapping[str, Path] | None = None,
         heartbeat_seconds: float = 10.0,
         verify_seconds: float = 60.0,

@@ -7,10 +7,10 @@ import logging
 
 import kopf
 
+from kvc import defaults
 from kvc.api import names
 from kvc.controller.lease import HeartbeatSettings
 from kvc.policy import AdminPolicy
-from kvc.sources.base import DEFAULT_NODE_CAPACITY
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,12 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 def run(  # noqa: PLR0917 - the command line's options, in its order
     namespaces: tuple[str, ...] = (),
     liveness_endpoint: str | None = None,
-    node_data_root: str = "/var/lib/kvc",
-    agent_grace_seconds: float = 45.0,
+    node_data_root: str = defaults.NODE_DATA_ROOT,
+    agent_grace_seconds: float = defaults.AGENT_GRACE_SECONDS,
     allowed_data_roots: tuple[str, ...] = (),
     credentials_namespace: str = names.DEFAULT_CREDENTIALS_NAMESPACE,
     policy: AdminPolicy | None = None,
-    default_capacity: str = DEFAULT_NODE_CAPACITY,
+    default_capacity: str = defaults.NODE_CAPACITY,
     heartbeat: HeartbeatSettings | None = None,
 ) -> None:
     """Run the controller until interrupted (``kvc run controller``)."""

@@ -14,13 +14,12 @@ import kopf
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kvc import kube, metrics
-from kvc.agent.agent import DEFAULT_NODE_DATA_ROOT
+from kvc import defaults, kube, metrics
 from kvc.api import names
 from kvc.api.models import State
 from kvc.controller import caches, gates, lease, passes, reconcile, status
 from kvc.policy import AdminPolicy
-from kvc.sources.base import DEFAULT_NODE_CAPACITY, SourceContext
+from kvc.sources.base import SourceContext
 from kvc.sources.registry import load_registry
 from kvc.throttle import Throttle
 
@@ -78,15 +77,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         touch_nodes=PASSES.touch_nodes,
     )
     memo.registry = load_registry()
-    memo.setdefault("node_data_root", DEFAULT_NODE_DATA_ROOT)
-    memo.setdefault("agent_grace_seconds", 45.0)
+    memo.setdefault("node_data_root", defaults.NODE_DATA_ROOT)
+    memo.setdefault("agent_grace_seconds", defaults.AGENT_GRACE_SECONDS)
     # Agents are judged by what passes see of their heartbeats, and a gap of half the grace
     # between two looks counts as an outage: even settled VolumeManagers are looked at well
     # within that.
     PASSES.settled_seconds = min(passes.SETTLED_SECONDS, memo.agent_grace_seconds / 4)
     memo.setdefault("allowed_data_roots", ())
     memo.setdefault("policy", AdminPolicy())
-    memo.setdefault("default_capacity", DEFAULT_NODE_CAPACITY)
+    memo.setdefault("default_capacity", defaults.NODE_CAPACITY)
     logger.info("source types: %s", ", ".join(sorted(memo.registry.sources)))
     # The Lease `kvc status` reads to tell the controller is alive: renewed from a thread of its
     # own, so neither a slow API server nor a refusal ever holds up reconciling.

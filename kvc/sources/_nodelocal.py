@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from kubernetes.client.rest import ApiException
 
+from kvc import defaults
 from kvc.agent.unpack import KINDS
 from kvc.api import names
 from kvc.api.models import AccessMode, VolumeConfig, VolumePhase, VolumeStatus
@@ -123,7 +124,7 @@ class ClusterView:
 
     nodes: dict[str, Any]  # name -> V1Node, or from an informer kube.NodeRecord (the same attributes)
     volumenodes: dict[str, dict[str, Any]]  # name -> VolumeNode object
-    agent_grace_seconds: float = 45.0
+    agent_grace_seconds: float = defaults.AGENT_GRACE_SECONDS
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     # Replica key -> nodes assigned it, and VolumeManager uid -> nodes holding its replicas:
     # the informer's indexes; a listed view scans its VolumeNodes instead.

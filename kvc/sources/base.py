@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
+from kvc import defaults
 from kvc.agent.files import Limits, Manifest, ReplicaDir
 from kvc.api import names
 from kvc.api.models import VolumeConfig, VolumeStatus
@@ -64,7 +65,6 @@ class VolumeManagerRef:
 
 
 # What a replica of a volume without a capacity may hold, unless the admin says otherwise.
-DEFAULT_NODE_CAPACITY = "100Gi"
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,9 @@ class SourceContext:
     core: Any  # kubernetes.client.CoreV1Api
     custom: Any = None  # kubernetes.client.CustomObjectsApi
     # Node path under which every agent keeps its data (one for the whole cluster).
-    node_data_root: str = "/var/lib/kvc"
+    node_data_root: str = defaults.NODE_DATA_ROOT
     # An agent silent for longer is gone: its replicas are placed elsewhere.
-    agent_grace_seconds: float = 45.0
+    agent_grace_seconds: float = defaults.AGENT_GRACE_SECONDS
     # Node paths under which users may place data with options.dataPath (admin setting).
     allowed_data_roots: tuple[str, ...] = ()
     # What else the admin lets tenants' volumes reach (tolerations, NFS exports) and the caps
@@ -90,7 +90,7 @@ class SourceContext:
     previous_phases: Mapping[str, str] = field(default_factory=dict)
     # The bytes a node-local replica may take when its volume gives no capacity
     # (the controller's --default-capacity).
-    default_capacity: str = DEFAULT_NODE_CAPACITY
+    default_capacity: str = defaults.NODE_CAPACITY
     # Volume id -> a node that should also hold a replica: gated workloads need it there
     # together with other volumes (kvc.controller.gates.Together).
     together_on: Mapping[str, str] = field(default_factory=dict)
