@@ -44,11 +44,11 @@ from kubernetes.client.rest import ApiException
 
 from e2e.cluster import ControlPlane, ControlPlaneError, NodeSpec, pid_alive, tail, terminate_group
 from e2e.helpers import RESTRICTED_POD_SECURITY, operator_pods, restricted_container
-from e2e.httpserver import FileServer
 from e2e.kvc import WEBHOOK_MANIFEST, KvcAgent, KvcController, KvcProcess, KvcWebhook, apply_crds
 from e2e.s3server import S3Server, credentials_secret
 from e2e.testenv import build
 from kvc.api import names
+from kvc.testing.fileserver import FileServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = ROOT / "deploy" / "samples"

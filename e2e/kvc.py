@@ -24,14 +24,10 @@ from e2e.cluster import WEBHOOK_CLIENT_NAME, Component, ControlPlane, free_port
 from e2e.helpers import wait_for
 from kvc import defaults
 from kvc.api import names
+from kvc.testing.corpus import ALLOWED_DATA_ROOT, ALLOWED_NFS_SERVERS
 
 WEBHOOK_MANIFEST = Path(__file__).resolve().parent.parent / "deploy" / "webhook" / "mutatingwebhookconfiguration.yaml"
 AGENT_GRACE_SECONDS = 10.0
-# A node path the admin lets users choose for their data (options.dataPath).
-ALLOWED_DATA_ROOT = "/data/kvc"
-# The NFS servers the tests, the corpus, the demo's samples and the benchmark name: allowed
-# by the admin (--allowed-nfs-server); any other is refused.
-ALLOWED_NFS_SERVERS = ("nfs.example.com", "mirror.example.com", "nfs.storage.example.com", "nfs")
 
 
 class KvcProcess:

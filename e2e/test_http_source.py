@@ -17,13 +17,13 @@ import pytest
 from kubernetes import client
 
 from e2e.helpers import VolumeManagers
-from e2e.httpserver import FileServer
 from e2e.kvc import KvcAgent, KvcController
 from kvc.agent.files import ReplicaDir
 from kvc.api.models import VolumeConfig
 from kvc.sources.base import FetchRequest
 from kvc.sources.http import HTTPSource
 from kvc.sources.transfer import FetchError, Progress
+from kvc.testing.fileserver import FileServer
 
 MODEL = os.urandom(3 * 1024 * 1024 + 5)
 MODEL_SHA = hashlib.sha256(MODEL).hexdigest()

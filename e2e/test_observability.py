@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.cluster import ControlPlane
 from e2e.helpers import VolumeManagers, restricted_pod
-from e2e.httpserver import FileServer
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
 from e2e.s3server import S3Server, credentials_secret
+from kvc.testing.fileserver import FileServer
 
 
 def s3_set(s3: S3Server, bucket: str) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from e2e import pod_strategies
 from e2e.cluster import ControlPlane, NodeSpec
 from e2e.helpers import (
     VolumeManagers,
@@ -34,6 +33,7 @@ from e2e.helpers import (
 )
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
 from e2e.s3server import S3Server
+from kvc.testing import strategies as pod_strategies
 from webhook.mutation import GATE, INJECTED, MutationError, wire_pod
 
 

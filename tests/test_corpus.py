@@ -19,11 +19,16 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from e2e.kvc import ALLOWED_DATA_ROOT, ALLOWED_NFS_SERVERS
-from e2e.test_corpus import (
+from kvc.controller import reconcile, status
+from kvc.policy import AdminPolicy, NfsExport
+from kvc.sources.base import SourceContext
+from kvc.sources.registry import load_registry
+from kvc.testing.corpus import (
     ADMISSION,
     ADMISSION_OUTCOMES,
     ADMISSION_REQUESTS,
+    ALLOWED_DATA_ROOT,
+    ALLOWED_NFS_SERVERS,
     FAILED,
     VOLUMEMANAGER_CASES,
     VOLUMEMANAGER_OUTCOMES,
@@ -34,10 +39,6 @@ from e2e.test_corpus import (
     outcome,
     workload,
 )
-from kvc.controller import reconcile, status
-from kvc.policy import AdminPolicy, NfsExport
-from kvc.sources.base import SourceContext
-from kvc.sources.registry import load_registry
 from webhook.index import VolumeIndex
 from webhook.server import MAX_BODY, make_app
 

@@ -63,11 +63,11 @@ from e2e.cluster import ControlPlane, NodeSpec, tail
 from e2e.faults import chaos
 from e2e.faults.proxy import TcpProxy
 from e2e.helpers import restricted_pod, tree, wait_for
-from e2e.httpserver import FileServer
 from e2e.kvc import NODE_DATA_ROOT, KvcAgent, KvcController, KvcWebhook, apply_crds
 from e2e.s3server import S3Server, credentials_secret
 from kvc.agent.agent import STATE_FILE
 from kvc.api import names
+from kvc.testing.fileserver import FileServer
 from webhook.mutation import GATE, INJECTED
 
 logger = logging.getLogger(__name__)

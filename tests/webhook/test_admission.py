@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from e2e import pod_strategies
+from kvc.testing import strategies as pod_strategies
 from webhook.admission import BadReviewError, admit, json_patch, wants_volumes
 from webhook.mutation import TRAINJOB_MANAGER, MutationError, wire_pod
 from webhook.resolve import Catalog, CatalogEntry

@@ -9,7 +9,7 @@ import jsonpatch
 import pytest
 from hypothesis import given, settings
 
-from e2e import pod_strategies
+from kvc.testing import strategies as pod_strategies
 from webhook import grammar, mutation
 from webhook.mutation import (
     GATE,

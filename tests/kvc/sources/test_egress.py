@@ -20,7 +20,6 @@ import pytest
 from click.testing import CliRunner
 
 from certs import pki
-from e2e.httpserver import FileServer
 from kvc.agent.files import ReplicaDir
 from kvc.cli import cli
 from kvc.sources import _egress
@@ -30,6 +29,7 @@ from kvc.sources.base import FetchRequest
 from kvc.sources.http import HTTPSource
 from kvc.sources.s3 import S3Source
 from kvc.sources.transfer import FetchError, Progress
+from kvc.testing.fileserver import FileServer
 from tests.kvc.sources.loopback import RawServer, loopback_client
 
 DATA = b"model weights\n" * 100
