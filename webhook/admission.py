@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ import orjson
 from webhook import grammar
 from webhook.mutation import (
     WORKLOADS,
+    Denial,
     MutationError,
     check_metadata,
     guard_ephemeral_containers,
@@ -175,8 +177,22 @@ def _wire(obj: Mapping[str, Any], namespace: str, lookup: Lookup) -> dict[str, A
     return dict(obj)
 
 
-def admit(review: Any, lookup: Lookup) -> dict[str, Any]:
-    """The AdmissionReview response for ``review``; raises BadReviewError for a malformed one."""
+@dataclass(frozen=True)
+class Decision:
+    """The AdmissionReview to answer with, and, for a refusal, what it is about."""
+
+    review: dict[str, Any]
+    denial: Denial | None = None
+    namespace: str = ""  # the workload's, when its volumes were looked up
+
+
+def _denied(uid: str, exc: Exception, namespace: str = "") -> Decision:
+    reason = exc.reason if isinstance(exc, MutationError) else Denial.INVALID
+    return Decision(_response(uid, allowed=False, message=f"KVC: {exc}"), reason, namespace)
+
+
+def decide(review: Any, lookup: Lookup) -> Decision:
+    """The decision on ``review``; raises BadReviewError for a malformed one."""
     request = _request(review)
     uid = request["uid"]
     obj = request.get("object")
@@ -187,13 +203,18 @@ def admit(review: Any, lookup: Lookup) -> dict[str, Any]:
         try:
             guarded = guard_ephemeral_containers(obj)
         except MutationError as exc:
-            return _response(uid, allowed=False, message=f"KVC: {exc}")
-        return _response(uid, allowed=True, patch=json_patch(obj, guarded))
+            return _denied(uid, exc)
+        return Decision(_response(uid, allowed=True, patch=json_patch(obj, guarded)))
     if request.get("operation") != "CREATE" or not isinstance(obj, dict) or not wants_volumes(obj):
-        return _response(uid, allowed=True)
+        return Decision(_response(uid, allowed=True))
     namespace = str(request.get("namespace") or (obj.get("metadata") or {}).get("namespace") or "")
     try:
         wired = _wire(obj, namespace, lookup)
     except (grammar.GrammarError, MutationError) as exc:
-        return _response(uid, allowed=False, message=f"KVC: {exc}")
-    return _response(uid, allowed=True, patch=json_patch(obj, wired))
+        return _denied(uid, exc, namespace)
+    return Decision(_response(uid, allowed=True, patch=json_patch(obj, wired)), namespace=namespace)
+
+
+def admit(review: Any, lookup: Lookup) -> dict[str, Any]:
+    """The AdmissionReview response for ``review``; raises BadReviewError for a malformed one."""
+    return decide(review, lookup).review

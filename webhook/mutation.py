@@ -8,6 +8,7 @@ so the admission patch is the diff from the original to the mutated copy
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,8 +27,24 @@ READ_ONLY_MODES = frozenset({"ReadOnlyMany"})
 CONTAINER_FIELDS = ("containers", "initContainers", "ephemeralContainers")
 
 
+class Denial(enum.StrEnum):
+    """What a refusal is about: the label of ``kvc_webhook_denials_total``, and what tells
+    a ref the index may not have seen yet (``UNKNOWN``) from every other refusal."""
+
+    UNKNOWN = "unknown"  # no such volume in the namespace
+    AMBIGUOUS = "ambiguous"  # the id is in several VolumeManagers
+    FAILED = "failed"  # the volume is Failed
+    NODE_NAME = "node-name"  # a pod with spec.nodeName that would have to wait
+    CONFLICT = "conflict"  # a volume or mount of the object's own is in the way
+    INVALID = "invalid"  # everything else, mostly annotation mistakes
+
+
 class MutationError(ValueError):
-    """The pod cannot be wired as asked; the message says what to fix."""
+    """The pod cannot be wired as asked; the message says what to fix, ``reason`` what it is about."""
+
+    def __init__(self, message: str, reason: Denial = Denial.INVALID) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -278,7 +295,8 @@ def _mount(wired: dict[str, Any], request: grammar.VolumeRequest, volume: Resolv
         elif current[0].get("name") != volume.volume_name:
             raise MutationError(
                 f"container {container.get('name')} already mounts {current[0].get('name')} at {path}: "
-                f"choose another path with kvc/mount-path.{volume.volume_id}"
+                f"choose another path with kvc/mount-path.{volume.volume_id}",
+                Denial.CONFLICT,
             )
 
 
@@ -300,12 +318,14 @@ def _wire_spec(
     if place and pending and wired.get("nodeName"):
         raise MutationError(
             f"the pod sets spec.nodeName, so it cannot wait for {', '.join(str(v.ref) for v in pending)} "
-            "to be provisioned: remove spec.nodeName or create the pod once the data is Ready"
+            "to be provisioned: remove spec.nodeName or create the pod once the data is Ready",
+            Denial.NODE_NAME,
         )
     if place and share_no_node(volumes) and wired.get("nodeName"):
         raise MutationError(
             f"no node holds all of {', '.join(str(v.ref) for v in volumes)} yet, and the pod sets spec.nodeName, "
-            "so it cannot wait for KVC to bring them together: remove spec.nodeName"
+            "so it cannot wait for KVC to bring them together: remove spec.nodeName",
+            Denial.NODE_NAME,
         )
     pod_volumes = wired.setdefault("volumes", [])
     by_name = {v.get("name"): v for v in pod_volumes}
@@ -318,7 +338,9 @@ def _wire_spec(
             pod_volumes.append(wanted)
             by_name[volume.volume_name] = wanted
         elif existing != wanted:
-            raise MutationError(f"the pod already has a volume named {volume.volume_name} with another source")
+            raise MutationError(
+                f"the pod already has a volume named {volume.volume_name} with another source", Denial.CONFLICT
+            )
         _mount(wired, request, volume)
     if request.read_only:
         force_read_only(wired, [volume.volume_name for volume in volumes])
@@ -638,12 +660,15 @@ def _refuse_clashes(
     for spec in _node_specs(patch):
         for volume in _objects(spec.get("volumes")):
             if volume.get("name") in ours:
-                raise MutationError(f"{where} also has a volume named {volume['name']}, which KVC adds: rename it")
+                raise MutationError(
+                    f"{where} also has a volume named {volume['name']}, which KVC adds: rename it", Denial.CONFLICT
+                )
         for container in _objects(spec.get("containers")):
             for mount in _objects(container.get("volumeMounts")):
                 taken = mounts.get((container.get("name"), mount.get("mountPath")))
                 if taken is not None and mount.get("name") != taken:
                     raise MutationError(
                         f"{where} mounts {mount.get('name')} at {mount.get('mountPath')} in container "
-                        f"{container.get('name')}: choose another path with kvc/mount-path.{ids.get(taken, taken)}"
+                        f"{container.get('name')}: choose another path with kvc/mount-path.{ids.get(taken, taken)}",
+                        Denial.CONFLICT,
                     )

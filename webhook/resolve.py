@@ -13,7 +13,7 @@ from typing import Any
 from kvc.sources.base import VolumeManagerRef
 from kvc.sources.registry import SourceRegistry
 from webhook import grammar
-from webhook.mutation import MutationError, ResolvedVolume
+from webhook.mutation import Denial, MutationError, ResolvedVolume
 
 
 @dataclass(frozen=True)
@@ -150,16 +150,19 @@ def _resolve(request: grammar.VolumeRequest, namespace: str, available: Catalog)
         matches = available.matching(ref)
         if not matches:
             raise MutationError(
-                f"volume {ref} not found in namespace {namespace}; volumes there: {available.describe()}"
+                f"volume {ref} not found in namespace {namespace}; volumes there: {available.describe()}",
+                Denial.UNKNOWN,
             )
         if len(matches) > 1:
             options = " or ".join(f"{m.manager}/{m.volume_id}" for m in sorted(matches, key=lambda m: m.manager))
-            raise MutationError(f"volume {ref} is in several VolumeManagers of {namespace}: write {options}")
+            raise MutationError(
+                f"volume {ref} is in several VolumeManagers of {namespace}: write {options}", Denial.AMBIGUOUS
+            )
         entry = matches[0]
         if entry.deleting:
             raise MutationError(f"volume {ref} belongs to VolumeManager {entry.manager}, which is being deleted")
         if entry.phase == "Failed":
-            raise MutationError(f"volume {ref} is Failed: {entry.message}")
+            raise MutationError(f"volume {ref} is Failed: {entry.message}", Denial.FAILED)
         if not entry.volume_source:
             raise MutationError(
                 f"volume {ref} of VolumeManager {entry.manager} has no volume source yet (the controller has not "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
 import socket
 import ssl
@@ -36,9 +35,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from webhook.admission import BadReviewError, admit
+from webhook.admission import BadReviewError, Decision, decide
 from webhook.index import READ_THROUGHS, ReadThrough, VolumeIndex, namespace_lister
-from webhook.resolve import Catalog
+from webhook.mutation import Denial
 
 logger = logging.getLogger(__name__)
 
@@ -100,43 +99,21 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-# What a denial says first, after "KVC: volume <ref> ", for the reasons about a volume: a
-# Failed volume's own message may say "not found in namespace" too (a missing claim).
-_VOLUME_DENIALS = re.compile(r"KVC: volume \S+ (?:(not found in namespace)|(is in several VolumeManagers)|(is Failed))")
-
-
-def _denial_reason(message: str) -> str:
-    about_volume = _VOLUME_DENIALS.match(message)
-    if about_volume:
-        return ("unknown", "ambiguous", "failed")[about_volume.lastindex - 1 if about_volume.lastindex else 0]
-    for marker, reason in (("spec.nodeName", "node-name"), ("already", "conflict")):
-        if marker in message:
-            return reason
-    return "invalid"
-
-
-async def _decide(review: Any, index: VolumeIndex, read_through: ReadThrough | None) -> dict[str, Any]:
-    """admit() against the index; a ref the index does not hold is looked for again in what
+async def _decide(review: Any, index: VolumeIndex, read_through: ReadThrough | None) -> Decision:
+    """decide() against the index; a ref the index does not hold is looked for again in what
     the API server has now (ReadThrough) before the request is refused as unknown."""
-    asked: list[str] = []
-
-    def from_index(namespace: str) -> Catalog:
-        asked.append(namespace)
-        return index.catalog(namespace)
-
-    decision = admit(review, from_index)
-    response = decision["response"]
-    if read_through is None or not asked or response["allowed"]:
-        return decision
-    if _denial_reason(response["status"]["message"]) != "unknown":
+    decision = decide(review, index.catalog)
+    if read_through is None or decision.denial is not Denial.UNKNOWN:
         return decision
     try:
-        fresh = await asyncio.wait_for(read_through.catalog(asked[0]), READ_THROUGH_SECONDS)
+        fresh = await asyncio.wait_for(read_through.catalog(decision.namespace), READ_THROUGH_SECONDS)
     except Exception as exc:  # the API server is unreachable or slow: the index's answer stands
-        logger.warning("could not list VolumeManagers in %s to look for a volume: %s", asked[0], type(exc).__name__)
+        logger.warning(
+            "could not list VolumeManagers in %s to look for a volume: %s", decision.namespace, type(exc).__name__
+        )
         return decision
-    decision = admit(review, lambda namespace: fresh)
-    READ_THROUGHS.labels("found" if decision["response"]["allowed"] else "unknown").inc()
+    decision = decide(review, lambda namespace: fresh)
+    READ_THROUGHS.labels("found" if decision.denial is None else "unknown").inc()
     return decision
 
 
@@ -153,7 +130,7 @@ async def mutate(request: web.Request) -> web.Response:
     try:
         body = await request.read()
         review: Any = orjson.loads(body)
-        decision = await _decide(review, request.app[_INDEX_KEY], request.app[_READ_THROUGH_KEY])
+        decided = await _decide(review, request.app[_INDEX_KEY], request.app[_READ_THROUGH_KEY])
     except web.HTTPRequestEntityTooLarge:
         _REJECTED.inc()
         return web.json_response({"error": f"body larger than {MAX_BODY} bytes"}, status=413)
@@ -161,12 +138,12 @@ async def mutate(request: web.Request) -> web.Response:
         _REJECTED.inc()
         reason = str(exc) if isinstance(exc, BadReviewError) else "the body is not JSON"
         return web.json_response({"error": reason}, status=400)
-    response = decision["response"]
-    if response["allowed"]:
+    response = decided.review["response"]
+    if decided.denial is None:
         (_PATCHED if "patch" in response else _ALLOWED).inc()
     else:
         _DENIED.inc()
-        DENIALS.labels(_denial_reason(response["status"]["message"])).inc()
+        DENIALS.labels(decided.denial.value).inc()
     LATENCY.observe(time.perf_counter() - started)
     if logger.isEnabledFor(logging.DEBUG):  # -v: what was decided, never the object itself
         review_request = review.get("request") or {}
@@ -178,7 +155,7 @@ async def mutate(request: web.Request) -> web.Response:
             review_request.get("name") or (review_request.get("object") or {}).get("metadata", {}).get("generateName"),
             "patched" if "patch" in response else "allowed" if response["allowed"] else response["status"]["message"],
         )
-    return web.Response(body=orjson.dumps(decision), content_type="application/json")
+    return web.Response(body=orjson.dumps(decided.review), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:

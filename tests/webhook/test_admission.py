@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvc.testing import strategies as pod_strategies
-from webhook.admission import BadReviewError, admit, json_patch, wants_volumes
-from webhook.mutation import TRAINJOB_MANAGER, MutationError, wire_pod
+from webhook.admission import BadReviewError, admit, decide, json_patch, wants_volumes
+from webhook.mutation import TRAINJOB_MANAGER, Denial, MutationError, wire_pod
 from webhook.resolve import Catalog, CatalogEntry
 
 SOURCE = {"hostPath": {"path": "/var/lib/kvc/team-a/datasets/cifar-1", "type": "Directory"}}
@@ -443,3 +443,42 @@ def test_an_ephemeral_container_added_to_a_wired_pod_is_made_read_only() -> None
     assert patched(response, wired)["spec"]["ephemeralContainers"][0]["volumeMounts"][0]["readOnly"] is True
     # The same update of the pod itself (not the subresource) is none of the webhook's business.
     assert "patch" not in admit(review(wired, operation="UPDATE"), catalog)["response"]
+
+
+MISSING_CLAIM = "PersistentVolumeClaim scratch not found in namespace team-a"
+REASONS = Catalog(
+    [
+        *ENTRIES,
+        CatalogEntry("other", "cifar", "Ready", "ok", SOURCE, AFFINITY, "ReadOnlyMany"),
+        CatalogEntry("datasets", "scratch", "Failed", MISSING_CLAIM, SOURCE, None, "ReadWriteMany"),
+        CatalogEntry("datasets", "coco", "Provisioning", "1/2", SOURCE, AFFINITY, "ReadOnlyMany"),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("annotations", "spec", "denial"),
+    [
+        ({"kvc/volume": "imagenet"}, {}, Denial.UNKNOWN),
+        ({"kvc/volume": "cifar"}, {}, Denial.AMBIGUOUS),
+        # Its own message says "not found in namespace": it is still a Failed volume, not an unknown one.
+        ({"kvc/volume": "scratch"}, {}, Denial.FAILED),
+        ({"kvc/volume": "datasets/coco"}, {"nodeName": "n1"}, Denial.NODE_NAME),
+        (
+            {"kvc/volume": "datasets/cifar"},
+            {"volumes": [{"name": "kvc-datasets-cifar", "emptyDir": {}}]},
+            Denial.CONFLICT,
+        ),
+        ({"kvc/volume": "datasets/cifar", "kvc/volumes": "x"}, {}, Denial.INVALID),
+        ({"kvc/volume": "datasets/cifar"}, {}, None),
+    ],
+)
+def test_each_refusal_says_what_it_is_about(
+    annotations: dict[str, str], spec: dict[str, Any], denial: Denial | None
+) -> None:
+    obj = pod(annotations)
+    obj["spec"].update(spec)
+    decision = decide(review(obj), lambda namespace: REASONS)
+    assert decision.denial == denial
+    assert decision.review["response"]["allowed"] is (denial is None)
+    assert decision.namespace == "team-a"

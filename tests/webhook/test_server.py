@@ -18,7 +18,7 @@ from cryptography import x509
 
 from certs import pki
 from webhook.index import ReadThrough, VolumeIndex
-from webhook.server import MAX_BODY, Callers, ReloadingTLS, _denial_reason, make_app, new_event_loop
+from webhook.server import MAX_BODY, Callers, ReloadingTLS, make_app, new_event_loop
 
 SOURCE = {"hostPath": {"path": "/var/lib/kvc/team-a/datasets/cifar-1", "type": "Directory"}}
 
@@ -312,19 +312,3 @@ def test_without_a_client_ca_anyone_is_answered(tmp_path: Path) -> None:
     assert Callers(required=True).refusal(None) is not None
     by_san = {"subject": ((("commonName", "x"),),), "subjectAltName": (("DNS", "apiserver"),)}
     assert Callers(required=True, names=frozenset({"apiserver"})).refusal(by_san) is None
-
-
-@pytest.mark.parametrize(
-    ("message", "reason"),
-    [
-        ("KVC: volume cifar not found in namespace team-a; volumes there: none", "unknown"),
-        ("KVC: volume data/cifar is in several VolumeManagers of team-a: write a/cifar or b/cifar", "ambiguous"),
-        # A Failed volume's own message may say "not found in namespace": it is still Failed.
-        ("KVC: volume scratch is Failed: PersistentVolumeClaim x not found in namespace team-a", "failed"),
-        ("KVC: the pod sets spec.nodeName, so it cannot wait for cifar to be provisioned", "node-name"),
-        ("KVC: container c already mounts kvc-a-b at /data: choose another path", "conflict"),
-        ("KVC: kvc/volume is empty", "invalid"),
-    ],
-)
-def test_denials_are_counted_by_what_they_are_about(message: str, reason: str) -> None:
-    assert _denial_reason(message) == reason
