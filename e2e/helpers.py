@@ -13,7 +13,7 @@ from kubernetes.client.rest import ApiException
 
 from kvc.agent.files import MANIFEST
 from kvc.api import names
-from webhook.mutation import WORKLOADS
+from kvc.wiring.mutation import WORKLOADS
 
 GROUP, VERSION, PLURAL = names.GROUP, names.VERSION, names.VOLUMEMANAGER_PLURAL
 

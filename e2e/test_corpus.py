@@ -44,7 +44,7 @@ from kvc.testing.corpus import (
     volumemanager_name,
     workload,
 )
-from webhook.mutation import INJECTED
+from kvc.wiring.mutation import INJECTED
 
 TRAINING_CRDS = Path(__file__).resolve().parent / "manifests" / "kubeflow-training-crds.yaml"
 # The webhook registrations of deploy/webhook, as the API server names them in denials.

@@ -21,8 +21,8 @@ from e2e.helpers import VolumeManagers, restricted_pod, s3_config, wait_for
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
 from e2e.s3server import S3Server
 from kvc.sources.registry import load_registry
+from kvc.wiring.mutation import GATE
 from webhook.index import ReadThrough, VolumeIndex, namespace_lister
-from webhook.mutation import GATE
 from webhook.server import make_app, new_event_loop
 
 PODS = 200

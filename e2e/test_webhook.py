@@ -34,7 +34,7 @@ from e2e.helpers import (
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
 from e2e.s3server import S3Server
 from kvc.testing import strategies as pod_strategies
-from webhook.mutation import GATE, INJECTED, MutationError, wire_pod
+from kvc.wiring.mutation import GATE, INJECTED, MutationError, wire_pod
 
 
 def annotated_pod(name: str, annotations: dict[str, str]) -> dict[str, Any]:

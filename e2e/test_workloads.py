@@ -32,7 +32,7 @@ from e2e.helpers import (
 )
 from e2e.kvc import KvcAgent, KvcController, KvcWebhook
 from e2e.s3server import S3Server
-from webhook.mutation import GATE, INJECTED, TRAINJOB_MANAGER
+from kvc.wiring.mutation import GATE, INJECTED, TRAINJOB_MANAGER
 
 VOLUME = "kvc-datasets-cifar"
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from webhook import grammar
-from webhook.mutation import (
+from kvc.wiring import grammar
+from kvc.wiring.mutation import (
     WORKLOADS,
     Denial,
     MutationError,
@@ -27,7 +27,7 @@ from webhook.mutation import (
     wire_job,
     wire_pod,
 )
-from webhook.resolve import Catalog, resolve
+from kvc.wiring.resolve import Catalog, resolve
 
 REVIEW_VERSION = "admission.k8s.io/v1"
 # The volumes of a namespace, from the in-memory index.

@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge
 
 from kvc.api import names
 from kvc.sources.registry import SourceRegistry
-from webhook.resolve import Catalog, CatalogEntry, catalog_entries
+from kvc.wiring.resolve import Catalog, CatalogEntry, catalog_entries
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ READ_THROUGHS = Counter(
 class VolumeIndex:
     def __init__(self, *, host_path: bool = False, registry: SourceRegistry | None = None) -> None:
         # Wire node-local data as a hostPath rather than its claim; name the claims of volumes
-        # the controller has not reported from their spec (webhook.resolve.catalog_entries).
+        # the controller has not reported from their spec (kvc.wiring.resolve.catalog_entries).
         self.host_path = host_path
         self.registry = registry
         self._lock = threading.Lock()

@@ -35,9 +35,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from kvc.wiring.mutation import Denial
 from webhook.admission import BadReviewError, Decision, decide
 from webhook.index import READ_THROUGHS, ReadThrough, VolumeIndex, namespace_lister
-from webhook.mutation import Denial
 
 logger = logging.getLogger(__name__)
 

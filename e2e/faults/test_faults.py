@@ -68,7 +68,7 @@ from e2e.s3server import S3Server, credentials_secret
 from kvc.agent.agent import STATE_FILE
 from kvc.api import names
 from kvc.testing.fileserver import FileServer
-from webhook.mutation import GATE, INJECTED
+from kvc.wiring.mutation import GATE, INJECTED
 
 logger = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from kubernetes.client.rest import ApiException
 
 from kvc.api import names
 from kvc.placement import NodeInfo, affinity_matches
-from webhook import grammar
-from webhook.mutation import (
+from kvc.wiring import grammar
+from kvc.wiring.mutation import (
     MutationError,
     ResolvedVolume,
     add_node_affinity,
@@ -41,7 +41,7 @@ from webhook.mutation import (
     share_no_node,
     wired_earlier,
 )
-from webhook.resolve import CatalogEntry, catalog_entries, resolve
+from kvc.wiring.resolve import CatalogEntry, catalog_entries, resolve
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Who still refers to a volume's earlier data besides the pods running on its nodes: pods not
 scheduled yet (gated or pending) and the training workloads whose pod templates mount it.
 
-A training workload (TrainJob, JobSet, LeaderWorkerSet, TFJob, PyTorchJob: webhook.mutation's
+A training workload (TrainJob, JobSet, LeaderWorkerSet, TFJob, PyTorchJob: kvc.wiring.mutation's
 WORKLOADS) makes its pods from the templates the webhook wired when it was created (a
 TrainJob, from its runtime's, patched by the runtime patch KVC added). After the volume's
 source changes, the job's next pods (a restarted worker, a scale-up) still mount the earlier
@@ -21,7 +21,7 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from kvc.sources.base import SourceContext
-from webhook.mutation import WORKLOADS, pod_templates
+from kvc.wiring.mutation import WORKLOADS, pod_templates
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from webhook import grammar
-from webhook.mutation import ResolvedVolume
+from kvc.wiring import grammar
+from kvc.wiring.mutation import ResolvedVolume
 
 _NAMES = st.sampled_from(["main", "trainer", "sidecar", "eval", "fetch", "warmup", "logger"])
 _VOLUME_IDS = st.sampled_from(["cifar", "imagenet", "bert", "scratch", "coco"])

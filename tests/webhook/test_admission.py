@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvc.testing import strategies as pod_strategies
+from kvc.wiring.mutation import TRAINJOB_MANAGER, Denial, MutationError, wire_pod
+from kvc.wiring.resolve import Catalog, CatalogEntry
 from webhook.admission import BadReviewError, admit, decide, json_patch, wants_volumes
-from webhook.mutation import TRAINJOB_MANAGER, Denial, MutationError, wire_pod
-from webhook.resolve import Catalog, CatalogEntry
 
 SOURCE = {"hostPath": {"path": "/var/lib/kvc/team-a/datasets/cifar-1", "type": "Directory"}}
 AFFINITY = {

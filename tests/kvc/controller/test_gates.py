@@ -6,9 +6,9 @@ from typing import Any
 
 from kvc.api import names
 from kvc.controller.gates import Together, held, released
+from kvc.wiring.mutation import INJECTED
+from kvc.wiring.resolve import CatalogEntry
 from tests.fakeclock import FakeClock
-from webhook.mutation import INJECTED
-from webhook.resolve import CatalogEntry
 
 LABEL = "data.kvc.kubeflow.org/x"
 AFFINITY = {

@@ -10,10 +10,10 @@ from kvc.sources.base import VolumeManagerRef
 from kvc.sources.nfs import NFSSource
 from kvc.sources.registry import load_registry
 from kvc.sources.s3 import S3Source
-from webhook import grammar
+from kvc.wiring import grammar
+from kvc.wiring.mutation import GATE, MutationError, wire_pod
+from kvc.wiring.resolve import catalog_entries, resolve
 from webhook.index import VolumeIndex
-from webhook.mutation import GATE, MutationError, wire_pod
-from webhook.resolve import catalog_entries, resolve
 
 SOURCE = {"hostPath": {"path": "/var/lib/kvc/ns/vm/x", "type": "Directory"}}
 

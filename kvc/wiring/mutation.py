@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from kvc.api import names
-from webhook import grammar
+from kvc.wiring import grammar
 
 GATE = names.SCHEDULING_GATE
 INJECTED = f"{names.GROUP}/injected"

@@ -12,8 +12,8 @@ from typing import Any
 
 from kvc.sources.base import VolumeManagerRef
 from kvc.sources.registry import SourceRegistry
-from webhook import grammar
-from webhook.mutation import Denial, MutationError, ResolvedVolume
+from kvc.wiring import grammar
+from kvc.wiring.mutation import Denial, MutationError, ResolvedVolume
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 
 from kvc.testing import strategies as pod_strategies
-from webhook import grammar, mutation
-from webhook.mutation import (
+from kvc.wiring import grammar, mutation
+from kvc.wiring.mutation import (
     GATE,
     INJECTED,
     TRAINJOB_MANAGER,

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from webhook.grammar import GrammarError, VolumeRef, parse
+from kvc.wiring.grammar import GrammarError, VolumeRef, parse
 
 
 def test_no_kvc_annotation_asks_for_nothing() -> None:
