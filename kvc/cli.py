@@ -646,8 +646,8 @@ def run_webhook(
     import functools  # noqa: PLC0415
 
     from kvc import kube  # noqa: PLC0415
-    from webhook.server import Settings, run  # noqa: PLC0415
-    from webhook.workers import default_workers  # noqa: PLC0415
+    from webhook.server import Settings  # noqa: PLC0415
+    from webhook.workers import default_workers, run  # noqa: PLC0415
 
     # Worker processes start afresh: they set up logging as this command was told to.
     options = click.get_current_context().find_root().params

@@ -42,6 +42,11 @@ def test_kvc_imports_the_webhook_server_only_in_the_command_that_runs_it() -> No
     assert offenders(ROOT / "kvc", "webhook", allowed=("kvc/cli.py",)) == {}
 
 
+def test_the_webhook_server_knows_nothing_of_the_workers_that_run_it() -> None:
+    """workers runs server's ``serve`` in each worker process; the other way would be a cycle."""
+    assert "webhook.workers" not in imported_modules(ROOT / "webhook" / "server.py")
+
+
 def test_the_import_check_sees_every_form_of_import(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("import e2e.cluster\nfrom e2e import helpers\nfrom . import sibling\nimport os\n")

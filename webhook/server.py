@@ -10,8 +10,8 @@
   given one in its AdmissionConfiguration. Anyone else who can reach the port learns nothing
   of any namespace's VolumeManagers, ids or node paths. The probes and /metrics stay open.
 
-``run`` serves from this process, or from several worker processes that it hands the
-connections to (``webhook.workers``); ``serve`` is what one serving process does.
+``serve`` is what one serving process does; ``webhook.workers.run`` serves from this process
+or from several worker processes that it hands the connections to.
 """
 
 from __future__ import annotations
@@ -367,14 +367,3 @@ def serve(
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(main())
-
-
-def run(settings: Settings, workers: int = 1) -> None:
-    """Serve until SIGTERM or SIGINT (``kvc run webhook``): from this process, or from
-    ``workers`` worker processes that this one hands the connections to."""
-    if workers <= 1:
-        serve(settings)
-        return
-    from webhook.workers import supervise  # noqa: PLC0415
-
-    supervise(settings, workers)

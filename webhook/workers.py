@@ -257,3 +257,12 @@ def supervise(settings: Settings, workers: int) -> None:
             failed.exitcode,
         )
         raise SystemExit(1)
+
+
+def run(settings: Settings, workers: int = 1) -> None:
+    """Serve until SIGTERM or SIGINT (``kvc run webhook``): from this process, or from
+    ``workers`` worker processes that this one hands the connections to."""
+    if workers <= 1:
+        serve(settings)
+        return
+    supervise(settings, workers)
