@@ -48,6 +48,7 @@ from e2e.kvc import WEBHOOK_MANIFEST, KvcAgent, KvcController, KvcProcess, KvcWe
 from e2e.s3server import S3Server, credentials_secret
 from e2e.testenv import build
 from kvc.api import names
+from kvc.inspect import human_age
 from kvc.testing.fileserver import FileServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -845,21 +846,6 @@ def up(demo_dir: Path = DEMO_DIR) -> int:
     return 0
 
 
-def human_duration(seconds: float) -> str:
-    """A duration as kubectl shows ages: 42s, 3m12s, 25m, 4h10m, 3d."""
-    whole = max(0, int(seconds))
-    minutes, hours = whole // 60, whole // 3600
-    if whole < 120:
-        return f"{whole}s"
-    if minutes < 10:
-        return f"{minutes}m{whole % 60}s"
-    if hours < 3:
-        return f"{minutes}m"
-    if hours < 48:
-        return f"{hours}h{minutes % 60}m"
-    return f"{hours // 24}d"
-
-
 def status_table(components: list[Mapping[str, Any]], now: float) -> str:
     """The demo's processes, as `kubectl get pods` shows pods: NAME PID STATUS RESTARTS LAST EXIT AGE.
 
@@ -871,7 +857,7 @@ def status_table(components: list[Mapping[str, Any]], now: float) -> str:
     for component in components:
         pid, state = component.get("pid"), str(component.get("state"))
         if state == BACKOFF:
-            status = f"{BACKOFF} (restart in {human_duration(float(component['restart_at']) - now)})"
+            status = f"{BACKOFF} (restart in {human_age(float(component['restart_at']) - now)})"
         elif isinstance(pid, int) and not pid_alive(pid):
             status = "Exited"
         else:
@@ -879,10 +865,10 @@ def status_table(components: list[Mapping[str, Any]], now: float) -> str:
         last_exit = component.get("last_exit")
         if last_exit:
             how = last_exit["signal"] or f"exit code {last_exit['code']}"
-            last = f"{how} ({human_duration(now - float(last_exit['at']))} ago)"
+            last = f"{how} ({human_age(now - float(last_exit['at']))} ago)"
         else:
             last = "-"
-        age = "-" if state == BACKOFF else human_duration(now - float(component["started_at"]))
+        age = "-" if state == BACKOFF else human_age(now - float(component["started_at"]))
         rows.append((str(component["name"]), str(pid or "-"), status, str(component["restarts"]), last, age))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = ("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)

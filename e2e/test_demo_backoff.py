@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from e2e.demo import BACKOFF, RUNNING, STARTING, BackOff, Supervised, describe_exit, human_duration, status_table
+from e2e.demo import BACKOFF, RUNNING, STARTING, BackOff, Supervised, describe_exit, status_table
 
 
 def test_the_wait_doubles_after_each_quick_exit_up_to_the_cap() -> None:
@@ -144,14 +144,6 @@ def test_exits_read_as_people_say_them() -> None:
     assert describe_exit(2) == "exit code 2"
     assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
     assert describe_exit(-signal.SIGTERM) == "killed by SIGTERM"
-
-
-@pytest.mark.parametrize(
-    ("seconds", "shown"),
-    [(0, "0s"), (42.9, "42s"), (119, "119s"), (192, "3m12s"), (1500, "25m"), (15000, "4h10m"), (3 * 86400, "3d")],
-)
-def test_durations_read_as_kubectl_shows_ages(seconds: float, shown: str) -> None:
-    assert human_duration(seconds) == shown
 
 
 def test_the_status_table_says_which_component_restarted_and_why() -> None:
