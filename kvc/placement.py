@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvc.policy import NODE_CAP_FLAG
@@ -224,12 +224,13 @@ def meet(
 
     The replica on ``on`` comes in addition to the others, which all stay while the wish
     stands (a move never leaves a gap, and pods released onto the other nodes keep their
-    data); once the wish is gone the volume goes back to ``replicas`` (``keep_first``). A node
+    data); once the wish is gone the volume goes back to ``replicas`` (``place`` keeps the first
+    ``replicas`` of ``current``). A node
     that may not hold a new replica (full, short of disk, tainted, outside the volume's
     affinity) is not used.
     """
     if on in current:
-        wider = VolumeRequest(**{**request.__dict__, "replicas": max(request.replicas, len(current))})
+        wider = replace(request, replicas=max(request.replicas, len(current)))
         return place(wider, nodes, current=current), None
     placement = place(request, nodes, current=current)
     if on in placement.nodes:

@@ -41,7 +41,7 @@ from kvc.wiring.mutation import (
     share_no_node,
     wired_earlier,
 )
-from kvc.wiring.resolve import CatalogEntry, catalog_entries, resolve
+from kvc.wiring.resolve import Catalog, CatalogEntry, catalog_entries, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _no_earlier_data(pod_volume: Mapping[str, Any]) -> Expressions | None:
 
 def released(
     pod: Mapping[str, Any],
-    entries: Iterable[CatalogEntry],
+    entries: Catalog | Iterable[CatalogEntry],
     earlier_ready: Callable[[Mapping[str, Any]], Expressions | None] = _no_earlier_data,
 ) -> dict[str, Any] | None:
     """The pod ready to schedule, or None while some of its data is not usable yet (pure).
@@ -158,7 +158,7 @@ class Held:
 
 def held(
     pod: Mapping[str, Any],
-    entries: Iterable[CatalogEntry],
+    entries: Catalog | Iterable[CatalogEntry],
     *,
     planned: Mapping[VolumeKey, str] | None = None,
     fits: Callable[[str], bool] = _anywhere,
@@ -308,7 +308,8 @@ def release_gated_pods(core: Any, custom: Any, namespace: str, together: Togethe
         together.replace(namespace, {})
         return GatedPass(0)
     listed = custom.list_namespaced_custom_object(names.GROUP, names.VERSION, namespace, names.VOLUMEMANAGER_PLURAL)
-    entries = [entry for vm in listed.get("items", []) for entry in catalog_entries(vm)]
+    # One catalog for the pass: it resolves each set of refs once, whatever number of pods ask for it.
+    entries = Catalog(entry for vm in listed.get("items", []) for entry in catalog_entries(vm))
     moves: dict[VolumeKey, str] = {}
     standing = together.wishes(namespace)
     nodes = _NodeLabels(core)
