@@ -188,8 +188,7 @@ def test_a_volumemanager_the_index_has_not_seen_yet_is_found_on_the_api_server(
 ) -> None:
     """The webhook's index follows a watch, which can lag behind a create (a busy API server,
     a watch being re-established): admission then asks the API server before refusing."""
-    registry = load_registry()
-    lagging = VolumeIndex(registry=registry)
+    lagging = VolumeIndex(registry=load_registry())
     lagging.replace_all([])  # listed before the VolumeManager existed; its watch delivers nothing
     VolumeManagers(api, namespace).create("shards", volumemanager(s3, "any-bucket", replicas=1))
 
@@ -205,7 +204,7 @@ def test_a_volumemanager_the_index_has_not_seen_yet_is_found_on_the_api_server(
             return runner.run(decide(read_through, ref))
 
     assert "volume shards not found" in admission(None)["status"]["message"]  # what a lagging index alone did
-    read_through = ReadThrough(namespace_lister(api), registry=registry)
+    read_through = ReadThrough(namespace_lister(api), lagging)
     assert admission(read_through)["allowed"] is True
     unknown = admission(read_through, "shards-typo")
     assert "volume shards-typo not found" in unknown["status"]["message"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -63,13 +62,15 @@ class VolumeIndex:
     def entries(self, namespace: str) -> Iterable[CatalogEntry]:
         return self.catalog(namespace).entries
 
+    def entries_of(self, volumemanager: Mapping[str, Any]) -> list[CatalogEntry]:
+        """A VolumeManager's volumes as this index wires them (hostPath or claim, names from specs)."""
+        return catalog_entries(volumemanager, host_path=self.host_path, registry=self.registry)
+
     def replace_all(self, volumemanagers: Iterable[Mapping[str, Any]]) -> None:
         fresh: dict[str, dict[str, list[CatalogEntry]]] = {}
         for obj in volumemanagers:
             metadata = obj.get("metadata") or {}
-            fresh.setdefault(str(metadata.get("namespace")), {})[str(metadata.get("name"))] = catalog_entries(
-                obj, host_path=self.host_path, registry=self.registry
-            )
+            fresh.setdefault(str(metadata.get("namespace")), {})[str(metadata.get("name"))] = self.entries_of(obj)
         with self._lock:
             self._by_namespace = fresh
             self._catalogs = {}
@@ -85,7 +86,7 @@ class VolumeIndex:
             if event_type == "DELETED":
                 managers.pop(name, None)
             else:
-                managers[name] = catalog_entries(obj, host_path=self.host_path, registry=self.registry)
+                managers[name] = self.entries_of(obj)
             INDEXED.set(sum(len(managers) for managers in self._by_namespace.values()))
 
 
@@ -132,15 +133,11 @@ class ReadThrough:
     """
 
     def __init__(
-        self,
-        list_namespace: Callable[[str], Iterable[Mapping[str, Any]]],
-        *,
-        host_path: bool = False,
-        registry: SourceRegistry | None = None,
+        self, list_namespace: Callable[[str], Iterable[Mapping[str, Any]]], index: VolumeIndex | None = None
     ) -> None:
+        """``index``: whose settings the listed volumes are read with (hostPath or claims)."""
         self._list_namespace = list_namespace
-        self._host_path = host_path
-        self._registry = registry
+        self._index = index or VolumeIndex()
         self._in_flight: dict[str, asyncio.Task[Catalog]] = {}
         self._next: dict[str, asyncio.Task[Catalog]] = {}
         # Its own threads: lists for many namespaces at once wait here, not in the loop's
@@ -174,18 +171,13 @@ class ReadThrough:
         return task
 
     async def _after(self, namespace: str, current: asyncio.Task[Catalog]) -> Catalog:
-        with contextlib.suppress(Exception):
-            await asyncio.wait([current])
+        await asyncio.wait([current])  # returns once it has ended, failed or not
         del self._next[namespace]
         return await self._start(namespace)
 
     async def _list(self, namespace: str) -> Catalog:
         listed = await asyncio.get_running_loop().run_in_executor(self._executor, self._list_namespace, namespace)
-        return Catalog(
-            entry
-            for obj in listed
-            for entry in catalog_entries(obj, host_path=self._host_path, registry=self._registry)
-        )
+        return Catalog(entry for obj in listed for entry in self._index.entries_of(obj))
 
 
 def namespace_lister(api_client: Any, timeout: float = 2.0) -> Callable[[str], list[Mapping[str, Any]]]:

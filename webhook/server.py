@@ -323,11 +323,8 @@ def serve(
     from kvc.sources.registry import load_registry  # noqa: PLC0415 - the source types' plugins, per process
     from webhook.index import follow  # noqa: PLC0415 - the watch needs a cluster; tests use make_app
 
-    registry = load_registry()
-    index = VolumeIndex(host_path=settings.inject_host_path, registry=registry)
-    read_through = ReadThrough(
-        namespace_lister(settings.api_client()), host_path=settings.inject_host_path, registry=registry
-    )
+    index = VolumeIndex(host_path=settings.inject_host_path, registry=load_registry())
+    read_through = ReadThrough(namespace_lister(settings.api_client()), index)
     stop = threading.Event()
     threading.Thread(target=follow, args=(index, settings.api_client(), stop), name="index", daemon=True).start()
     tls = ReloadingTLS(settings.cert_file, settings.key_file, settings.client_ca_file)
